@@ -1,0 +1,1091 @@
+//! Validated value types. Raw strings stop at the boundary (GraphQL inputs, CLI flags, config,
+//! Kafka payloads): they are parsed into these types, whose constructors reject bad input with a
+//! reason. Several of these values end up as arguments of `git` or the Docker Engine API, so the
+//! rules are deliberately strict: nothing that could be read as an option (`-` prefix), a shell
+//! metacharacter, a control character or an exotic git transport gets through.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Why a raw value was rejected: the rule it broke, in words a user can act on. The boundary
+/// that parsed it adds the field name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{rule}")]
+pub struct ValueError {
+    /// The broken rule, lowercase, no trailing dot.
+    pub rule: String,
+}
+
+impl ValueError {
+    fn new(rule: impl Into<String>) -> Self {
+        Self { rule: rule.into() }
+    }
+}
+
+fn reject<T>(rule: impl Into<String>) -> Result<T, ValueError> {
+    Err(ValueError::new(rule))
+}
+
+/// Implements the string plumbing shared by every string value type: `as_str`, `Display`,
+/// `FromStr`, `TryFrom<String>` and serde through the parser (so a stored value that no longer
+/// parses is caught when read, not when used).
+macro_rules! string_value {
+    ($name:ident) => {
+        impl $name {
+            /// The value as a string slice.
+            #[must_use]
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = ValueError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ValueError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::parse(&s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+const SHELL_METACHARACTERS: &[char] = &[
+    '$', '`', ';', '&', '|', '<', '>', '(', ')', '\\', '\'', '"', '\n',
+];
+
+fn check_length(s: &str, min: usize, max: usize) -> Result<(), ValueError> {
+    let len = s.chars().count();
+    if len < min {
+        return reject(if min == 1 {
+            "must not be empty".to_owned()
+        } else {
+            format!("must be at least {min} characters")
+        });
+    }
+    if len > max {
+        return reject(format!("must be at most {max} characters"));
+    }
+    Ok(())
+}
+
+fn check_no_control(s: &str) -> Result<(), ValueError> {
+    if s.chars().any(char::is_control) {
+        return reject("must not contain control characters");
+    }
+    Ok(())
+}
+
+fn check_no_whitespace(s: &str) -> Result<(), ValueError> {
+    if s.chars().any(char::is_whitespace) {
+        return reject("must not contain whitespace");
+    }
+    Ok(())
+}
+
+/// A human-readable name of a resource (project, application, server, key, token, team).
+/// 1–100 characters, no control characters, no leading or trailing whitespace.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Name(String);
+
+impl Name {
+    /// Parses a name.
+    ///
+    /// # Errors
+    /// When it is empty, longer than 100 characters, has control characters or surrounding spaces.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 100)?;
+        check_no_control(s)?;
+        if s.trim() != s {
+            return reject("must not start or end with whitespace");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+string_value!(Name);
+
+/// The name of a project's environment (`production`, `staging`, `preview-42`): a slug, because
+/// it ends up in container names and labels. 1–63 of `a-z 0-9 -`, starting with a letter or digit.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EnvironmentName(String);
+
+impl EnvironmentName {
+    /// The environment every project starts with.
+    pub const PRODUCTION: &'static str = "production";
+
+    /// Parses an environment name.
+    ///
+    /// # Errors
+    /// When it is not a slug of 1–63 lowercase letters, digits and hyphens.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 63)?;
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return reject("may contain only lowercase letters, digits and hyphens");
+        }
+        if s.starts_with('-') || s.ends_with('-') {
+            return reject("must not start or end with a hyphen");
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// `production`.
+    #[must_use]
+    pub fn production() -> Self {
+        Self(Self::PRODUCTION.to_owned())
+    }
+}
+string_value!(EnvironmentName);
+
+/// The transport a [`GitUrl`] uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GitTransport {
+    /// `https://…` (or `http://` for a local mirror).
+    Https,
+    /// `ssh://…` or scp-like `git@host:path`.
+    Ssh,
+    /// An absolute path or `file:///…` to a repository on the machine.
+    Local,
+}
+
+/// A git repository location: `https://host/path`, `ssh://[user@]host[:port]/path`,
+/// `user@host:path`, or a local repository (`/abs/path`, `file:///abs/path`).
+/// Never an option (`-…`), never a remote helper transport (`ext::`, `fd::`), no whitespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GitUrl(String);
+
+impl GitUrl {
+    /// Parses a repository URL.
+    ///
+    /// # Errors
+    /// When the URL is not one of the accepted forms or contains forbidden characters.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 2048)?;
+        check_no_control(s)?;
+        check_no_whitespace(s)?;
+        if s.starts_with('-') {
+            return reject("must not start with '-'");
+        }
+        if s.contains("::") {
+            return reject("must not use a remote-helper transport such as ext::");
+        }
+        if s.chars().any(|c| SHELL_METACHARACTERS.contains(&c)) {
+            return reject("must not contain shell metacharacters");
+        }
+        Self::transport_of(s)?;
+        Ok(Self(s.to_owned()))
+    }
+
+    fn transport_of(s: &str) -> Result<GitTransport, ValueError> {
+        if let Some(rest) = s
+            .strip_prefix("https://")
+            .or_else(|| s.strip_prefix("http://"))
+        {
+            check_url_rest(rest)?;
+            return Ok(GitTransport::Https);
+        }
+        if let Some(rest) = s.strip_prefix("ssh://") {
+            check_url_rest(rest)?;
+            return Ok(GitTransport::Ssh);
+        }
+        if let Some(path) = s.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return reject("a file:// url must name an absolute path");
+            }
+            check_local_path(path)?;
+            return Ok(GitTransport::Local);
+        }
+        if s.starts_with('/') {
+            check_local_path(s)?;
+            return Ok(GitTransport::Local);
+        }
+        if s.contains("://") {
+            return reject("must use https://, ssh://, file:// or the user@host:path form");
+        }
+        // scp-like: user@host:path (git treats `host:path` without a slash before the colon as ssh).
+        if let Some((user_host, path)) = s.split_once(':') {
+            let (user, host) = user_host.split_once('@').unwrap_or(("", user_host));
+            if user_host.contains('/') || host.is_empty() || path.is_empty() {
+                return reject(
+                    "must be https://host/path, ssh://host/path, user@host:path or an absolute path",
+                );
+            }
+            if !user.is_empty()
+                && !user
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                return reject(
+                    "the user before '@' may contain only letters, digits, '.', '_' and '-'",
+                );
+            }
+            Host::parse(host).map_err(|e| ValueError::new(format!("the host {}", e.rule)))?;
+            return Ok(GitTransport::Ssh);
+        }
+        reject("must be https://host/path, ssh://host/path, user@host:path or an absolute path")
+    }
+
+    /// Which transport the URL uses.
+    #[must_use]
+    pub fn transport(&self) -> GitTransport {
+        // The constructor checked it.
+        Self::transport_of(&self.0).unwrap_or(GitTransport::Https)
+    }
+}
+string_value!(GitUrl);
+
+fn check_url_rest(rest: &str) -> Result<(), ValueError> {
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+            if !port.is_empty() {
+                Port::parse(port).map_err(|e| ValueError::new(format!("the port {}", e.rule)))?;
+            }
+            host
+        }
+        _ => host_port,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Host::parse(host).map_err(|e| ValueError::new(format!("the host {}", e.rule)))?;
+    Ok(())
+}
+
+fn check_local_path(path: &str) -> Result<(), ValueError> {
+    if path.split('/').any(|segment| segment == "..") {
+        return reject("a local path must not contain '..'");
+    }
+    Ok(())
+}
+
+/// A git ref (branch, tag, or commit) following `git check-ref-format`'s rules, plus: no shell
+/// metacharacters and no leading `-`, so it can never be mistaken for an option.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct GitRef(String);
+
+impl GitRef {
+    /// Parses a ref name.
+    ///
+    /// # Errors
+    /// When it breaks one of git's ref-name rules or contains a shell metacharacter.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 255)?;
+        if s.chars().any(|c| c.is_ascii_control() || c == '\u{7f}') {
+            return reject("must not contain control characters");
+        }
+        if let Some(c) = s.chars().find(|c| SHELL_METACHARACTERS.contains(c)) {
+            return reject(format!("must not contain the shell metacharacter {c:?}"));
+        }
+        if let Some(c) = s
+            .chars()
+            .find(|c| [' ', '~', '^', ':', '?', '*', '['].contains(c))
+        {
+            return reject(format!("must not contain {c:?}"));
+        }
+        if s.starts_with('-') {
+            return reject("must not start with '-'");
+        }
+        if s == "@" {
+            return reject("must not be '@' alone");
+        }
+        if s.contains("@{") {
+            return reject("must not contain '@{'");
+        }
+        if s.contains("..") {
+            return reject("must not contain '..'");
+        }
+        if s.starts_with('/') || s.ends_with('/') || s.contains("//") {
+            return reject("must not start or end with '/' or contain '//'");
+        }
+        if s.ends_with('.') {
+            return reject("must not end with '.'");
+        }
+        for component in s.split('/') {
+            if component.starts_with('.') {
+                return reject("no part between slashes may start with '.'");
+            }
+            if component.ends_with(".lock") {
+                return reject("no part between slashes may end with '.lock'");
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// Whether it is a full 40-hex commit id rather than a name.
+    #[must_use]
+    pub fn is_commit(&self) -> bool {
+        self.0.len() == 40 && self.0.chars().all(|c| c.is_ascii_hexdigit())
+    }
+}
+string_value!(GitRef);
+
+/// A Docker image reference: `[registry[:port]/]path[:tag][@algo:digest]`, following the
+/// distribution reference grammar (lowercase path components, tag of at most 128 characters).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ImageRef(String);
+
+impl ImageRef {
+    /// Parses an image reference.
+    ///
+    /// # Errors
+    /// When it does not follow the reference grammar.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 512)?;
+        check_no_control(s)?;
+        check_no_whitespace(s)?;
+        if s.starts_with('-') {
+            return reject("must not start with '-'");
+        }
+        let (name_tag, digest) = match s.split_once('@') {
+            Some((n, d)) => (n, Some(d)),
+            None => (s, None),
+        };
+        if let Some(digest) = digest {
+            let Some((algo, hex)) = digest.split_once(':') else {
+                return reject("a digest must look like sha256:<hex>");
+            };
+            let algo_ok = !algo.is_empty()
+                && algo
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
+            let hex_ok = hex.len() >= 32
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+            if !algo_ok || !hex_ok {
+                return reject("a digest must look like sha256:<hex>");
+            }
+        }
+        // The tag is after the last ':' that follows the last '/'.
+        let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match name_tag[last_slash..].rfind(':') {
+            Some(i) => (
+                &name_tag[..last_slash + i],
+                Some(&name_tag[last_slash + i + 1..]),
+            ),
+            None => (name_tag, None),
+        };
+        if let Some(tag) = tag {
+            let mut chars = tag.chars();
+            let first_ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !first_ok
+                || tag.len() > 128
+                || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            {
+                return reject(
+                    "a tag must be 1–128 of letters, digits, '_', '.', '-', not starting with '.' or '-'",
+                );
+            }
+        }
+        let mut components: Vec<&str> = name.split('/').collect();
+        if components.len() > 1 {
+            let first = components[0];
+            if first.contains('.') || first.contains(':') || first == "localhost" {
+                let (host, port) = first
+                    .split_once(':')
+                    .map_or((first, None), |(h, p)| (h, Some(p)));
+                Host::parse(host)
+                    .map_err(|e| ValueError::new(format!("the registry {}", e.rule)))?;
+                if let Some(port) = port {
+                    Port::parse(port)
+                        .map_err(|e| ValueError::new(format!("the registry port {}", e.rule)))?;
+                }
+                components.remove(0);
+            }
+        }
+        if components.is_empty() {
+            return reject("must name a repository");
+        }
+        for component in components {
+            if !is_path_component(component) {
+                return reject(
+                    "each path component must be lowercase letters and digits, separated by '.', '_', '__' or '-'",
+                );
+            }
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+string_value!(ImageRef);
+
+fn is_path_component(c: &str) -> bool {
+    let alnum = |ch: char| ch.is_ascii_lowercase() || ch.is_ascii_digit();
+    if c.is_empty() || !c.starts_with(alnum) || !c.ends_with(alnum) {
+        return false;
+    }
+    // Separators: '.', '_', '__', or any run of '-'.
+    let bytes = c.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let ch = bytes[i] as char;
+        if alnum(ch) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i] as char) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.chars().all(|s| s == '-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// A domain name an application answers on: lowercase DNS labels of `a-z 0-9 -` (1–63 each, not
+/// starting or ending with a hyphen), at least two labels, at most 253 characters. A leading
+/// `*.` label asks for a wildcard. Input is lowercased.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DomainName(String);
+
+impl DomainName {
+    /// Parses a domain name.
+    ///
+    /// # Errors
+    /// When a label or the whole breaks the DNS hostname rules.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        let lower = s.to_ascii_lowercase();
+        let s = lower.strip_suffix('.').unwrap_or(&lower);
+        check_length(s, 1, 253)?;
+        let rest = s.strip_prefix("*.").unwrap_or(s);
+        let labels: Vec<&str> = rest.split('.').collect();
+        if labels.len() + usize::from(rest.len() != s.len()) < 2 {
+            return reject("must have at least two labels, like example.com");
+        }
+        for label in &labels {
+            check_label(label)?;
+        }
+        if labels
+            .last()
+            .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+        {
+            return reject("must be a name, not an IP address");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+string_value!(DomainName);
+
+fn check_label(label: &str) -> Result<(), ValueError> {
+    if label.is_empty() {
+        return reject("must not have empty labels");
+    }
+    if label.len() > 63 {
+        return reject("each label must be at most 63 characters");
+    }
+    if !label
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return reject("labels may contain only letters, digits and hyphens");
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return reject("labels must not start or end with a hyphen");
+    }
+    Ok(())
+}
+
+/// A server's address: a DNS hostname (one label allowed, e.g. `localhost`) or an IP address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Host(String);
+
+impl Host {
+    /// Parses a host.
+    ///
+    /// # Errors
+    /// When it is neither an IP address nor a valid hostname.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 253)?;
+        if s.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(Self(s.to_owned()));
+        }
+        if s.starts_with('-') {
+            return reject("must not start with '-'");
+        }
+        let lower = s.to_ascii_lowercase();
+        for label in lower.split('.') {
+            check_label(label).map_err(|_| {
+                ValueError::new(
+                    "must be an IP address or a hostname of letters, digits, hyphens and dots",
+                )
+            })?;
+        }
+        Ok(Self(lower))
+    }
+}
+string_value!(Host);
+
+/// An environment variable name: a letter or `_`, then letters, digits or `_`; at most 255.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EnvKey(String);
+
+impl EnvKey {
+    /// Parses a variable name.
+    ///
+    /// # Errors
+    /// When it does not match `[A-Za-z_][A-Za-z0-9_]*` or is longer than 255.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 255)?;
+        let mut chars = s.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if !first_ok {
+            return reject("must start with a letter or '_'");
+        }
+        if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return reject("may contain only letters, digits and '_'");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+string_value!(EnvKey);
+
+/// A TCP port, 1–65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u16")]
+pub struct Port(u16);
+
+impl Port {
+    /// Parses a port from text.
+    ///
+    /// # Errors
+    /// When it is not a number from 1 to 65535.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        let n: u32 = s
+            .parse()
+            .map_err(|_| ValueError::new("must be a number from 1 to 65535"))?;
+        Self::try_from(n)
+    }
+
+    /// The port number.
+    #[must_use]
+    pub const fn get(self) -> u16 {
+        self.0
+    }
+}
+
+impl TryFrom<u32> for Port {
+    type Error = ValueError;
+    fn try_from(n: u32) -> Result<Self, Self::Error> {
+        match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(Self(p)),
+            _ => reject("must be a number from 1 to 65535"),
+        }
+    }
+}
+
+impl TryFrom<i64> for Port {
+    type Error = ValueError;
+    fn try_from(n: i64) -> Result<Self, Self::Error> {
+        u32::try_from(n)
+            .map_err(|_| ValueError::new("must be a number from 1 to 65535"))
+            .and_then(Self::try_from)
+    }
+}
+
+impl From<Port> for u16 {
+    fn from(p: Port) -> u16 {
+        p.0
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The path of an HTTP health check: starts with `/`, printable ASCII without spaces or `#`,
+/// at most 1024 characters. A query string is allowed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HealthPath(String);
+
+impl HealthPath {
+    /// Parses a health-check path.
+    ///
+    /// # Errors
+    /// When it does not start with `/` or contains spaces, `#` or non-printable characters.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 1024)?;
+        if !s.starts_with('/') {
+            return reject("must start with '/'");
+        }
+        if !s.chars().all(|c| c.is_ascii_graphic()) {
+            return reject("may contain only printable ASCII characters without spaces");
+        }
+        if s.contains('#') {
+            return reject("must not contain a fragment ('#')");
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// `/`.
+    #[must_use]
+    pub fn root() -> Self {
+        Self("/".to_owned())
+    }
+}
+string_value!(HealthPath);
+
+/// A path inside the repository (the Dockerfile, the build context): relative, no `..`, no
+/// leading `-`, no control characters; at most 1024 characters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RepoPath(String);
+
+impl RepoPath {
+    /// Parses a path inside a repository.
+    ///
+    /// # Errors
+    /// When it is absolute, climbs out with `..`, starts with `-` or has control characters.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 1024)?;
+        check_no_control(s)?;
+        if s.starts_with('/') {
+            return reject("must be relative to the repository root");
+        }
+        if s.starts_with('-') {
+            return reject("must not start with '-'");
+        }
+        if s.split('/').any(|segment| segment == "..") {
+            return reject("must not contain '..'");
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// `Dockerfile`, the default.
+    #[must_use]
+    pub fn dockerfile() -> Self {
+        Self("Dockerfile".to_owned())
+    }
+}
+string_value!(RepoPath);
+
+/// A Unix account name on a server (`root`, `deploy`): `[a-z_][a-z0-9_-]*`, at most 32.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct UnixUser(String);
+
+impl UnixUser {
+    /// Parses a Unix user name.
+    ///
+    /// # Errors
+    /// When it does not match `[a-z_][a-z0-9_-]*` or is longer than 32.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        check_length(s, 1, 32)?;
+        let mut chars = s.chars();
+        if !chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        {
+            return reject("must start with a lowercase letter or '_'");
+        }
+        if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
+            return reject("may contain only lowercase letters, digits, '_' and '-'");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+string_value!(UnixUser);
+
+/// What an API token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Ability {
+    /// Queries.
+    #[serde(rename = "read")]
+    Read,
+    /// Secret values unmasked.
+    #[serde(rename = "read:sensitive")]
+    ReadSensitive,
+    /// Configuration mutations.
+    #[serde(rename = "write")]
+    Write,
+    /// Deploy, cancel, roll back.
+    #[serde(rename = "deploy")]
+    Deploy,
+    /// Everything, tokens included.
+    #[serde(rename = "root")]
+    Root,
+}
+
+impl Ability {
+    /// Every ability, in order.
+    pub const ALL: [Self; 5] = [
+        Self::Read,
+        Self::ReadSensitive,
+        Self::Write,
+        Self::Deploy,
+        Self::Root,
+    ];
+
+    /// The wire name (`read:sensitive`).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::ReadSensitive => "read:sensitive",
+            Self::Write => "write",
+            Self::Deploy => "deploy",
+            Self::Root => "root",
+        }
+    }
+
+    /// Parses a wire name.
+    ///
+    /// # Errors
+    /// When it is not one of `read`, `read:sensitive`, `write`, `deploy`, `root`.
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| {
+                ValueError::new("must be one of read, read:sensitive, write, deploy, root")
+            })
+    }
+}
+
+impl fmt::Display for Ability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of abilities. `root` implies every other.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Abilities(std::collections::BTreeSet<Ability>);
+
+impl Abilities {
+    /// From a list, deduplicated.
+    #[must_use]
+    pub fn new(abilities: impl IntoIterator<Item = Ability>) -> Self {
+        Self(abilities.into_iter().collect())
+    }
+
+    /// Whether these abilities allow `ability` (directly, or through `root`).
+    #[must_use]
+    pub fn allows(&self, ability: Ability) -> bool {
+        self.0.contains(&Ability::Root) || self.0.contains(&ability)
+    }
+
+    /// Whether every ability in `other` is allowed by these.
+    #[must_use]
+    pub fn covers(&self, other: &Self) -> bool {
+        other.0.iter().all(|a| self.allows(*a))
+    }
+
+    /// Whether the set is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The abilities, in order.
+    pub fn iter(&self) -> impl Iterator<Item = Ability> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+/// Container resource limits. `None` means unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// Memory limit in bytes; at least 6 MiB (Docker's minimum).
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in thousandths of a CPU (1000 = one CPU); 1 to 1,024,000.
+    pub cpu_millis: Option<u32>,
+}
+
+impl ResourceLimits {
+    /// Docker refuses a memory limit below 6 MiB.
+    pub const MIN_MEMORY_BYTES: u64 = 6 * 1024 * 1024;
+
+    /// Checks the limits.
+    ///
+    /// # Errors
+    /// When memory is under 6 MiB or the CPU limit is 0 or over 1024 CPUs.
+    pub fn new(memory_bytes: Option<u64>, cpu_millis: Option<u32>) -> Result<Self, ValueError> {
+        if memory_bytes.is_some_and(|m| m < Self::MIN_MEMORY_BYTES) {
+            return reject("memory must be at least 6 MiB (6291456 bytes)");
+        }
+        if cpu_millis.is_some_and(|c| c == 0 || c > 1_024_000) {
+            return reject("cpu must be between 0.001 and 1024 CPUs");
+        }
+        Ok(Self {
+            memory_bytes,
+            cpu_millis,
+        })
+    }
+}
+
+/// How the deploy worker checks that a new container is healthy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// HTTP path requested through the container's published port.
+    pub path: HealthPath,
+    /// Seconds between attempts (1–300).
+    pub interval_secs: u32,
+    /// Seconds one attempt may take (1–300, at most the interval).
+    pub timeout_secs: u32,
+    /// Failed attempts tolerated after the start period (1–100).
+    pub retries: u32,
+    /// Seconds after start during which failures don't count (0–3600).
+    pub start_period_secs: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            path: HealthPath::root(),
+            interval_secs: 2,
+            timeout_secs: 2,
+            retries: 15,
+            start_period_secs: 0,
+        }
+    }
+}
+
+impl HealthCheck {
+    /// Checks the timings.
+    ///
+    /// # Errors
+    /// When a timing is out of range or the timeout exceeds the interval.
+    pub fn new(
+        path: HealthPath,
+        interval_secs: u32,
+        timeout_secs: u32,
+        retries: u32,
+        start_period_secs: u32,
+    ) -> Result<Self, ValueError> {
+        if !(1..=300).contains(&interval_secs) {
+            return reject("interval must be between 1 and 300 seconds");
+        }
+        if !(1..=300).contains(&timeout_secs) {
+            return reject("timeout must be between 1 and 300 seconds");
+        }
+        if timeout_secs > interval_secs {
+            return reject("timeout must not exceed the interval");
+        }
+        if !(1..=100).contains(&retries) {
+            return reject("retries must be between 1 and 100");
+        }
+        if start_period_secs > 3600 {
+            return reject("start period must be at most 3600 seconds");
+        }
+        Ok(Self {
+            path,
+            interval_secs,
+            timeout_secs,
+            retries,
+            start_period_secs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_urls_of_every_accepted_form_parse() {
+        for ok in [
+            "https://github.com/zpanel/zpanel.git",
+            "http://127.0.0.1:3000/repo.git",
+            "ssh://git@github.com:22/zpanel/zpanel.git",
+            "git@github.com:zpanel/zpanel.git",
+            "/srv/repos/app.git",
+            "file:///srv/repos/app.git",
+        ] {
+            assert!(GitUrl::parse(ok).is_ok(), "{ok} should parse");
+        }
+        assert_eq!(
+            GitUrl::parse("/srv/app").map(|u| u.transport()),
+            Ok(GitTransport::Local)
+        );
+        assert_eq!(
+            GitUrl::parse("git@h.io:a/b").map(|u| u.transport()),
+            Ok(GitTransport::Ssh)
+        );
+    }
+
+    #[test]
+    fn dangerous_git_urls_are_rejected() {
+        for bad in [
+            "-uhttps://x",
+            "--upload-pack=touch /tmp/pwn",
+            "ext::sh -c touch% /tmp/pwned",
+            "fd::17",
+            "https://exa mple.com/x",
+            "https://example.com/x\n",
+            "https://example.com/$(id)",
+            "ftp://example.com/x",
+            "relative/path",
+            "/srv/../etc",
+            "",
+        ] {
+            assert!(GitUrl::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn git_refs_follow_git_rules() {
+        for ok in [
+            "main",
+            "feature/login",
+            "v1.2.3",
+            "release-2024.01",
+            "0123456789abcdef0123456789abcdef01234567",
+        ] {
+            assert!(GitRef::parse(ok).is_ok(), "{ok} should parse");
+        }
+        for bad in [
+            "",
+            "-main",
+            "a..b",
+            "a/.hidden",
+            "x.lock",
+            "a//b",
+            "/a",
+            "a/",
+            "a.",
+            "@",
+            "a@{1}",
+            "a b",
+            "a~1",
+            "a^",
+            "a:b",
+            "a?",
+            "a*",
+            "a[",
+            "$(id)",
+            "a;b",
+            "a|b",
+            "a&b",
+            "a`b`",
+            "a>b",
+            "a'b",
+            "a\"b",
+            "a\\b",
+            "a\nb",
+        ] {
+            assert!(GitRef::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn image_references_follow_the_distribution_grammar() {
+        for ok in [
+            "nginx",
+            "nginx:1.27-alpine",
+            "library/nginx:latest",
+            "ghcr.io/zpanel/app:v1",
+            "localhost:5000/app",
+            "registry.example.com:5000/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "zpanel/app_name__x",
+        ] {
+            assert!(ImageRef::parse(ok).is_ok(), "{ok} should parse");
+        }
+        for bad in [
+            "",
+            "Nginx",
+            "-nginx",
+            "nginx:",
+            "nginx:-x",
+            "a//b",
+            "nginx latest",
+            "app@sha256:xyz",
+            "a..b",
+        ] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn domain_names_are_lowercased_and_checked() {
+        assert_eq!(
+            DomainName::parse("App.Example.COM").map(String::from),
+            Ok("app.example.com".to_owned())
+        );
+        assert!(DomainName::parse("*.example.com").is_ok());
+        assert!(DomainName::parse("app.localhost").is_ok());
+        for bad in [
+            "",
+            "localhost",
+            "-a.com",
+            "a-.com",
+            "a..com",
+            "a_b.com",
+            "1.2.3.4",
+            "a.com/x",
+            "a b.com",
+        ] {
+            assert!(
+                DomainName::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn env_keys_ports_and_paths_have_their_rules() {
+        assert!(EnvKey::parse("DATABASE_URL").is_ok());
+        assert!(EnvKey::parse("_x1").is_ok());
+        assert!(EnvKey::parse("1X").is_err());
+        assert!(EnvKey::parse("A-B").is_err());
+        assert_eq!(Port::parse("8080").map(Port::get), Ok(8080));
+        assert!(Port::parse("0").is_err());
+        assert!(Port::parse("65536").is_err());
+        assert!(HealthPath::parse("/health?full=1").is_ok());
+        assert!(HealthPath::parse("health").is_err());
+        assert!(RepoPath::parse("docker/Dockerfile.prod").is_ok());
+        assert!(RepoPath::parse("../Dockerfile").is_err());
+    }
+
+    #[test]
+    fn root_allows_everything_and_covers_every_set() {
+        let root = Abilities::new([Ability::Root]);
+        let read = Abilities::new([Ability::Read]);
+        assert!(root.covers(&Abilities::new(Ability::ALL)));
+        assert!(!read.covers(&Abilities::new([Ability::Write])));
+        assert!(read.covers(&Abilities::default()));
+    }
+}

@@ -1,0 +1,283 @@
+//! The event store on PostgreSQL (schema in `migrations/0001_event_store.sql`).
+//!
+//! An append is one statement, so one round trip: a data-modifying CTE bumps the stream's
+//! version only if it is still the expected one (or creates the stream when "new" is expected),
+//! and the insert of all events selects from it — no version bump, no rows inserted.
+
+use crate::signal::AppendSignal;
+use crate::store::{
+    Append, AppendError, Cursor, EventStore, LogBatch, Metadata, RecordedEvent, Stream,
+};
+use anyhow::Context as _;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+/// The PostgreSQL event store.
+#[derive(Clone, Debug)]
+pub struct PgEventStore {
+    pool: PgPool,
+    signal: AppendSignal,
+}
+
+const EVENT_COLUMNS: &str = "global_position, tx_id::text::bigint as tx_id, stream_id, stream_position, event_id, \
+     event_type, schema_version, team_id, payload, metadata, recorded_at";
+
+const APPEND_TO_EXISTING: &str = "with bump as (
+    update streams set version = $3
+     where stream_id = $1 and version = $2 and team_id = $4
+    returning stream_id
+)
+insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
+select bump.stream_id, $2 + e.ord, e.event_id, e.event_type, e.schema_version, $4, e.payload, e.metadata
+  from bump,
+       unnest($5::uuid[], $6::text[], $7::int[], $8::jsonb[], $9::jsonb[])
+       with ordinality as e(event_id, event_type, schema_version, payload, metadata, ord)
+returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at";
+
+const APPEND_TO_NEW: &str = "with bump as (
+    insert into streams (stream_id, kind, team_id, version)
+    values ($1, $10, $4, $3)
+    on conflict (stream_id) do nothing
+    returning stream_id
+)
+insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
+select bump.stream_id, $2 + e.ord, e.event_id, e.event_type, e.schema_version, $4, e.payload, e.metadata
+  from bump,
+       unnest($5::uuid[], $6::text[], $7::int[], $8::jsonb[], $9::jsonb[])
+       with ordinality as e(event_id, event_type, schema_version, payload, metadata, ord)
+returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at";
+
+impl PgEventStore {
+    /// A store over `pool`, signalling each append on `signal`.
+    #[must_use]
+    pub fn new(pool: PgPool, signal: AppendSignal) -> Self {
+        Self { pool, signal }
+    }
+
+    /// The connection pool.
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The signal raised after each append.
+    #[must_use]
+    pub fn signal(&self) -> &AppendSignal {
+        &self.signal
+    }
+
+    /// The newest position in the log (including events not yet safe to read).
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn head(&self) -> anyhow::Result<i64> {
+        let head: Option<i64> = sqlx::query_scalar("select max(global_position) from events")
+            .fetch_one(&self.pool)
+            .await
+            .context("reading the head of the log")?;
+        Ok(head.unwrap_or(0))
+    }
+}
+
+/// Decodes a row selected with [`EVENT_COLUMNS`].
+pub(crate) fn event_from_row(row: &PgRow) -> anyhow::Result<RecordedEvent> {
+    let metadata: serde_json::Value = row.try_get("metadata")?;
+    let schema_version: i32 = row.try_get("schema_version")?;
+    Ok(RecordedEvent {
+        global_position: row.try_get("global_position")?,
+        tx_id: row.try_get("tx_id")?,
+        stream_id: row.try_get("stream_id")?,
+        version: row.try_get("stream_position")?,
+        event_id: row.try_get("event_id")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: u32::try_from(schema_version).context("negative schema version")?,
+        team_id: row.try_get("team_id")?,
+        payload: row.try_get("payload")?,
+        metadata: serde_json::from_value::<Metadata>(metadata)
+            .context("decoding event metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.constraint() == Some(constraint))
+}
+
+impl EventStore for PgEventStore {
+    async fn append(&self, append: Append<'_>) -> Result<Vec<RecordedEvent>, AppendError> {
+        let n = append.events.len();
+        if n == 0 {
+            return Err(AppendError::Internal(anyhow::anyhow!(
+                "an append needs at least one event"
+            )));
+        }
+        let mut ids = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut metadata = Vec::with_capacity(n);
+        for event in &append.events {
+            ids.push(event.event_id);
+            types.push(event.event_type.clone());
+            versions.push(i32::try_from(event.schema_version).map_err(anyhow::Error::from)?);
+            payloads.push(event.payload.clone());
+            metadata.push(serde_json::to_value(&event.metadata).map_err(anyhow::Error::from)?);
+        }
+        let new_version =
+            append.expected_version + i64::try_from(n).map_err(anyhow::Error::from)?;
+        let sql = if append.expected_version == 0 {
+            APPEND_TO_NEW
+        } else {
+            APPEND_TO_EXISTING
+        };
+        let team = *append.team_id.as_uuid();
+        let rows = sqlx::query(sql)
+            .bind(append.stream_id)
+            .bind(append.expected_version)
+            .bind(new_version)
+            .bind(team)
+            .bind(&ids)
+            .bind(&types)
+            .bind(&versions)
+            .bind(&payloads)
+            .bind(&metadata)
+            .bind(append.kind)
+            .fetch_all(&self.pool)
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) if is_unique_violation(&e, "events_event_id_key") => {
+                return Err(AppendError::Duplicate);
+            }
+            Err(e) => {
+                return Err(AppendError::Internal(
+                    anyhow::Error::new(e).context("appending events"),
+                ));
+            }
+        };
+        if rows.is_empty() {
+            return Err(AppendError::Conflict);
+        }
+        self.signal.raise();
+        rows.iter()
+            .zip(append.events)
+            .map(|(row, event)| {
+                let schema_version = event.schema_version;
+                Ok(RecordedEvent {
+                    global_position: row
+                        .try_get("global_position")
+                        .map_err(anyhow::Error::from)?,
+                    tx_id: row.try_get("tx_id").map_err(anyhow::Error::from)?,
+                    stream_id: append.stream_id.to_owned(),
+                    version: row
+                        .try_get("stream_position")
+                        .map_err(anyhow::Error::from)?,
+                    event_id: event.event_id,
+                    event_type: event.event_type,
+                    schema_version,
+                    team_id: team,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    recorded_at: row.try_get("recorded_at").map_err(anyhow::Error::from)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn read_stream(&self, stream_id: &str, after_version: i64) -> anyhow::Result<Stream> {
+        let sql = format!(
+            "select {EVENT_COLUMNS} from events where stream_id = $1 and stream_position > $2 order by stream_position"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(stream_id)
+            .bind(after_version)
+            .fetch_all(&self.pool)
+            .await
+            .with_context(|| format!("reading stream {stream_id}"))?;
+        let events = rows
+            .iter()
+            .map(event_from_row)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let team_id = match events.first() {
+            Some(e) => Some(e.team_id),
+            None if after_version > 0 => {
+                sqlx::query_scalar("select team_id from streams where stream_id = $1")
+                    .bind(stream_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .context("reading a stream's team")?
+            }
+            None => None,
+        };
+        Ok(Stream { team_id, events })
+    }
+
+    async fn read_all(&self, after: Cursor, limit: i64) -> anyhow::Result<LogBatch> {
+        read_all_on(&self.pool, after, limit).await
+    }
+
+    async fn find_command(&self, command_id: Uuid) -> anyhow::Result<Option<Vec<RecordedEvent>>> {
+        // The first event of a command has a known id; its siblings follow it in the same stream.
+        let first = crate::store::event_id_for(command_id, 0);
+        let sql = format!(
+            "select {EVENT_COLUMNS} from events
+              where stream_id = (select stream_id from events where event_id = $1)
+                and stream_position >= (select stream_position from events where event_id = $1)
+                and metadata->>'command_id' = $2
+              order by stream_position"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(first)
+            .bind(command_id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .context("looking up a command's events")?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            rows.iter()
+                .map(event_from_row)
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        ))
+    }
+}
+
+/// Reads the whole log after `after` on any executor (a pool, or a projection's transaction).
+///
+/// Only events whose transaction id is below the oldest transaction still running are returned:
+/// every transaction that may still commit has an id at or above that horizon, so nothing can
+/// later appear behind the cursor. Committed events past the horizon are reported as held back.
+///
+/// # Errors
+/// When the database fails.
+pub async fn read_all_on<'e, E>(executor: E, after: Cursor, limit: i64) -> anyhow::Result<LogBatch>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    let sql = format!(
+        "select {EVENT_COLUMNS}, tx_id < pg_snapshot_xmin(pg_current_snapshot()) as safe
+           from events
+          where (tx_id, global_position) > ($1::text::xid8, $2)
+          order by tx_id, global_position
+          limit $3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(after.tx_id.to_string())
+        .bind(after.position)
+        .bind(limit)
+        .fetch_all(executor)
+        .await
+        .context("reading the log")?;
+    let mut batch = LogBatch::default();
+    for row in &rows {
+        let safe: bool = row.try_get("safe")?;
+        if !safe {
+            batch.held_back = true;
+            break;
+        }
+        batch.events.push(event_from_row(row)?);
+    }
+    Ok(batch)
+}

@@ -39,18 +39,12 @@ impl PgBinaries {
     /// # Errors
     /// When no PostgreSQL server is installed, with what to install.
     pub fn locate() -> anyhow::Result<Self> {
-        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect())
-            .unwrap_or_default();
+        let mut candidates: Vec<PathBuf> =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
         if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
             let mut versions: Vec<(u32, PathBuf)> = entries
                 .filter_map(Result::ok)
-                .filter_map(|e| {
-                    Some((
-                        e.file_name().to_str()?.parse::<u32>().ok()?,
-                        e.path().join("bin"),
-                    ))
-                })
+                .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path().join("bin"))))
                 .collect();
             versions.sort_by(|a, b| b.0.cmp(&a.0));
             candidates.extend(versions.into_iter().map(|(_, p)| p));
@@ -91,19 +85,13 @@ impl EmbeddedPostgres {
     /// When no binaries are found, or Zpanel runs as root and no unprivileged user exists.
     pub fn new(root: &Path, durability: Durability) -> anyhow::Result<Self> {
         let binaries = PgBinaries::locate()?;
-        let root =
-            std::path::absolute(root).with_context(|| format!("resolving {}", root.display()))?;
+        let root = std::path::absolute(root).with_context(|| format!("resolving {}", root.display()))?;
         let run_as = if nix::unistd::geteuid().is_root() {
-            let user = nix::unistd::User::from_name("postgres")
-                .context("looking up the postgres user")?
-                .context(
-                    "PostgreSQL refuses to run as root and there is no 'postgres' user to run it as: \
+            let user = nix::unistd::User::from_name("postgres").context("looking up the postgres user")?.context(
+                "PostgreSQL refuses to run as root and there is no 'postgres' user to run it as: \
                      create one (useradd --system postgres) or run Zpanel as an unprivileged user",
-                )?;
-            Some(RunAs {
-                uid: user.uid.as_raw(),
-                gid: user.gid.as_raw(),
-            })
+            )?;
+            Some(RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw() })
         } else {
             None
         };
@@ -126,10 +114,7 @@ impl EmbeddedPostgres {
     /// Connection options for any database of the cluster.
     #[must_use]
     pub fn connect_options_for(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .socket(&self.socket_dir)
-            .username(DATABASE)
-            .database(database)
+        PgConnectOptions::new().socket(&self.socket_dir).username(DATABASE).database(database)
     }
 
     /// The folder of the Unix socket.
@@ -161,10 +146,7 @@ impl EmbeddedPostgres {
             return;
         };
         if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGINT,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
@@ -188,10 +170,7 @@ impl EmbeddedPostgres {
             command.uid(run_as.uid).gid(run_as.gid);
         }
         // PostgreSQL reads locale and its own PG* settings from the environment; give it a clean one.
-        command
-            .env_clear()
-            .env("LC_ALL", "C.UTF-8")
-            .env("PATH", "/usr/bin:/bin");
+        command.env_clear().env("LC_ALL", "C.UTF-8").env("PATH", "/usr/bin:/bin");
         command
     }
 
@@ -204,24 +183,14 @@ impl EmbeddedPostgres {
     }
 
     fn initdb(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.data_dir)
-            .with_context(|| format!("creating {}", self.data_dir.display()))?;
+        std::fs::create_dir_all(&self.data_dir).with_context(|| format!("creating {}", self.data_dir.display()))?;
         std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))?;
         self.chown(&self.data_dir)?;
         let output = self
             .command("initdb")
             .arg("--pgdata")
             .arg(&self.data_dir)
-            .args([
-                "--username",
-                DATABASE,
-                "--auth",
-                "trust",
-                "--encoding",
-                "UTF8",
-                "--locale",
-                "C.UTF-8",
-            ])
+            .args(["--username", DATABASE, "--auth", "trust", "--encoding", "UTF8", "--locale", "C.UTF-8"])
             .stdin(Stdio::null())
             .output()
             .context("running initdb")?;
@@ -253,8 +222,7 @@ impl EmbeddedPostgres {
     }
 
     fn prepare_socket_dir(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.socket_dir)
-            .with_context(|| format!("creating {}", self.socket_dir.display()))?;
+        std::fs::create_dir_all(&self.socket_dir).with_context(|| format!("creating {}", self.socket_dir.display()))?;
         std::fs::set_permissions(&self.socket_dir, std::fs::Permissions::from_mode(0o700))?;
         self.chown(&self.socket_dir)
     }
@@ -295,16 +263,10 @@ impl EmbeddedPostgres {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                bail!(
-                    "postgres exited with {status} while starting; its log:\n{}",
-                    self.log_tail()
-                );
+                bail!("postgres exited with {status} while starting; its log:\n{}", self.log_tail());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "postgres did not accept connections within {limit:?}; its log:\n{}",
-                    self.log_tail()
-                );
+                bail!("postgres did not accept connections within {limit:?}; its log:\n{}", self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -320,17 +282,13 @@ impl EmbeddedPostgres {
         let mut conn = sqlx::ConnectOptions::connect(&self.connect_options_for("postgres"))
             .await
             .context("connecting to the private cluster")?;
-        let exists: bool =
-            sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-                .bind(DATABASE)
-                .fetch_one(&mut conn)
-                .await?;
+        let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(DATABASE)
+            .fetch_one(&mut conn)
+            .await?;
         if !exists {
             // Another process may create it at the same moment; that is fine.
-            if let Err(e) = sqlx::query(&format!("create database {DATABASE}"))
-                .execute(&mut conn)
-                .await
-            {
+            if let Err(e) = sqlx::query(&format!("create database {DATABASE}")).execute(&mut conn).await {
                 let duplicate = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P04"));
                 if !duplicate {
                     return Err(e).context("creating the zpanel database");

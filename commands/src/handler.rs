@@ -4,9 +4,7 @@
 //! state, a bounded number of times. A command carries an id; its events' ids derive from it, so
 //! a retried command collides with its first run and is answered with that run's result.
 
-use crate::store::{
-    Actor, Append, AppendError, EventStore, Metadata, NewEvent, RecordedEvent, event_id_for,
-};
+use crate::store::{Actor, Append, AppendError, EventStore, Metadata, NewEvent, RecordedEvent, event_id_for};
 use uuid::Uuid;
 use zpanel_domain::aggregate::{Aggregate, DomainEvent};
 use zpanel_domain::ids::TeamId;
@@ -36,14 +34,7 @@ impl CommandContext {
     #[must_use]
     pub fn new(team_id: TeamId, actor: Actor, origin: &str) -> Self {
         let command_id = Uuid::now_v7();
-        Self {
-            team_id,
-            actor,
-            command_id,
-            correlation_id: command_id,
-            causation_id: None,
-            origin: origin.to_owned(),
-        }
+        Self { team_id, actor, command_id, correlation_id: command_id, causation_id: None, origin: origin.to_owned() }
     }
 
     /// The same context with a client-chosen command id (for idempotent retries).
@@ -186,13 +177,7 @@ impl<S: EventStore> CommandHandler<S> {
                 if let Some(outcome) = self.repeated(ctx, &stream_id).await? {
                     return Ok(outcome);
                 }
-                return Ok(Outcome {
-                    stream_id,
-                    state,
-                    version,
-                    events: vec![],
-                    repeated: false,
-                });
+                return Ok(Outcome { stream_id, state, version, events: vec![], repeated: false });
             }
             let metadata = ctx.metadata();
             let new_events = decided
@@ -220,13 +205,7 @@ impl<S: EventStore> CommandHandler<S> {
                 Ok(recorded) => {
                     let state = decided.iter().fold(state, |s, e| s.evolve(e));
                     let version = recorded.last().map_or(version, |e| e.version);
-                    return Ok(Outcome {
-                        stream_id,
-                        state,
-                        version,
-                        events: recorded,
-                        repeated: false,
-                    });
+                    return Ok(Outcome { stream_id, state, version, events: recorded, repeated: false });
                 }
                 Err(AppendError::Conflict) => {}
                 Err(AppendError::Duplicate) => {
@@ -256,10 +235,7 @@ impl<S: EventStore> CommandHandler<S> {
         let Some(events) = self.store.find_command(ctx.command_id).await? else {
             return Ok(None);
         };
-        if events
-            .first()
-            .is_none_or(|e| e.stream_id != stream_id || e.team_id != *ctx.team_id.as_uuid())
-        {
+        if events.first().is_none_or(|e| e.stream_id != stream_id || e.team_id != *ctx.team_id.as_uuid()) {
             return Err(CommandError::Internal(anyhow::anyhow!(
                 "command id {} was already used for another command",
                 ctx.command_id
@@ -267,19 +243,9 @@ impl<S: EventStore> CommandHandler<S> {
         }
         let version = events.last().map_or(0, |e| e.version);
         let history = self.store.read_stream(stream_id, 0).await?;
-        let upto: Vec<_> = history
-            .events
-            .into_iter()
-            .take_while(|e| e.version <= version)
-            .collect();
+        let upto: Vec<_> = history.events.into_iter().take_while(|e| e.version <= version).collect();
         let state = fold::<A>(&upto)?;
-        Ok(Some(Outcome {
-            stream_id: stream_id.to_owned(),
-            state,
-            version,
-            events,
-            repeated: true,
-        }))
+        Ok(Some(Outcome { stream_id: stream_id.to_owned(), state, version, events, repeated: true }))
     }
 }
 
@@ -288,10 +254,15 @@ impl<S: EventStore> CommandHandler<S> {
 /// # Errors
 /// When an event cannot be decoded.
 pub fn fold<A: Aggregate>(events: &[RecordedEvent]) -> anyhow::Result<A> {
-    events.iter().try_fold(A::default(), |state, recorded| {
-        let event: A::Event = recorded.decode().map_err(|e| {
-            anyhow::anyhow!("event {} at {}: {e}", recorded.event_id, recorded.stream_id)
-        })?;
-        Ok(state.evolve(&event))
-    })
+    events.iter().try_fold(A::default(), evolve_recorded)
+}
+
+/// Applies one stored event to a state, decoding (and upcasting) it first.
+///
+/// # Errors
+/// When the event cannot be decoded as one of `A`'s events.
+pub fn evolve_recorded<A: Aggregate>(state: A, recorded: &RecordedEvent) -> anyhow::Result<A> {
+    let event: A::Event =
+        recorded.decode().map_err(|e| anyhow::anyhow!("event {} at {}: {e}", recorded.event_id, recorded.stream_id))?;
+    Ok(state.evolve(&event))
 }

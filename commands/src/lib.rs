@@ -15,11 +15,14 @@ pub mod db;
 pub mod embedded;
 pub mod handler;
 pub mod postgres;
+pub mod sample;
 pub mod sealing;
 pub mod signal;
+pub mod ssh_keys;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tokens;
 
 pub use handler::{CommandContext, CommandError, CommandHandler, Outcome};
 pub use postgres::PgEventStore;

@@ -5,9 +5,7 @@
 //! and the insert of all events selects from it — no version bump, no rows inserted.
 
 use crate::signal::AppendSignal;
-use crate::store::{
-    Append, AppendError, Cursor, EventStore, LogBatch, Metadata, RecordedEvent, Stream,
-};
+use crate::store::{Append, AppendError, Cursor, EventStore, LogBatch, Metadata, RecordedEvent, Stream};
 use anyhow::Context as _;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
@@ -20,7 +18,8 @@ pub struct PgEventStore {
     signal: AppendSignal,
 }
 
-const EVENT_COLUMNS: &str = "global_position, tx_id::text::bigint as tx_id, stream_id, stream_position, event_id, \
+/// The columns of `events` that [`event_from_row`] decodes, for `select`s elsewhere.
+pub const EVENT_COLUMNS: &str = "global_position, tx_id::text::bigint as tx_id, stream_id, stream_position, event_id, \
      event_type, schema_version, team_id, payload, metadata, recorded_at";
 
 const APPEND_TO_EXISTING: &str = "with bump as (
@@ -81,7 +80,10 @@ impl PgEventStore {
 }
 
 /// Decodes a row selected with [`EVENT_COLUMNS`].
-pub(crate) fn event_from_row(row: &PgRow) -> anyhow::Result<RecordedEvent> {
+///
+/// # Errors
+/// When a column is missing or the metadata does not decode.
+pub fn event_from_row(row: &PgRow) -> anyhow::Result<RecordedEvent> {
     let metadata: serde_json::Value = row.try_get("metadata")?;
     let schema_version: i32 = row.try_get("schema_version")?;
     Ok(RecordedEvent {
@@ -94,8 +96,7 @@ pub(crate) fn event_from_row(row: &PgRow) -> anyhow::Result<RecordedEvent> {
         schema_version: u32::try_from(schema_version).context("negative schema version")?,
         team_id: row.try_get("team_id")?,
         payload: row.try_get("payload")?,
-        metadata: serde_json::from_value::<Metadata>(metadata)
-            .context("decoding event metadata")?,
+        metadata: serde_json::from_value::<Metadata>(metadata).context("decoding event metadata")?,
         recorded_at: row.try_get("recorded_at")?,
     })
 }
@@ -108,9 +109,7 @@ impl EventStore for PgEventStore {
     async fn append(&self, append: Append<'_>) -> Result<Vec<RecordedEvent>, AppendError> {
         let n = append.events.len();
         if n == 0 {
-            return Err(AppendError::Internal(anyhow::anyhow!(
-                "an append needs at least one event"
-            )));
+            return Err(AppendError::Internal(anyhow::anyhow!("an append needs at least one event")));
         }
         let mut ids = Vec::with_capacity(n);
         let mut types = Vec::with_capacity(n);
@@ -124,13 +123,8 @@ impl EventStore for PgEventStore {
             payloads.push(event.payload.clone());
             metadata.push(serde_json::to_value(&event.metadata).map_err(anyhow::Error::from)?);
         }
-        let new_version =
-            append.expected_version + i64::try_from(n).map_err(anyhow::Error::from)?;
-        let sql = if append.expected_version == 0 {
-            APPEND_TO_NEW
-        } else {
-            APPEND_TO_EXISTING
-        };
+        let new_version = append.expected_version + i64::try_from(n).map_err(anyhow::Error::from)?;
+        let sql = if append.expected_version == 0 { APPEND_TO_NEW } else { APPEND_TO_EXISTING };
         let team = *append.team_id.as_uuid();
         let rows = sqlx::query(sql)
             .bind(append.stream_id)
@@ -151,9 +145,7 @@ impl EventStore for PgEventStore {
                 return Err(AppendError::Duplicate);
             }
             Err(e) => {
-                return Err(AppendError::Internal(
-                    anyhow::Error::new(e).context("appending events"),
-                ));
+                return Err(AppendError::Internal(anyhow::Error::new(e).context("appending events")));
             }
         };
         if rows.is_empty() {
@@ -165,14 +157,10 @@ impl EventStore for PgEventStore {
             .map(|(row, event)| {
                 let schema_version = event.schema_version;
                 Ok(RecordedEvent {
-                    global_position: row
-                        .try_get("global_position")
-                        .map_err(anyhow::Error::from)?,
+                    global_position: row.try_get("global_position").map_err(anyhow::Error::from)?,
                     tx_id: row.try_get("tx_id").map_err(anyhow::Error::from)?,
                     stream_id: append.stream_id.to_owned(),
-                    version: row
-                        .try_get("stream_position")
-                        .map_err(anyhow::Error::from)?,
+                    version: row.try_get("stream_position").map_err(anyhow::Error::from)?,
                     event_id: event.event_id,
                     event_type: event.event_type,
                     schema_version,
@@ -195,19 +183,14 @@ impl EventStore for PgEventStore {
             .fetch_all(&self.pool)
             .await
             .with_context(|| format!("reading stream {stream_id}"))?;
-        let events = rows
-            .iter()
-            .map(event_from_row)
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let events = rows.iter().map(event_from_row).collect::<anyhow::Result<Vec<_>>>()?;
         let team_id = match events.first() {
             Some(e) => Some(e.team_id),
-            None if after_version > 0 => {
-                sqlx::query_scalar("select team_id from streams where stream_id = $1")
-                    .bind(stream_id)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .context("reading a stream's team")?
-            }
+            None if after_version > 0 => sqlx::query_scalar("select team_id from streams where stream_id = $1")
+                .bind(stream_id)
+                .fetch_optional(&self.pool)
+                .await
+                .context("reading a stream's team")?,
             None => None,
         };
         Ok(Stream { team_id, events })
@@ -236,11 +219,7 @@ impl EventStore for PgEventStore {
         if rows.is_empty() {
             return Ok(None);
         }
-        Ok(Some(
-            rows.iter()
-                .map(event_from_row)
-                .collect::<anyhow::Result<Vec<_>>>()?,
-        ))
+        Ok(Some(rows.iter().map(event_from_row).collect::<anyhow::Result<Vec<_>>>()?))
     }
 }
 

@@ -56,23 +56,14 @@ struct MasterKey {
 
 impl MasterKey {
     fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            bytes.len() == 32,
-            "a master key must be 32 bytes, this one is {}",
-            bytes.len()
-        );
+        anyhow::ensure!(bytes.len() == 32, "a master key must be 32 bytes, this one is {}", bytes.len());
         let id = hex::encode(&Sha256::digest(bytes)[..8]);
         let cipher = Aes256Gcm::new_from_slice(bytes).context("building the cipher")?;
         // A separate key for digests, derived so that a digest reveals nothing about the key.
-        let mut mac =
-            <Hmac<Sha256> as Mac>::new_from_slice(bytes).context("building the digest key")?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(bytes).context("building the digest key")?;
         mac.update(b"zpanel secret digest v1");
         let mac_key = mac.finalize().into_bytes().into();
-        Ok(Self {
-            id,
-            cipher,
-            mac_key,
-        })
+        Ok(Self { id, cipher, mac_key })
     }
 }
 
@@ -95,12 +86,7 @@ pub struct Keyring {
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keyring")
-            .field(
-                "key_ids",
-                &self.keys.iter().map(|k| &k.id).collect::<Vec<_>>(),
-            )
-            .finish()
+        f.debug_struct("Keyring").field("key_ids", &self.keys.iter().map(|k| &k.id).collect::<Vec<_>>()).finish()
     }
 }
 
@@ -116,9 +102,7 @@ impl Keyring {
             .filter(|k| !k.is_empty())
             .enumerate()
             .map(|(i, k)| {
-                let bytes = B64
-                    .decode(k)
-                    .with_context(|| format!("master key #{} is not valid base64", i + 1))?;
+                let bytes = B64.decode(k).with_context(|| format!("master key #{} is not valid base64", i + 1))?;
                 MasterKey::from_bytes(&bytes).with_context(|| format!("master key #{}", i + 1))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -130,8 +114,7 @@ impl Keyring {
     #[must_use]
     pub fn generate() -> Self {
         let key = new_key_base64();
-        Self::from_base64([key.as_str()])
-            .unwrap_or_else(|_| unreachable!("a generated key is valid"))
+        Self::from_base64([key.as_str()]).unwrap_or_else(|_| unreachable!("a generated key is valid"))
     }
 
     /// The keyring from `ZPANEL_MASTER_KEY` when given, else from the data directory's key file,
@@ -145,12 +128,10 @@ impl Keyring {
         }
         let path = data_dir.join(KEY_FILE);
         if !path.exists() {
-            std::fs::create_dir_all(data_dir)
-                .with_context(|| format!("creating {}", data_dir.display()))?;
+            std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
             write_new_key_file(&path, &new_key_base64())?;
         }
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_base64(text.lines()).with_context(|| format!("reading {}", path.display()))
     }
 
@@ -160,8 +141,7 @@ impl Keyring {
     /// When the key file cannot be read or written.
     pub fn rotate_file(data_dir: &Path) -> anyhow::Result<String> {
         let path = data_dir.join(KEY_FILE);
-        let old = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let old = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let key = new_key_base64();
         let tmp = data_dir.join(format!("{KEY_FILE}.new"));
         let _ = std::fs::remove_file(&tmp);
@@ -185,16 +165,8 @@ impl Keyring {
         // The key id is authenticated too, so a ciphertext cannot be relabelled.
         let ciphertext = key
             .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext.expose().as_bytes(),
-                    aad: key.id.as_bytes(),
-                },
-            )
-            .unwrap_or_else(|_| {
-                unreachable!("AES-GCM encryption of an in-memory buffer cannot fail")
-            });
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext.expose().as_bytes(), aad: key.id.as_bytes() })
+            .unwrap_or_else(|_| unreachable!("AES-GCM encryption of an in-memory buffer cannot fail"));
         SealedSecret {
             key_id: key.id.clone(),
             nonce: B64.encode(nonce),
@@ -214,25 +186,15 @@ impl Keyring {
             .find(|k| k.id == sealed.key_id)
             .ok_or_else(|| OpenError::UnknownKey(sealed.key_id.clone()))?;
         let nonce = B64.decode(&sealed.nonce).map_err(|_| OpenError::Corrupt)?;
-        let ciphertext = B64
-            .decode(&sealed.ciphertext)
-            .map_err(|_| OpenError::Corrupt)?;
+        let ciphertext = B64.decode(&sealed.ciphertext).map_err(|_| OpenError::Corrupt)?;
         if nonce.len() != 12 {
             return Err(OpenError::Corrupt);
         }
         let plaintext = key
             .cipher
-            .decrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &ciphertext,
-                    aad: key.id.as_bytes(),
-                },
-            )
+            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: key.id.as_bytes() })
             .map_err(|_| OpenError::Corrupt)?;
-        String::from_utf8(plaintext)
-            .map(Plaintext)
-            .map_err(|_| OpenError::Corrupt)
+        String::from_utf8(plaintext).map(Plaintext).map_err(|_| OpenError::Corrupt)
     }
 
     /// A keyed digest of a secret: equal for equal secrets under the newest key, meaningless
@@ -294,20 +256,14 @@ mod tests {
     fn after_rotation_new_seals_use_the_new_key_and_old_ones_still_open() {
         let dir = std::env::temp_dir().join(format!("zpanel-keys-{}", uuid::Uuid::now_v7()));
         let before = Keyring::load(None, &dir).expect("creates a key file");
-        let mode = std::fs::metadata(dir.join(KEY_FILE))
-            .expect("key file")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.join(KEY_FILE)).expect("key file").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let old_seal = before.seal(&Plaintext::new("old"));
         let new_id = Keyring::rotate_file(&dir).expect("rotates");
         let after = Keyring::load(None, &dir).expect("reloads");
         assert_eq!(after.current_key_id(), new_id);
         assert_ne!(new_id, before.current_key_id());
-        assert_eq!(
-            after.open(&old_seal).expect("old seal opens").expose(),
-            "old"
-        );
+        assert_eq!(after.open(&old_seal).expect("old seal opens").expose(), "old");
         assert_eq!(after.seal(&Plaintext::new("new")).key_id, new_id);
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -316,10 +272,7 @@ mod tests {
     fn a_tampered_or_foreign_seal_does_not_open() {
         let keyring = Keyring::generate();
         let mut sealed = keyring.seal(&Plaintext::new("x"));
-        assert!(matches!(
-            Keyring::generate().open(&sealed),
-            Err(OpenError::UnknownKey(_))
-        ));
+        assert!(matches!(Keyring::generate().open(&sealed), Err(OpenError::UnknownKey(_))));
         sealed.ciphertext = B64.encode(b"garbage-garbage-garbage");
         assert!(matches!(keyring.open(&sealed), Err(OpenError::Corrupt)));
     }

@@ -36,12 +36,7 @@ impl AppendSignal {
     /// A new signal.
     #[must_use]
     pub fn new() -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                local: watch::Sender::new(0),
-                any: watch::Sender::new(0),
-            }),
-        }
+        Self { inner: Arc::new(Inner { local: watch::Sender::new(0), any: watch::Sender::new(0) }) }
     }
 
     /// Tells readers that this process appended.
@@ -67,13 +62,8 @@ impl AppendSignal {
     /// # Errors
     /// When the listener cannot connect.
     pub async fn bridge(&self, pool: PgPool) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let mut listener = PgListener::connect_with(&pool)
-            .await
-            .context("connecting the notify listener")?;
-        listener
-            .listen(NOTIFY_CHANNEL)
-            .await
-            .context("listening for appends")?;
+        let mut listener = PgListener::connect_with(&pool).await.context("connecting the notify listener")?;
+        listener.listen(NOTIFY_CHANNEL).await.context("listening for appends")?;
         let signal = self.clone();
         let mut local = self.inner.local.subscribe();
         Ok(tokio::spawn(async move {

@@ -35,31 +35,19 @@ impl Actor {
     /// Zpanel itself, acting for `what` (e.g. `bootstrap`).
     #[must_use]
     pub fn system(what: &str) -> Self {
-        Self {
-            kind: ActorKind::System,
-            id: None,
-            name: what.to_owned(),
-        }
+        Self { kind: ActorKind::System, id: None, name: what.to_owned() }
     }
 
     /// An API token.
     #[must_use]
     pub fn token(id: Uuid, name: &str) -> Self {
-        Self {
-            kind: ActorKind::Token,
-            id: Some(id.to_string()),
-            name: name.to_owned(),
-        }
+        Self { kind: ActorKind::Token, id: Some(id.to_string()), name: name.to_owned() }
     }
 
     /// A worker.
     #[must_use]
     pub fn worker(worker_id: &str) -> Self {
-        Self {
-            kind: ActorKind::Worker,
-            id: Some(worker_id.to_owned()),
-            name: worker_id.to_owned(),
-        }
+        Self { kind: ActorKind::Worker, id: Some(worker_id.to_owned()), name: worker_id.to_owned() }
     }
 }
 
@@ -96,9 +84,7 @@ pub struct NewEvent {
 
 /// A position in the whole log: `(tx_id, global_position)`. Readers of the whole log order and
 /// checkpoint by this pair (see DESIGN.md: it is what makes late commits delayed, not skipped).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cursor {
     /// The id of the transaction that wrote the event.
     pub tx_id: i64,
@@ -108,10 +94,7 @@ pub struct Cursor {
 
 impl Cursor {
     /// Before the first event.
-    pub const START: Self = Self {
-        tx_id: 0,
-        position: 0,
-    };
+    pub const START: Self = Self { tx_id: 0, position: 0 };
 }
 
 /// An event as stored.
@@ -146,10 +129,7 @@ impl RecordedEvent {
     /// This event's place in the whole log.
     #[must_use]
     pub fn cursor(&self) -> Cursor {
-        Cursor {
-            tx_id: self.tx_id,
-            position: self.global_position,
-        }
+        Cursor { tx_id: self.tx_id, position: self.global_position }
     }
 
     /// The stream's kind: the part of the stream id before the uuid.
@@ -168,9 +148,7 @@ impl RecordedEvent {
     ///
     /// # Errors
     /// When the payload fits no current event.
-    pub fn decode<E: zpanel_domain::DomainEvent>(
-        &self,
-    ) -> Result<E, zpanel_domain::aggregate::UpcastError> {
+    pub fn decode<E: zpanel_domain::DomainEvent>(&self) -> Result<E, zpanel_domain::aggregate::UpcastError> {
         E::decode(&self.event_type, self.schema_version, self.payload.clone())
     }
 }
@@ -179,19 +157,13 @@ impl RecordedEvent {
 #[must_use]
 pub fn stream_kind(stream_id: &str) -> &str {
     // A uuid is 36 characters; the kind is what precedes "-<uuid>".
-    stream_id
-        .len()
-        .checked_sub(37)
-        .map_or(stream_id, |end| &stream_id[..end])
+    stream_id.len().checked_sub(37).map_or(stream_id, |end| &stream_id[..end])
 }
 
 /// The uuid part of a `kind-uuid` stream id.
 #[must_use]
 pub fn aggregate_uuid(stream_id: &str) -> Option<Uuid> {
-    stream_id
-        .len()
-        .checked_sub(36)
-        .and_then(|start| Uuid::parse_str(&stream_id[start..]).ok())
+    stream_id.len().checked_sub(36).and_then(|start| Uuid::parse_str(&stream_id[start..]).ok())
 }
 
 /// A stream as loaded for a command: its team and its events in order.
@@ -247,20 +219,13 @@ pub trait EventStore: Send + Sync {
     /// # Errors
     /// [`AppendError::Conflict`] when the version moved, [`AppendError::Duplicate`] when an event
     /// id exists, [`AppendError::Internal`] when the store fails.
-    fn append(
-        &self,
-        append: Append<'_>,
-    ) -> impl Future<Output = Result<Vec<RecordedEvent>, AppendError>> + Send;
+    fn append(&self, append: Append<'_>) -> impl Future<Output = Result<Vec<RecordedEvent>, AppendError>> + Send;
 
     /// Reads one stream's events after `after_version`, oldest first.
     ///
     /// # Errors
     /// When the store fails.
-    fn read_stream(
-        &self,
-        stream_id: &str,
-        after_version: i64,
-    ) -> impl Future<Output = anyhow::Result<Stream>> + Send;
+    fn read_stream(&self, stream_id: &str, after_version: i64) -> impl Future<Output = anyhow::Result<Stream>> + Send;
 
     /// Reads up to `limit` events of the whole log after `after`, in log order, never skipping
     /// an event whose transaction commits late. `held_back` tells that committed events exist
@@ -268,20 +233,14 @@ pub trait EventStore: Send + Sync {
     ///
     /// # Errors
     /// When the store fails.
-    fn read_all(
-        &self,
-        after: Cursor,
-        limit: i64,
-    ) -> impl Future<Output = anyhow::Result<LogBatch>> + Send;
+    fn read_all(&self, after: Cursor, limit: i64) -> impl Future<Output = anyhow::Result<LogBatch>> + Send;
 
     /// Finds the events a command appended, if it was appended: `(stream, events)`.
     ///
     /// # Errors
     /// When the store fails.
-    fn find_command(
-        &self,
-        command_id: Uuid,
-    ) -> impl Future<Output = anyhow::Result<Option<Vec<RecordedEvent>>>> + Send;
+    fn find_command(&self, command_id: Uuid)
+    -> impl Future<Output = anyhow::Result<Option<Vec<RecordedEvent>>>> + Send;
 }
 
 /// A slice of the whole log.

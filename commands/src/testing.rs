@@ -22,20 +22,22 @@ pub struct TestDatabase {
     pub options: PgConnectOptions,
     /// Its name.
     pub name: String,
+    /// A `postgres://` URL for it, for processes started by the test (`ZPANEL_DATABASE_URL`).
+    pub url: String,
 }
 
 /// The folder of the shared test cluster.
 #[must_use]
 pub fn cluster_root() -> PathBuf {
-    std::env::var_os("ZPANEL_TEST_PG_ROOT").map_or_else(
-        || std::env::temp_dir().join("zpanel-test-pg"),
-        PathBuf::from,
-    )
+    std::env::var_os("ZPANEL_TEST_PG_ROOT").map_or_else(|| std::env::temp_dir().join("zpanel-test-pg"), PathBuf::from)
 }
 
-async fn server_options() -> anyhow::Result<PgConnectOptions> {
+/// The server's options, and a URL template with `{db}` where the database name goes.
+async fn server_options() -> anyhow::Result<(PgConnectOptions, String)> {
     if let Ok(url) = std::env::var("ZPANEL_TEST_DATABASE_URL") {
-        return PgConnectOptions::from_str(&url).context("parsing ZPANEL_TEST_DATABASE_URL");
+        let options = PgConnectOptions::from_str(&url).context("parsing ZPANEL_TEST_DATABASE_URL")?;
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+        return Ok((options, format!("{base}/{{db}}")));
     }
     let root = cluster_root();
     std::fs::create_dir_all(&root)?;
@@ -47,7 +49,9 @@ async fn server_options() -> anyhow::Result<PgConnectOptions> {
     cluster.detach();
     drop(lock);
     started?;
-    Ok(cluster.connect_options_for("postgres"))
+    let template =
+        format!("postgres://{}@localhost/{{db}}?host={}", crate::embedded::DATABASE, cluster.socket_dir().display());
+    Ok((cluster.connect_options_for("postgres"), template))
 }
 
 impl TestDatabase {
@@ -64,21 +68,15 @@ impl TestDatabase {
     /// # Errors
     /// When the server cannot be reached or started, or migrations fail.
     pub async fn create_with(max_connections: u32) -> anyhow::Result<Self> {
-        let server = server_options().await?;
+        let (server, template) = server_options().await?;
         let name = format!("test_{}", uuid::Uuid::now_v7().simple());
         let admin = db::connect(server.clone(), 1).await?;
-        sqlx::query(&format!("create database {name}"))
-            .execute(&admin)
-            .await
-            .context("creating a test database")?;
+        sqlx::query(&format!("create database {name}")).execute(&admin).await.context("creating a test database")?;
         admin.close().await;
         let options = server.database(&name);
         let pool = db::connect(options.clone(), max_connections).await?;
         db::migrate(&pool).await?;
-        Ok(Self {
-            pool,
-            options,
-            name,
-        })
+        let url = template.replace("{db}", &name);
+        Ok(Self { pool, options, name, url })
     }
 }

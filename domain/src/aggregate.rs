@@ -7,9 +7,7 @@ use std::fmt::Debug;
 /// An event of one aggregate kind. Implemented for each aggregate's event enum, which is
 /// serialized adjacently tagged (`{"type": "ApplicationCreated", "data": {…}}`): the tag becomes
 /// the stored `event_type`, the content the stored `payload`.
-pub trait DomainEvent:
-    Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync
-{
+pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync {
     /// The event's name as stored, e.g. `ApplicationCreated`.
     fn event_type(&self) -> &'static str;
 
@@ -24,11 +22,7 @@ pub trait DomainEvent:
     ///
     /// # Errors
     /// When the stored payload has no known path to the current shape.
-    fn upcast(
-        _event_type: &str,
-        _version: u32,
-        payload: serde_json::Value,
-    ) -> Result<serde_json::Value, UpcastError> {
+    fn upcast(_event_type: &str, _version: u32, payload: serde_json::Value) -> Result<serde_json::Value, UpcastError> {
         Ok(payload)
     }
 
@@ -38,10 +32,7 @@ pub trait DomainEvent:
     /// Only when serde cannot serialize the event, which is a bug.
     fn encode(&self) -> Result<(&'static str, serde_json::Value), serde_json::Error> {
         let mut value = serde_json::to_value(self)?;
-        let payload = value
-            .get_mut("data")
-            .map(serde_json::Value::take)
-            .unwrap_or(serde_json::Value::Null);
+        let payload = value.get_mut("data").map(serde_json::Value::take).unwrap_or(serde_json::Value::Null);
         Ok((self.event_type(), payload))
     }
 
@@ -49,37 +40,19 @@ pub trait DomainEvent:
     ///
     /// # Errors
     /// When the payload does not fit the event type (or the type is unknown).
-    fn decode(
-        event_type: &str,
-        version: u32,
-        payload: serde_json::Value,
-    ) -> Result<Self, UpcastError> {
+    fn decode(event_type: &str, version: u32, payload: serde_json::Value) -> Result<Self, UpcastError> {
         let current = Self::schema_version(event_type);
         if version > current {
-            return Err(UpcastError::FromTheFuture {
-                event_type: event_type.to_owned(),
-                version,
-            });
+            return Err(UpcastError::FromTheFuture { event_type: event_type.to_owned(), version });
         }
-        let payload = if version < current {
-            Self::upcast(event_type, version, payload)?
-        } else {
-            payload
-        };
+        let payload = if version < current { Self::upcast(event_type, version, payload)? } else { payload };
         let mut tagged = serde_json::Map::new();
-        tagged.insert(
-            "type".into(),
-            serde_json::Value::String(event_type.to_owned()),
-        );
+        tagged.insert("type".into(), serde_json::Value::String(event_type.to_owned()));
         if !payload.is_null() {
             tagged.insert("data".into(), payload);
         }
-        serde_json::from_value(serde_json::Value::Object(tagged)).map_err(|source| {
-            UpcastError::Shape {
-                event_type: event_type.to_owned(),
-                source,
-            }
-        })
+        serde_json::from_value(serde_json::Value::Object(tagged))
+            .map_err(|source| UpcastError::Shape { event_type: event_type.to_owned(), source })
     }
 }
 

@@ -53,10 +53,7 @@ pub trait Describe {
 
 /// The changes between two descriptions, in field order.
 #[must_use]
-pub fn diff(
-    before: &BTreeMap<String, FieldValue>,
-    after: &BTreeMap<String, FieldValue>,
-) -> Vec<Change> {
+pub fn diff(before: &BTreeMap<String, FieldValue>, after: &BTreeMap<String, FieldValue>) -> Vec<Change> {
     let mut changes = Vec::new();
     for (field, old) in before {
         match after.get(field) {
@@ -95,27 +92,15 @@ mod tests {
     use serde_json::json;
 
     fn map(entries: &[(&str, FieldValue)]) -> BTreeMap<String, FieldValue> {
-        entries
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .collect()
+        entries.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
     }
 
     #[test]
     fn a_diff_names_added_changed_and_removed_fields() {
-        let before = map(&[
-            ("name", FieldValue::Plain(json!("web"))),
-            ("port", FieldValue::Plain(json!(80))),
-        ]);
-        let after = map(&[
-            ("name", FieldValue::Plain(json!("api"))),
-            ("image", FieldValue::Plain(json!("nginx"))),
-        ]);
+        let before = map(&[("name", FieldValue::Plain(json!("web"))), ("port", FieldValue::Plain(json!(80)))]);
+        let after = map(&[("name", FieldValue::Plain(json!("api"))), ("image", FieldValue::Plain(json!("nginx")))]);
         let changes = diff(&before, &after);
-        let fields: Vec<_> = changes
-            .iter()
-            .map(|c| (c.field.as_str(), c.before.clone(), c.after.clone()))
-            .collect();
+        let fields: Vec<_> = changes.iter().map(|c| (c.field.as_str(), c.before.clone(), c.after.clone())).collect();
         assert_eq!(
             fields,
             vec![

@@ -33,8 +33,6 @@ impl SealedSecret {
 // Ciphertext is not secret, but keep it out of logs anyway: it is noise, and noise hides leaks.
 impl fmt::Debug for SealedSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SealedSecret")
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
+        f.debug_struct("SealedSecret").field("key_id", &self.key_id).finish_non_exhaustive()
     }
 }

@@ -1,1 +1,774 @@
-//! TODO: being written
+//! A server Zpanel deploys to, reached over SSH with one of the team's private keys.
+//!
+//! Validation is a round trip through a worker: `RequestValidation` records
+//! `ServerValidationRequested`, the server worker connects and reports back with
+//! `RecordValidationSucceeded` or `RecordValidationFailed`. Changing the connection settings while
+//! a validation runs puts the server back to `Unknown`, so the stale result is refused
+//! (`NoValidationPending`) rather than credited to the new settings.
+
+use crate::aggregate::{Aggregate, DomainEvent};
+use crate::changes::{Describe, FieldValue};
+use crate::ids::{PrivateKeyId, ServerId, TeamId};
+use crate::values::{Host, Name, Port, UnixUser};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Whether Zpanel can reach a server, as far as the last validation tells.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerStatus {
+    /// Never validated with the current connection settings.
+    #[default]
+    Unknown,
+    /// A validation was requested and has not reported yet.
+    Validating,
+    /// The last validation connected and found Docker.
+    Reachable,
+    /// The last validation failed.
+    Unreachable,
+}
+
+impl ServerStatus {
+    /// The wire name (`unknown`, `validating`, …).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Validating => "validating",
+            Self::Reachable => "reachable",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// What a successful validation found on the server.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServerFacts {
+    /// Operating system, e.g. `Debian GNU/Linux 12 (bookworm)`.
+    pub os: String,
+    /// Docker Engine version, e.g. `26.1.5`.
+    pub docker_version: String,
+    /// Number of CPUs.
+    pub cpus: u32,
+    /// Total memory in bytes.
+    pub memory_bytes: u64,
+    /// Free disk space in bytes where Docker keeps its data.
+    pub disk_free_bytes: u64,
+}
+
+/// How Zpanel reaches a server.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Connection {
+    /// Host name or IP address.
+    pub host: Host,
+    /// SSH port.
+    pub port: Port,
+    /// The account Zpanel logs in as.
+    pub user: UnixUser,
+    /// The key it logs in with.
+    pub private_key_id: PrivateKeyId,
+}
+
+/// What a server is, once created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerDetails {
+    /// Its id.
+    pub id: ServerId,
+    /// The team it belongs to.
+    pub team_id: TeamId,
+    /// Its display name, unique within the team.
+    pub name: Name,
+    /// How it is reached.
+    pub connection: Connection,
+    /// What the last validation said.
+    pub status: ServerStatus,
+    /// What the last successful validation found (kept while a new one runs).
+    pub facts: Option<ServerFacts>,
+    /// The SSH host key seen by the last successful validation (`SHA256:…`).
+    pub host_key_fingerprint: Option<String>,
+    /// Why the last validation failed.
+    pub last_error: Option<String>,
+}
+
+/// A server's state.
+// One value per stream, folded by move: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Server {
+    /// Before `ServerCreated`.
+    #[default]
+    New,
+    /// A server.
+    Active(ServerDetails),
+    /// A removed server: gone, its id not to be reused.
+    Removed {
+        /// Its id.
+        id: ServerId,
+        /// The team it belonged to.
+        team_id: TeamId,
+    },
+}
+
+impl Server {
+    /// The server's details, unless it does not exist (or no longer does).
+    #[must_use]
+    pub fn details(&self) -> Option<&ServerDetails> {
+        match self {
+            Self::Active(details) => Some(details),
+            Self::New | Self::Removed { .. } => None,
+        }
+    }
+}
+
+/// The fields of a server to change; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerPatch {
+    /// A new name.
+    pub name: Option<Name>,
+    /// A new host.
+    pub host: Option<Host>,
+    /// A new SSH port.
+    pub port: Option<Port>,
+    /// A new login account.
+    pub user: Option<UnixUser>,
+    /// A new login key.
+    pub private_key_id: Option<PrivateKeyId>,
+}
+
+/// What can be asked of a server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServerCommand {
+    /// Register a server.
+    CreateServer {
+        /// The new server's id.
+        id: ServerId,
+        /// The team it belongs to.
+        team_id: TeamId,
+        /// Its name.
+        name: Name,
+        /// Host name or IP address.
+        host: Host,
+        /// SSH port.
+        port: Port,
+        /// Login account.
+        user: UnixUser,
+        /// Login key.
+        private_key_id: PrivateKeyId,
+        /// The names of the team's other servers (outside fact).
+        names_in_use: BTreeSet<Name>,
+        /// Whether `private_key_id` is a key of the team (outside fact).
+        key_exists: bool,
+    },
+    /// Change its name or connection settings.
+    UpdateServer {
+        /// What to change.
+        patch: ServerPatch,
+        /// The names of the team's other servers (outside fact).
+        names_in_use: BTreeSet<Name>,
+        /// Whether `patch.private_key_id`, if given, is a key of the team (outside fact).
+        key_exists: bool,
+    },
+    /// Ask a worker to connect and look around.
+    RequestValidation,
+    /// The worker connected (sent by the worker).
+    RecordValidationSucceeded {
+        /// What it found.
+        facts: ServerFacts,
+        /// The host key it saw.
+        host_key_fingerprint: String,
+    },
+    /// The worker could not connect or found no Docker (sent by the worker).
+    RecordValidationFailed {
+        /// Why.
+        error: String,
+    },
+    /// Remove the server.
+    RemoveServer {
+        /// How many applications deploy to it (outside fact).
+        applications_using_it: usize,
+    },
+}
+
+/// What happened to a server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum ServerEvent {
+    /// The server was registered.
+    ServerCreated {
+        /// Its id.
+        server_id: ServerId,
+        /// Its team.
+        team_id: TeamId,
+        /// Its name.
+        name: Name,
+        /// How it is reached.
+        connection: Connection,
+    },
+    /// The server was renamed.
+    ServerRenamed {
+        /// The new name.
+        name: Name,
+    },
+    /// Its connection settings changed; what was known about reaching it no longer holds.
+    ServerConnectionChanged {
+        /// The new settings, in full.
+        connection: Connection,
+    },
+    /// A worker was asked to validate the server.
+    ServerValidationRequested {
+        /// The settings to validate.
+        connection: Connection,
+    },
+    /// The validation connected.
+    ServerValidationSucceeded {
+        /// What it found.
+        facts: ServerFacts,
+        /// The host key it saw.
+        host_key_fingerprint: String,
+    },
+    /// The validation failed.
+    ServerValidationFailed {
+        /// Why.
+        error: String,
+    },
+    /// The server was removed.
+    ServerRemoved {},
+}
+
+impl DomainEvent for ServerEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::ServerCreated { .. } => "ServerCreated",
+            Self::ServerRenamed { .. } => "ServerRenamed",
+            Self::ServerConnectionChanged { .. } => "ServerConnectionChanged",
+            Self::ServerValidationRequested { .. } => "ServerValidationRequested",
+            Self::ServerValidationSucceeded { .. } => "ServerValidationSucceeded",
+            Self::ServerValidationFailed { .. } => "ServerValidationFailed",
+            Self::ServerRemoved { .. } => "ServerRemoved",
+        }
+    }
+}
+
+/// The rule a server command broke.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServerError {
+    /// Creating a server that exists (or existed).
+    #[error("the server already exists")]
+    ServerAlreadyExists,
+    /// Anything but creation on a server that does not exist or was removed.
+    #[error("the server does not exist")]
+    ServerNotFound,
+    /// Another server of the team has that name.
+    #[error("another server of the team is already named so")]
+    ServerNameTaken,
+    /// The private key is not one of the team's.
+    #[error("the private key does not exist")]
+    PrivateKeyNotFound,
+    /// A validation result with no validation running (or one for older settings).
+    #[error("no validation of the server is pending")]
+    NoValidationPending,
+    /// Removing a server that applications deploy to.
+    #[error("applications still deploy to the server")]
+    ServerInUse,
+}
+
+impl Aggregate for Server {
+    const KIND: &'static str = ServerId::KIND;
+    type Command = ServerCommand;
+    type Event = ServerEvent;
+    type Error = ServerError;
+
+    fn decide(&self, command: &ServerCommand) -> Result<Vec<ServerEvent>, ServerError> {
+        let server = match (self, command) {
+            (
+                Self::New,
+                ServerCommand::CreateServer {
+                    id,
+                    team_id,
+                    name,
+                    host,
+                    port,
+                    user,
+                    private_key_id,
+                    names_in_use,
+                    key_exists,
+                },
+            ) => {
+                if names_in_use.contains(name) {
+                    return Err(ServerError::ServerNameTaken);
+                }
+                if !key_exists {
+                    return Err(ServerError::PrivateKeyNotFound);
+                }
+                return Ok(vec![ServerEvent::ServerCreated {
+                    server_id: *id,
+                    team_id: *team_id,
+                    name: name.clone(),
+                    connection: Connection {
+                        host: host.clone(),
+                        port: *port,
+                        user: user.clone(),
+                        private_key_id: *private_key_id,
+                    },
+                }]);
+            }
+            (_, ServerCommand::CreateServer { .. }) => {
+                return Err(ServerError::ServerAlreadyExists);
+            }
+            (Self::New | Self::Removed { .. }, _) => return Err(ServerError::ServerNotFound),
+            (Self::Active(server), _) => server,
+        };
+        match command {
+            ServerCommand::CreateServer { .. } => unreachable!("handled above"),
+            ServerCommand::UpdateServer { patch, names_in_use, key_exists } => {
+                update(server, patch, names_in_use, *key_exists)
+            }
+            ServerCommand::RequestValidation if server.status == ServerStatus::Validating => Ok(vec![]),
+            ServerCommand::RequestValidation => {
+                Ok(vec![ServerEvent::ServerValidationRequested { connection: server.connection.clone() }])
+            }
+            ServerCommand::RecordValidationSucceeded { .. } | ServerCommand::RecordValidationFailed { .. }
+                if server.status != ServerStatus::Validating =>
+            {
+                Err(ServerError::NoValidationPending)
+            }
+            ServerCommand::RecordValidationSucceeded { facts, host_key_fingerprint } => {
+                Ok(vec![ServerEvent::ServerValidationSucceeded {
+                    facts: facts.clone(),
+                    host_key_fingerprint: host_key_fingerprint.clone(),
+                }])
+            }
+            ServerCommand::RecordValidationFailed { error } => {
+                Ok(vec![ServerEvent::ServerValidationFailed { error: error.clone() }])
+            }
+            ServerCommand::RemoveServer { applications_using_it } if *applications_using_it > 0 => {
+                Err(ServerError::ServerInUse)
+            }
+            ServerCommand::RemoveServer { .. } => Ok(vec![ServerEvent::ServerRemoved {}]),
+        }
+    }
+
+    fn evolve(self, event: &ServerEvent) -> Self {
+        match (self, event) {
+            (Self::New, ServerEvent::ServerCreated { server_id, team_id, name, connection }) => {
+                Self::Active(ServerDetails {
+                    id: *server_id,
+                    team_id: *team_id,
+                    name: name.clone(),
+                    connection: connection.clone(),
+                    status: ServerStatus::Unknown,
+                    facts: None,
+                    host_key_fingerprint: None,
+                    last_error: None,
+                })
+            }
+            (Self::Active(mut server), ServerEvent::ServerRenamed { name }) => {
+                server.name = name.clone();
+                Self::Active(server)
+            }
+            (Self::Active(mut server), ServerEvent::ServerConnectionChanged { connection }) => {
+                // Another host (or port) may be another machine: forget what was seen there.
+                if server.connection.host != connection.host || server.connection.port != connection.port {
+                    server.facts = None;
+                    server.host_key_fingerprint = None;
+                }
+                server.connection = connection.clone();
+                server.status = ServerStatus::Unknown;
+                server.last_error = None;
+                Self::Active(server)
+            }
+            (Self::Active(mut server), ServerEvent::ServerValidationRequested { .. }) => {
+                server.status = ServerStatus::Validating;
+                Self::Active(server)
+            }
+            (Self::Active(mut server), ServerEvent::ServerValidationSucceeded { facts, host_key_fingerprint }) => {
+                server.status = ServerStatus::Reachable;
+                server.facts = Some(facts.clone());
+                server.host_key_fingerprint = Some(host_key_fingerprint.clone());
+                server.last_error = None;
+                Self::Active(server)
+            }
+            (Self::Active(mut server), ServerEvent::ServerValidationFailed { error }) => {
+                server.status = ServerStatus::Unreachable;
+                server.last_error = Some(error.clone());
+                Self::Active(server)
+            }
+            (Self::Active(server), ServerEvent::ServerRemoved {}) => {
+                Self::Removed { id: server.id, team_id: server.team_id }
+            }
+            // Events that cannot apply to this state change nothing: evolve is total.
+            (state, _) => state,
+        }
+    }
+}
+
+fn update(
+    server: &ServerDetails,
+    patch: &ServerPatch,
+    names_in_use: &BTreeSet<Name>,
+    key_exists: bool,
+) -> Result<Vec<ServerEvent>, ServerError> {
+    let mut events = Vec::new();
+    if let Some(name) = patch.name.as_ref().filter(|n| **n != server.name) {
+        if names_in_use.contains(name) {
+            return Err(ServerError::ServerNameTaken);
+        }
+        events.push(ServerEvent::ServerRenamed { name: name.clone() });
+    }
+    let current = &server.connection;
+    let connection = Connection {
+        host: patch.host.clone().unwrap_or_else(|| current.host.clone()),
+        port: patch.port.unwrap_or(current.port),
+        user: patch.user.clone().unwrap_or_else(|| current.user.clone()),
+        private_key_id: patch.private_key_id.unwrap_or(current.private_key_id),
+    };
+    if connection.private_key_id != current.private_key_id && !key_exists {
+        return Err(ServerError::PrivateKeyNotFound);
+    }
+    if connection != *current {
+        events.push(ServerEvent::ServerConnectionChanged { connection });
+    }
+    Ok(events)
+}
+
+impl Describe for Server {
+    fn describe(&self) -> BTreeMap<String, FieldValue> {
+        let Self::Active(server) = self else {
+            return BTreeMap::new();
+        };
+        let plain = |value: serde_json::Value| FieldValue::Plain(value);
+        let mut fields = BTreeMap::from([
+            ("name".to_owned(), plain(server.name.as_str().into())),
+            ("host".to_owned(), plain(server.connection.host.as_str().into())),
+            ("port".to_owned(), plain(server.connection.port.get().into())),
+            ("user".to_owned(), plain(server.connection.user.as_str().into())),
+            ("privateKeyId".to_owned(), plain(server.connection.private_key_id.to_string().into())),
+            ("status".to_owned(), plain(server.status.as_str().into())),
+        ]);
+        if let Some(facts) = &server.facts {
+            fields.extend([
+                ("facts.os".to_owned(), plain(facts.os.as_str().into())),
+                ("facts.dockerVersion".to_owned(), plain(facts.docker_version.as_str().into())),
+                ("facts.cpus".to_owned(), plain(facts.cpus.into())),
+                ("facts.memoryBytes".to_owned(), plain(facts.memory_bytes.into())),
+                ("facts.diskFreeBytes".to_owned(), plain(facts.disk_free_bytes.into())),
+            ]);
+        }
+        if let Some(fingerprint) = &server.host_key_fingerprint {
+            fields.insert("hostKeyFingerprint".to_owned(), plain(fingerprint.as_str().into()));
+        }
+        if let Some(error) = &server.last_error {
+            fields.insert("lastError".to_owned(), plain(error.as_str().into()));
+        }
+        fields
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn name(s: &str) -> Name {
+        Name::parse(s).expect("valid name")
+    }
+
+    fn host(s: &str) -> Host {
+        Host::parse(s).expect("valid host")
+    }
+
+    fn port(n: u32) -> Port {
+        Port::try_from(n).expect("valid port")
+    }
+
+    /// Given these events, when this command, then these events or this error.
+    fn given(events: &[ServerEvent]) -> Server {
+        Server::fold(events)
+    }
+
+    fn connection() -> Connection {
+        Connection {
+            host: host("10.0.0.5"),
+            port: port(22),
+            user: UnixUser::parse("deploy").expect("valid user"),
+            private_key_id: PrivateKeyId::from_uuid(uuid::Uuid::from_u128(1)),
+        }
+    }
+
+    fn facts() -> ServerFacts {
+        ServerFacts {
+            os: "Debian GNU/Linux 12 (bookworm)".into(),
+            docker_version: "26.1.5".into(),
+            cpus: 4,
+            memory_bytes: 8 << 30,
+            disk_free_bytes: 100 << 30,
+        }
+    }
+
+    fn created() -> Vec<ServerEvent> {
+        vec![ServerEvent::ServerCreated {
+            server_id: ServerId::new(),
+            team_id: TeamId::new(),
+            name: name("web-1"),
+            connection: connection(),
+        }]
+    }
+
+    fn validating() -> Vec<ServerEvent> {
+        let mut history = created();
+        history.push(ServerEvent::ServerValidationRequested { connection: connection() });
+        history
+    }
+
+    fn create(names_in_use: BTreeSet<Name>, key_exists: bool) -> ServerCommand {
+        let c = connection();
+        ServerCommand::CreateServer {
+            id: ServerId::new(),
+            team_id: TeamId::new(),
+            name: name("web-1"),
+            host: c.host,
+            port: c.port,
+            user: c.user,
+            private_key_id: c.private_key_id,
+            names_in_use,
+            key_exists,
+        }
+    }
+
+    fn update(patch: ServerPatch) -> ServerCommand {
+        ServerCommand::UpdateServer { patch, names_in_use: BTreeSet::from([name("db-1")]), key_exists: true }
+    }
+
+    fn status(server: &Server) -> Option<ServerStatus> {
+        server.details().map(|s| s.status)
+    }
+
+    #[test]
+    fn a_server_is_created_once_with_an_unknown_status() {
+        let created = given(&[]).decide(&create(BTreeSet::new(), true));
+        let Ok(events) = created else {
+            panic!("creation failed: {created:?}");
+        };
+        assert!(matches!(
+            events.as_slice(),
+            [ServerEvent::ServerCreated { name: n, .. }] if *n == name("web-1")
+        ));
+        let server = given(&events);
+        assert_eq!(status(&server), Some(ServerStatus::Unknown));
+        assert_eq!(server.decide(&create(BTreeSet::new(), true)), Err(ServerError::ServerAlreadyExists));
+    }
+
+    #[test]
+    fn creating_with_a_taken_name_is_rejected() {
+        assert_eq!(
+            given(&[]).decide(&create(BTreeSet::from([name("web-1")]), true)),
+            Err(ServerError::ServerNameTaken)
+        );
+    }
+
+    #[test]
+    fn a_server_needs_an_existing_key() {
+        assert_eq!(given(&[]).decide(&create(BTreeSet::new(), false)), Err(ServerError::PrivateKeyNotFound));
+        assert_eq!(
+            given(&created()).decide(&ServerCommand::UpdateServer {
+                patch: ServerPatch { private_key_id: Some(PrivateKeyId::new()), ..ServerPatch::default() },
+                names_in_use: BTreeSet::new(),
+                key_exists: false,
+            }),
+            Err(ServerError::PrivateKeyNotFound)
+        );
+    }
+
+    #[test]
+    fn a_missing_server_rejects_everything_but_creation() {
+        for command in [
+            ServerCommand::RequestValidation,
+            update(ServerPatch::default()),
+            ServerCommand::RemoveServer { applications_using_it: 0 },
+        ] {
+            assert_eq!(given(&[]).decide(&command), Err(ServerError::ServerNotFound));
+        }
+    }
+
+    #[test]
+    fn renaming_to_a_taken_name_is_rejected() {
+        assert_eq!(
+            given(&created()).decide(&update(ServerPatch { name: Some(name("db-1")), ..ServerPatch::default() })),
+            Err(ServerError::ServerNameTaken)
+        );
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_records_nothing() {
+        let c = connection();
+        let server = given(&created());
+        let same_key = server.details().map(|s| s.connection.private_key_id);
+        assert_eq!(
+            server.decide(&update(ServerPatch {
+                name: Some(name("web-1")),
+                host: Some(c.host),
+                port: Some(c.port),
+                user: Some(c.user),
+                private_key_id: same_key,
+            })),
+            Ok(vec![])
+        );
+        assert_eq!(server.decide(&update(ServerPatch::default())), Ok(vec![]));
+    }
+
+    #[test]
+    fn renaming_keeps_the_status() {
+        let mut history = validating();
+        let renamed =
+            given(&history).decide(&update(ServerPatch { name: Some(name("web-2")), ..ServerPatch::default() }));
+        assert_eq!(renamed, Ok(vec![ServerEvent::ServerRenamed { name: name("web-2") }]));
+        history.extend(renamed.unwrap_or_default());
+        assert_eq!(status(&given(&history)), Some(ServerStatus::Validating));
+    }
+
+    #[test]
+    fn changing_the_connection_resets_the_status_and_refuses_the_stale_result() {
+        let mut history = validating();
+        history
+            .push(ServerEvent::ServerValidationSucceeded { facts: facts(), host_key_fingerprint: "SHA256:old".into() });
+        history.push(ServerEvent::ServerValidationRequested { connection: connection() });
+        let changed =
+            given(&history).decide(&update(ServerPatch { host: Some(host("10.0.0.6")), ..ServerPatch::default() }));
+        let Ok(events) = changed else {
+            panic!("update failed: {changed:?}");
+        };
+        assert!(matches!(
+            events.as_slice(),
+            [ServerEvent::ServerConnectionChanged { connection }] if connection.host == host("10.0.0.6")
+        ));
+        history.extend(events);
+        let server = given(&history);
+        let details = server.details().expect("exists");
+        assert_eq!(details.status, ServerStatus::Unknown);
+        assert_eq!(details.host_key_fingerprint, None);
+        assert_eq!(details.facts, None);
+        assert_eq!(
+            server.decide(&ServerCommand::RecordValidationSucceeded {
+                facts: facts(),
+                host_key_fingerprint: "SHA256:old".into(),
+            }),
+            Err(ServerError::NoValidationPending)
+        );
+    }
+
+    #[test]
+    fn a_validation_is_requested_once_until_it_reports() {
+        let history = created();
+        let requested = given(&history).decide(&ServerCommand::RequestValidation);
+        assert_eq!(requested, Ok(vec![ServerEvent::ServerValidationRequested { connection: connection_of(&history) }]));
+        let server = given(&validating());
+        assert_eq!(status(&server), Some(ServerStatus::Validating));
+        assert_eq!(server.decide(&ServerCommand::RequestValidation), Ok(vec![]));
+    }
+
+    fn connection_of(history: &[ServerEvent]) -> Connection {
+        given(history).details().map(|s| s.connection.clone()).expect("exists")
+    }
+
+    #[test]
+    fn a_successful_validation_makes_the_server_reachable() {
+        let mut history = validating();
+        let recorded = given(&history).decide(&ServerCommand::RecordValidationSucceeded {
+            facts: facts(),
+            host_key_fingerprint: "SHA256:abc".into(),
+        });
+        assert_eq!(
+            recorded,
+            Ok(vec![ServerEvent::ServerValidationSucceeded {
+                facts: facts(),
+                host_key_fingerprint: "SHA256:abc".into()
+            }])
+        );
+        history.extend(recorded.unwrap_or_default());
+        let server = given(&history);
+        let details = server.details().expect("exists");
+        assert_eq!(details.status, ServerStatus::Reachable);
+        assert_eq!(details.facts, Some(facts()));
+        assert_eq!(details.host_key_fingerprint.as_deref(), Some("SHA256:abc"));
+    }
+
+    #[test]
+    fn a_failed_validation_makes_the_server_unreachable() {
+        let mut history = validating();
+        let recorded =
+            given(&history).decide(&ServerCommand::RecordValidationFailed { error: "connection refused".into() });
+        history.extend(recorded.clone().unwrap_or_default());
+        assert_eq!(recorded, Ok(vec![ServerEvent::ServerValidationFailed { error: "connection refused".into() }]));
+        let server = given(&history);
+        assert_eq!(status(&server), Some(ServerStatus::Unreachable));
+        assert_eq!(server.details().and_then(|s| s.last_error.as_deref()), Some("connection refused"));
+    }
+
+    #[test]
+    fn a_result_without_a_pending_validation_is_refused() {
+        let server = given(&created());
+        assert_eq!(
+            server.decide(&ServerCommand::RecordValidationFailed { error: "late".into() }),
+            Err(ServerError::NoValidationPending)
+        );
+        assert_eq!(
+            server.decide(&ServerCommand::RecordValidationSucceeded {
+                facts: facts(),
+                host_key_fingerprint: "SHA256:abc".into(),
+            }),
+            Err(ServerError::NoValidationPending)
+        );
+    }
+
+    #[test]
+    fn a_server_in_use_is_not_removed() {
+        assert_eq!(
+            given(&created()).decide(&ServerCommand::RemoveServer { applications_using_it: 2 }),
+            Err(ServerError::ServerInUse)
+        );
+    }
+
+    #[test]
+    fn a_removed_server_is_gone_and_its_id_is_not_reused() {
+        let mut history = created();
+        let removed = given(&history).decide(&ServerCommand::RemoveServer { applications_using_it: 0 });
+        assert_eq!(removed, Ok(vec![ServerEvent::ServerRemoved {}]));
+        history.extend(removed.unwrap_or_default());
+        let server = given(&history);
+        assert!(server.describe().is_empty());
+        assert_eq!(server.decide(&ServerCommand::RequestValidation), Err(ServerError::ServerNotFound));
+        assert_eq!(server.decide(&create(BTreeSet::new(), true)), Err(ServerError::ServerAlreadyExists));
+    }
+
+    #[test]
+    fn a_server_describes_its_settings_and_what_validation_found() {
+        assert!(given(&[]).describe().is_empty());
+        let mut history = validating();
+        history
+            .push(ServerEvent::ServerValidationSucceeded { facts: facts(), host_key_fingerprint: "SHA256:abc".into() });
+        let described = given(&history).describe();
+        assert_eq!(described["host"], FieldValue::Plain(json!("10.0.0.5")));
+        assert_eq!(described["port"], FieldValue::Plain(json!(22)));
+        assert_eq!(described["user"], FieldValue::Plain(json!("deploy")));
+        assert_eq!(described["status"], FieldValue::Plain(json!("reachable")));
+        assert_eq!(described["facts.cpus"], FieldValue::Plain(json!(4)));
+        assert_eq!(described["hostKeyFingerprint"], FieldValue::Plain(json!("SHA256:abc")));
+    }
+
+    #[test]
+    fn events_round_trip_through_their_stored_form() {
+        let mut events = validating();
+        events.extend([
+            ServerEvent::ServerRenamed { name: name("x") },
+            ServerEvent::ServerConnectionChanged { connection: connection() },
+            ServerEvent::ServerValidationSucceeded { facts: facts(), host_key_fingerprint: "SHA256:abc".into() },
+            ServerEvent::ServerValidationFailed { error: "timeout".into() },
+            ServerEvent::ServerRemoved {},
+        ]);
+        for event in events {
+            let (kind, payload) = event.encode().expect("encodes");
+            assert_eq!(kind, event.event_type());
+            assert_eq!(ServerEvent::decode(kind, 1, payload).expect("decodes"), event);
+        }
+    }
+}

@@ -73,9 +73,7 @@ macro_rules! string_value {
     };
 }
 
-const SHELL_METACHARACTERS: &[char] = &[
-    '$', '`', ';', '&', '|', '<', '>', '(', ')', '\\', '\'', '"', '\n',
-];
+const SHELL_METACHARACTERS: &[char] = &['$', '`', ';', '&', '|', '<', '>', '(', ')', '\\', '\'', '"', '\n'];
 
 fn check_length(s: &str, min: usize, max: usize) -> Result<(), ValueError> {
     let len = s.chars().count();
@@ -144,10 +142,7 @@ impl EnvironmentName {
     /// When it is not a slug of 1–63 lowercase letters, digits and hyphens.
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         check_length(s, 1, 63)?;
-        if !s
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
+        if !s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
             return reject("may contain only lowercase letters, digits and hyphens");
         }
         if s.starts_with('-') || s.ends_with('-') {
@@ -205,10 +200,7 @@ impl GitUrl {
     }
 
     fn transport_of(s: &str) -> Result<GitTransport, ValueError> {
-        if let Some(rest) = s
-            .strip_prefix("https://")
-            .or_else(|| s.strip_prefix("http://"))
-        {
+        if let Some(rest) = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) {
             check_url_rest(rest)?;
             return Ok(GitTransport::Https);
         }
@@ -234,18 +226,10 @@ impl GitUrl {
         if let Some((user_host, path)) = s.split_once(':') {
             let (user, host) = user_host.split_once('@').unwrap_or(("", user_host));
             if user_host.contains('/') || host.is_empty() || path.is_empty() {
-                return reject(
-                    "must be https://host/path, ssh://host/path, user@host:path or an absolute path",
-                );
+                return reject("must be https://host/path, ssh://host/path, user@host:path or an absolute path");
             }
-            if !user.is_empty()
-                && !user
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            {
-                return reject(
-                    "the user before '@' may contain only letters, digits, '.', '_' and '-'",
-                );
+            if !user.is_empty() && !user.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return reject("the user before '@' may contain only letters, digits, '.', '_' and '-'");
             }
             Host::parse(host).map_err(|e| ValueError::new(format!("the host {}", e.rule)))?;
             return Ok(GitTransport::Ssh);
@@ -299,16 +283,13 @@ impl GitRef {
     /// When it breaks one of git's ref-name rules or contains a shell metacharacter.
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         check_length(s, 1, 255)?;
-        if s.chars().any(|c| c.is_ascii_control() || c == '\u{7f}') {
-            return reject("must not contain control characters");
-        }
+        // Git itself refuses only ASCII controls; C1 controls (U+0080–U+009F, e.g. the 8-bit CSI
+        // U+009B) go too, since refs end up in logs shown on terminals.
+        check_no_control(s)?;
         if let Some(c) = s.chars().find(|c| SHELL_METACHARACTERS.contains(c)) {
             return reject(format!("must not contain the shell metacharacter {c:?}"));
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| [' ', '~', '^', ':', '?', '*', '['].contains(c))
-        {
+        if let Some(c) = s.chars().find(|c| [' ', '~', '^', ':', '?', '*', '['].contains(c)) {
             return reject(format!("must not contain {c:?}"));
         }
         if s.starts_with('-') {
@@ -375,13 +356,8 @@ impl ImageRef {
                 return reject("a digest must look like sha256:<hex>");
             };
             let algo_ok = !algo.is_empty()
-                && algo
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
-            let hex_ok = hex.len() >= 32
-                && hex
-                    .chars()
-                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+                && algo.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
+            let hex_ok = hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
             if !algo_ok || !hex_ok {
                 return reject("a digest must look like sha256:<hex>");
             }
@@ -389,38 +365,24 @@ impl ImageRef {
         // The tag is after the last ':' that follows the last '/'.
         let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match name_tag[last_slash..].rfind(':') {
-            Some(i) => (
-                &name_tag[..last_slash + i],
-                Some(&name_tag[last_slash + i + 1..]),
-            ),
+            Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
             None => (name_tag, None),
         };
         if let Some(tag) = tag {
             let mut chars = tag.chars();
-            let first_ok = chars
-                .next()
-                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !first_ok
-                || tag.len() > 128
-                || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-            {
-                return reject(
-                    "a tag must be 1–128 of letters, digits, '_', '.', '-', not starting with '.' or '-'",
-                );
+            let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !first_ok || tag.len() > 128 || !chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+                return reject("a tag must be 1–128 of letters, digits, '_', '.', '-', not starting with '.' or '-'");
             }
         }
         let mut components: Vec<&str> = name.split('/').collect();
         if components.len() > 1 {
             let first = components[0];
             if first.contains('.') || first.contains(':') || first == "localhost" {
-                let (host, port) = first
-                    .split_once(':')
-                    .map_or((first, None), |(h, p)| (h, Some(p)));
-                Host::parse(host)
-                    .map_err(|e| ValueError::new(format!("the registry {}", e.rule)))?;
+                let (host, port) = first.split_once(':').map_or((first, None), |(h, p)| (h, Some(p)));
+                Host::parse(host).map_err(|e| ValueError::new(format!("the registry {}", e.rule)))?;
                 if let Some(port) = port {
-                    Port::parse(port)
-                        .map_err(|e| ValueError::new(format!("the registry port {}", e.rule)))?;
+                    Port::parse(port).map_err(|e| ValueError::new(format!("the registry port {}", e.rule)))?;
                 }
                 components.remove(0);
             }
@@ -491,10 +453,7 @@ impl DomainName {
         for label in &labels {
             check_label(label)?;
         }
-        if labels
-            .last()
-            .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
-        {
+        if labels.last().is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit())) {
             return reject("must be a name, not an IP address");
         }
         Ok(Self(s.to_owned()))
@@ -509,10 +468,7 @@ fn check_label(label: &str) -> Result<(), ValueError> {
     if label.len() > 63 {
         return reject("each label must be at most 63 characters");
     }
-    if !label
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
+    if !label.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
         return reject("labels may contain only letters, digits and hyphens");
     }
     if label.starts_with('-') || label.ends_with('-') {
@@ -542,9 +498,7 @@ impl Host {
         let lower = s.to_ascii_lowercase();
         for label in lower.split('.') {
             check_label(label).map_err(|_| {
-                ValueError::new(
-                    "must be an IP address or a hostname of letters, digits, hyphens and dots",
-                )
+                ValueError::new("must be an IP address or a hostname of letters, digits, hyphens and dots")
             })?;
         }
         Ok(Self(lower))
@@ -565,9 +519,7 @@ impl EnvKey {
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         check_length(s, 1, 255)?;
         let mut chars = s.chars();
-        let first_ok = chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
         if !first_ok {
             return reject("must start with a letter or '_'");
         }
@@ -590,9 +542,7 @@ impl Port {
     /// # Errors
     /// When it is not a number from 1 to 65535.
     pub fn parse(s: &str) -> Result<Self, ValueError> {
-        let n: u32 = s
-            .parse()
-            .map_err(|_| ValueError::new("must be a number from 1 to 65535"))?;
+        let n: u32 = s.parse().map_err(|_| ValueError::new("must be a number from 1 to 65535"))?;
         Self::try_from(n)
     }
 
@@ -616,9 +566,7 @@ impl TryFrom<u32> for Port {
 impl TryFrom<i64> for Port {
     type Error = ValueError;
     fn try_from(n: i64) -> Result<Self, Self::Error> {
-        u32::try_from(n)
-            .map_err(|_| ValueError::new("must be a number from 1 to 65535"))
-            .and_then(Self::try_from)
+        u32::try_from(n).map_err(|_| ValueError::new("must be a number from 1 to 65535")).and_then(Self::try_from)
     }
 }
 
@@ -714,10 +662,7 @@ impl UnixUser {
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         check_length(s, 1, 32)?;
         let mut chars = s.chars();
-        if !chars
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        {
+        if !chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_') {
             return reject("must start with a lowercase letter or '_'");
         }
         if !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-') {
@@ -750,13 +695,7 @@ pub enum Ability {
 
 impl Ability {
     /// Every ability, in order.
-    pub const ALL: [Self; 5] = [
-        Self::Read,
-        Self::ReadSensitive,
-        Self::Write,
-        Self::Deploy,
-        Self::Root,
-    ];
+    pub const ALL: [Self; 5] = [Self::Read, Self::ReadSensitive, Self::Write, Self::Deploy, Self::Root];
 
     /// The wire name (`read:sensitive`).
     #[must_use]
@@ -778,9 +717,7 @@ impl Ability {
         Self::ALL
             .into_iter()
             .find(|a| a.as_str() == s)
-            .ok_or_else(|| {
-                ValueError::new("must be one of read, read:sensitive, write, deploy, root")
-            })
+            .ok_or_else(|| ValueError::new("must be one of read, read:sensitive, write, deploy, root"))
     }
 }
 
@@ -850,10 +787,7 @@ impl ResourceLimits {
         if cpu_millis.is_some_and(|c| c == 0 || c > 1_024_000) {
             return reject("cpu must be between 0.001 and 1024 CPUs");
         }
-        Ok(Self {
-            memory_bytes,
-            cpu_millis,
-        })
+        Ok(Self { memory_bytes, cpu_millis })
     }
 }
 
@@ -874,13 +808,7 @@ pub struct HealthCheck {
 
 impl Default for HealthCheck {
     fn default() -> Self {
-        Self {
-            path: HealthPath::root(),
-            interval_secs: 2,
-            timeout_secs: 2,
-            retries: 15,
-            start_period_secs: 0,
-        }
+        Self { path: HealthPath::root(), interval_secs: 2, timeout_secs: 2, retries: 15, start_period_secs: 0 }
     }
 }
 
@@ -911,13 +839,7 @@ impl HealthCheck {
         if start_period_secs > 3600 {
             return reject("start period must be at most 3600 seconds");
         }
-        Ok(Self {
-            path,
-            interval_secs,
-            timeout_secs,
-            retries,
-            start_period_secs,
-        })
+        Ok(Self { path, interval_secs, timeout_secs, retries, start_period_secs })
     }
 }
 
@@ -937,14 +859,8 @@ mod tests {
         ] {
             assert!(GitUrl::parse(ok).is_ok(), "{ok} should parse");
         }
-        assert_eq!(
-            GitUrl::parse("/srv/app").map(|u| u.transport()),
-            Ok(GitTransport::Local)
-        );
-        assert_eq!(
-            GitUrl::parse("git@h.io:a/b").map(|u| u.transport()),
-            Ok(GitTransport::Ssh)
-        );
+        assert_eq!(GitUrl::parse("/srv/app").map(|u| u.transport()), Ok(GitTransport::Local));
+        assert_eq!(GitUrl::parse("git@h.io:a/b").map(|u| u.transport()), Ok(GitTransport::Ssh));
     }
 
     #[test]
@@ -968,13 +884,7 @@ mod tests {
 
     #[test]
     fn git_refs_follow_git_rules() {
-        for ok in [
-            "main",
-            "feature/login",
-            "v1.2.3",
-            "release-2024.01",
-            "0123456789abcdef0123456789abcdef01234567",
-        ] {
+        for ok in ["main", "feature/login", "v1.2.3", "release-2024.01", "0123456789abcdef0123456789abcdef01234567"] {
             assert!(GitRef::parse(ok).is_ok(), "{ok} should parse");
         }
         for bad in [
@@ -1006,6 +916,7 @@ mod tests {
             "a\"b",
             "a\\b",
             "a\nb",
+            "a\u{9b}b",
         ] {
             assert!(GitRef::parse(bad).is_err(), "{bad:?} should be rejected");
         }
@@ -1024,44 +935,18 @@ mod tests {
         ] {
             assert!(ImageRef::parse(ok).is_ok(), "{ok} should parse");
         }
-        for bad in [
-            "",
-            "Nginx",
-            "-nginx",
-            "nginx:",
-            "nginx:-x",
-            "a//b",
-            "nginx latest",
-            "app@sha256:xyz",
-            "a..b",
-        ] {
+        for bad in ["", "Nginx", "-nginx", "nginx:", "nginx:-x", "a//b", "nginx latest", "app@sha256:xyz", "a..b"] {
             assert!(ImageRef::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
 
     #[test]
     fn domain_names_are_lowercased_and_checked() {
-        assert_eq!(
-            DomainName::parse("App.Example.COM").map(String::from),
-            Ok("app.example.com".to_owned())
-        );
+        assert_eq!(DomainName::parse("App.Example.COM").map(String::from), Ok("app.example.com".to_owned()));
         assert!(DomainName::parse("*.example.com").is_ok());
         assert!(DomainName::parse("app.localhost").is_ok());
-        for bad in [
-            "",
-            "localhost",
-            "-a.com",
-            "a-.com",
-            "a..com",
-            "a_b.com",
-            "1.2.3.4",
-            "a.com/x",
-            "a b.com",
-        ] {
-            assert!(
-                DomainName::parse(bad).is_err(),
-                "{bad:?} should be rejected"
-            );
+        for bad in ["", "localhost", "-a.com", "a-.com", "a..com", "a_b.com", "1.2.3.4", "a.com/x", "a b.com"] {
+            assert!(DomainName::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
 

@@ -1,0 +1,78 @@
+//! SSH private keys at the boundary: parse one a user gives (OpenSSH format), or generate an
+//! Ed25519 key; derive the public half and its fingerprint. The private half leaves here only as
+//! [`Plaintext`], to be sealed at once.
+
+use crate::Plaintext;
+use ssh_key::rand_core::OsRng;
+use ssh_key::{Algorithm, HashAlg, LineEnding};
+
+/// A private key taken apart for the `PrivateKey` aggregate.
+#[derive(Debug)]
+pub struct KeyMaterial {
+    /// The public half, OpenSSH one-line form (`ssh-ed25519 AAAA…`).
+    pub public_key: String,
+    /// `SHA256:…`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+    /// The private half, OpenSSH PEM.
+    pub private_key: Plaintext,
+}
+
+/// Why a key was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Not an OpenSSH private key.
+    #[error("must be an OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY-----)")]
+    Malformed,
+    /// Protected by a passphrase, which Zpanel could not use unattended.
+    #[error("must not be protected by a passphrase")]
+    Encrypted,
+}
+
+/// Parses a private key in OpenSSH format.
+///
+/// # Errors
+/// When it is not an unencrypted OpenSSH private key. The error never quotes the key.
+pub fn parse(pem: &Plaintext) -> Result<KeyMaterial, KeyError> {
+    let key = ssh_key::PrivateKey::from_openssh(pem.expose().trim()).map_err(|_| KeyError::Malformed)?;
+    if key.is_encrypted() {
+        return Err(KeyError::Encrypted);
+    }
+    material(&key)
+}
+
+/// Generates an Ed25519 key.
+///
+/// # Errors
+/// Only if the system's random source fails.
+pub fn generate_ed25519() -> Result<KeyMaterial, KeyError> {
+    let key = ssh_key::PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(|_| KeyError::Malformed)?;
+    material(&key)
+}
+
+fn material(key: &ssh_key::PrivateKey) -> Result<KeyMaterial, KeyError> {
+    let public_key = key.public_key().to_openssh().map_err(|_| KeyError::Malformed)?;
+    let fingerprint = key.public_key().fingerprint(HashAlg::Sha256).to_string();
+    let private_key = key.to_openssh(LineEnding::LF).map_err(|_| KeyError::Malformed)?;
+    Ok(KeyMaterial { public_key, fingerprint, private_key: Plaintext::new(private_key.to_string()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_key_parses_back_to_the_same_public_half() {
+        let generated = generate_ed25519().expect("generates");
+        assert!(generated.public_key.starts_with("ssh-ed25519 "));
+        assert!(generated.fingerprint.starts_with("SHA256:"));
+        let parsed = parse(&generated.private_key).expect("parses");
+        assert_eq!(parsed.public_key, generated.public_key);
+        assert_eq!(parsed.fingerprint, generated.fingerprint);
+    }
+
+    #[test]
+    fn garbage_is_refused_without_being_quoted() {
+        let err = parse(&Plaintext::new("-----BEGIN OPENSSH PRIVATE KEY-----\nsecretgarbage\n")).expect_err("refused");
+        assert!(!err.to_string().contains("secretgarbage"));
+    }
+}

@@ -1,0 +1,175 @@
+//! Read models that hold one row per aggregate: the row is derived from the aggregate's folded
+//! state, which the row also keeps (`state`), so the next batch continues the fold from it.
+//!
+//! A batch is applied with two statements per table, however many events it holds: one select
+//! of the affected rows, one upsert of their new versions (`jsonb_populate_recordset`).
+
+use crate::projection::Projection;
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, Row as _};
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+use zpanel_commands::RecordedEvent;
+use zpanel_commands::handler::evolve_recorded;
+use zpanel_domain::Aggregate;
+
+/// How one aggregate kind maps to its table.
+pub trait ReadModel: Send + Sync + 'static {
+    /// The aggregate it reads.
+    type Aggregate: Aggregate;
+    /// The projection's name.
+    const NAME: &'static str;
+    /// The table.
+    const TABLE: &'static str;
+    /// The primary key column, holding the aggregate's uuid.
+    const KEY: &'static str;
+
+    /// The row for a state.
+    fn row(state: &Self::Aggregate) -> Projected;
+}
+
+/// What a state looks like in its table.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Projected {
+    /// No row (the aggregate does not exist yet).
+    Absent,
+    /// A row with these columns: every column but the key, `team_id`, `state`, `version`,
+    /// `created_at` and `updated_at`, which are filled in here.
+    Row(Map<String, Value>),
+    /// The aggregate was removed: its row goes (the audit log keeps its history).
+    Gone,
+}
+
+/// The projection of a [`ReadModel`].
+pub struct StateProjection<M>(PhantomData<M>);
+
+impl<M> Default for StateProjection<M> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+struct Row<A> {
+    state: A,
+    team_id: Uuid,
+    version: i64,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+impl<M: ReadModel> StateProjection<M> {
+    async fn apply_batch(&self, tx: &mut PgConnection, events: &[RecordedEvent]) -> anyhow::Result<()> {
+        let kind = <M::Aggregate as Aggregate>::KIND;
+        let mine: Vec<&RecordedEvent> = events.iter().filter(|e| e.stream_kind() == kind).collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let mut ids: Vec<Uuid> = mine.iter().filter_map(|e| e.aggregate_id()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+
+        let existing = sqlx::query(&format!(
+            "select {key} as id, team_id, state, version, created_at from {table} where {key} = any($1)",
+            key = M::KEY,
+            table = M::TABLE
+        ))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .with_context(|| format!("loading rows of {}", M::TABLE))?;
+        let mut rows: HashMap<Uuid, Row<M::Aggregate>> = HashMap::with_capacity(ids.len());
+        for row in existing {
+            let state: Value = row.try_get("state")?;
+            let created_at: OffsetDateTime = row.try_get("created_at")?;
+            rows.insert(
+                row.try_get("id")?,
+                Row {
+                    state: serde_json::from_value(state).context("decoding a stored state")?,
+                    team_id: row.try_get("team_id")?,
+                    version: row.try_get("version")?,
+                    created_at,
+                    updated_at: created_at,
+                },
+            );
+        }
+        for event in mine {
+            let id = event.aggregate_id().context("stream id without a uuid")?;
+            let row = rows.entry(id).or_insert_with(|| Row {
+                state: <M::Aggregate>::default(),
+                team_id: event.team_id,
+                version: 0,
+                created_at: event.recorded_at,
+                updated_at: event.recorded_at,
+            });
+            // Decode and evolve through the same fold the command side uses.
+            let state = std::mem::take(&mut row.state);
+            row.state = evolve_recorded(state, event)?;
+            row.version = event.version;
+            row.updated_at = event.recorded_at;
+        }
+
+        let mut records = Vec::with_capacity(rows.len());
+        let mut gone = Vec::new();
+        for (id, row) in &rows {
+            let mut columns = match M::row(&row.state) {
+                Projected::Row(columns) => columns,
+                Projected::Gone => {
+                    gone.push(*id);
+                    continue;
+                }
+                Projected::Absent => continue,
+            };
+            columns.insert(M::KEY.to_owned(), Value::String(id.to_string()));
+            columns.insert("team_id".into(), Value::String(row.team_id.to_string()));
+            columns.insert("state".into(), serde_json::to_value(&row.state)?);
+            columns.insert("version".into(), Value::from(row.version));
+            columns.insert("created_at".into(), Value::String(row.created_at.format(&Rfc3339)?));
+            columns.insert("updated_at".into(), Value::String(row.updated_at.format(&Rfc3339)?));
+            records.push(Value::Object(columns));
+        }
+        if !gone.is_empty() {
+            sqlx::query(&format!("delete from {} where {} = any($1)", M::TABLE, M::KEY))
+                .bind(&gone)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("deleting rows of {}", M::TABLE))?;
+        }
+        let Some(Value::Object(first)) = records.first() else { return Ok(()) };
+        let updates: Vec<String> =
+            first.keys().filter(|k| *k != M::KEY).map(|k| format!("{k} = excluded.{k}")).collect();
+        let columns: Vec<&str> = first.keys().map(String::as_str).collect();
+        let sql = format!(
+            "insert into {table} ({cols}) select {cols} from jsonb_populate_recordset(null::{table}, $1)
+             on conflict ({key}) do update set {updates}",
+            table = M::TABLE,
+            cols = columns.join(", "),
+            key = M::KEY,
+            updates = updates.join(", ")
+        );
+        sqlx::query(&sql)
+            .bind(Value::Array(records))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("writing rows of {}", M::TABLE))?;
+        Ok(())
+    }
+}
+
+impl<M: ReadModel> Projection for StateProjection<M> {
+    fn name(&self) -> &'static str {
+        M::NAME
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        std::slice::from_ref(&M::TABLE)
+    }
+
+    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [RecordedEvent]) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.apply_batch(tx, events))
+    }
+}

@@ -1,0 +1,280 @@
+//! Projections against a real PostgreSQL: read models, checkpoints, the audit log, time travel
+//! and rebuilds.
+
+use futures::future::BoxFuture;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use zpanel_commands::testing::TestDatabase;
+use zpanel_commands::{Actor, AppendSignal, CommandContext, CommandHandler, PgEventStore, RecordedEvent};
+use zpanel_domain::ids::{ProjectId, TeamId};
+use zpanel_domain::project::{Project, ProjectCommand};
+use zpanel_domain::team::{Team, TeamCommand};
+use zpanel_domain::values::{EnvironmentName, Name};
+use zpanel_projections::history::{AsOf, diff_versions, load_as_of};
+use zpanel_projections::{Projection, ProjectionRunner};
+
+struct Fixture {
+    db: TestDatabase,
+    handler: CommandHandler<PgEventStore>,
+    runner: ProjectionRunner,
+}
+
+async fn fixture() -> Fixture {
+    let db = TestDatabase::create().await.expect("database");
+    let handler = CommandHandler::new(PgEventStore::new(db.pool.clone(), AppendSignal::new()));
+    let runner = ProjectionRunner::new(db.pool.clone(), zpanel_projections::all());
+    runner.register().await.expect("registers");
+    Fixture { db, handler, runner }
+}
+
+fn name(s: &str) -> Name {
+    Name::parse(s).expect("name")
+}
+
+fn ctx(team: TeamId) -> CommandContext {
+    CommandContext::new(team, Actor::system("test"), "test")
+}
+
+async fn team(f: &Fixture, team_name: &str) -> TeamId {
+    let id = TeamId::new();
+    f.handler
+        .execute::<Team>(&ctx(id), *id.as_uuid(), &TeamCommand::CreateTeam { id, name: name(team_name) })
+        .await
+        .expect("team");
+    id
+}
+
+async fn project(f: &Fixture, team: TeamId, project_name: &str) -> ProjectId {
+    let id = ProjectId::new();
+    let command =
+        ProjectCommand::CreateProject { id, team_id: team, name: name(project_name), names_in_use: BTreeSet::new() };
+    f.handler.execute::<Project>(&ctx(team), *id.as_uuid(), &command).await.expect("project");
+    id
+}
+
+/// A checksum of every read-model table, row by row in key order.
+async fn checksum(db: &TestDatabase) -> Vec<(String, String)> {
+    let mut sums = Vec::new();
+    for (table, key) in [
+        ("rm_teams", "team_id"),
+        ("rm_projects", "project_id"),
+        ("rm_applications", "application_id"),
+        ("rm_deployments", "deployment_id"),
+        ("rm_servers", "server_id"),
+        ("rm_private_keys", "private_key_id"),
+        ("rm_api_tokens", "token_id"),
+        ("rm_audit_log", "global_position"),
+        ("rm_audit_state", "stream_id"),
+    ] {
+        let sum: String = sqlx::query_scalar(&format!(
+            "select count(*)::text || ':' || coalesce(md5(string_agg(t::text, '|' order by {key})), '') from {table} t"
+        ))
+        .fetch_one(&db.pool)
+        .await
+        .expect("checksum");
+        sums.push((table.to_owned(), sum));
+    }
+    sums
+}
+
+#[tokio::test]
+async fn read_models_show_the_fold_of_the_log() {
+    let f = fixture().await;
+    let acme = team(&f, "Acme").await;
+    let shop = project(&f, acme, "Shop").await;
+    f.handler
+        .execute::<Project>(
+            &ctx(acme),
+            *shop.as_uuid(),
+            &ProjectCommand::CreateEnvironment { name: EnvironmentName::parse("staging").expect("env") },
+        )
+        .await
+        .expect("environment");
+    f.runner.catch_up().await.expect("projects");
+
+    let (name, environments, version): (String, Vec<String>, i64) =
+        sqlx::query_as("select name, environments, version from rm_projects where project_id = $1")
+            .bind(shop.as_uuid())
+            .fetch_one(&f.db.pool)
+            .await
+            .expect("row");
+    assert_eq!(name, "Shop");
+    assert_eq!(environments, ["production", "staging"]);
+    assert_eq!(version, 2);
+    let team_name: String = sqlx::query_scalar("select name from rm_teams where team_id = $1")
+        .bind(acme.as_uuid())
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("team row");
+    assert_eq!(team_name, "Acme");
+}
+
+/// A projection that fails on a chosen event type, to show that a failed batch commits nothing.
+struct FailsOn(&'static str);
+
+impl Projection for FailsOn {
+    fn name(&self) -> &'static str {
+        "fails_on"
+    }
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+    fn apply<'a>(
+        &'a self,
+        _tx: &'a mut sqlx::PgConnection,
+        events: &'a [RecordedEvent],
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        let fail = events.iter().any(|e| e.event_type == self.0);
+        Box::pin(async move { if fail { anyhow::bail!("refusing {}", self.0) } else { Ok(()) } })
+    }
+}
+
+#[tokio::test]
+async fn a_failed_batch_moves_neither_rows_nor_checkpoints() {
+    let f = fixture().await;
+    let mut projections = zpanel_projections::all();
+    projections.push(Arc::new(FailsOn("ProjectCreated")));
+    let runner = ProjectionRunner::new(f.db.pool.clone(), projections);
+    runner.register().await.expect("registers");
+    let acme = team(&f, "Acme").await;
+    runner.catch_up().await.expect("the team alone applies");
+    let before = runner.checkpoints().await.expect("checkpoints");
+    let teams_before = checksum(&f.db).await;
+
+    project(&f, acme, "Shop").await;
+    // Step until the batch with the project is read (other tests' transactions in the same
+    // cluster can briefly hold the log's horizon back).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let failed = loop {
+        match runner.step().await {
+            Ok(step) if step.read == 0 && std::time::Instant::now() < deadline => tokio::task::yield_now().await,
+            other => break other,
+        }
+    };
+    assert!(failed.is_err(), "the batch fails: {failed:?}");
+    assert_eq!(runner.checkpoints().await.expect("checkpoints"), before, "no checkpoint moved");
+    assert_eq!(checksum(&f.db).await, teams_before, "no read model changed");
+}
+
+#[tokio::test]
+async fn two_runners_racing_apply_every_event_exactly_once() {
+    let f = fixture().await;
+    for i in 0..30 {
+        let t = team(&f, &format!("Team {i}")).await;
+        project(&f, t, "P").await;
+    }
+    let other = ProjectionRunner::new(f.db.pool.clone(), zpanel_projections::all()).with_batch_size(3);
+    let mine = ProjectionRunner::new(f.db.pool.clone(), zpanel_projections::all()).with_batch_size(5);
+    let (a, b) = tokio::join!(other.catch_up(), mine.catch_up());
+    a.expect("one runner");
+    b.expect("the other");
+    // The audit log's primary key is the global position: a double application would have failed.
+    let audited: i64 =
+        sqlx::query_scalar("select count(*) from rm_audit_log").fetch_one(&f.db.pool).await.expect("count");
+    assert_eq!(audited, 60);
+    let versions: Vec<i64> =
+        sqlx::query_scalar("select version from rm_projects").fetch_all(&f.db.pool).await.expect("rows");
+    assert!(versions.iter().all(|v| *v == 1));
+}
+
+#[tokio::test]
+async fn a_rebuild_produces_identical_tables() {
+    let f = fixture().await;
+    for i in 0..5 {
+        let t = team(&f, &format!("Team {i}")).await;
+        let p = project(&f, t, "Web").await;
+        f.handler
+            .execute::<Project>(
+                &ctx(t),
+                *p.as_uuid(),
+                &ProjectCommand::RenameProject { name: name("Website"), names_in_use: BTreeSet::new() },
+            )
+            .await
+            .expect("renamed");
+    }
+    f.runner.catch_up().await.expect("live");
+    let live = checksum(&f.db).await;
+    assert!(live.iter().any(|(t, s)| t == "rm_audit_log" && s.starts_with("15:")), "{live:?}");
+    f.runner.reset(&f.runner.names()).await.expect("resets");
+    assert!(checksum(&f.db).await.iter().all(|(_, s)| s.starts_with("0:")), "reset empties the tables");
+    f.runner.with_batch_size(4).catch_up().await.expect("replays");
+    assert_eq!(checksum(&f.db).await, live);
+}
+
+#[tokio::test]
+async fn the_audit_log_records_before_and_after_values() {
+    let f = fixture().await;
+    let acme = team(&f, "Acme").await;
+    let shop = project(&f, acme, "Shop").await;
+    f.handler
+        .execute::<Project>(
+            &ctx(acme),
+            *shop.as_uuid(),
+            &ProjectCommand::RenameProject { name: name("Store"), names_in_use: BTreeSet::new() },
+        )
+        .await
+        .expect("renamed");
+    f.runner.catch_up().await.expect("projects");
+    let (event_type, changes, actor): (String, serde_json::Value, serde_json::Value) = sqlx::query_as(
+        "select event_type, changes, actor from rm_audit_log where stream_id = $1 order by global_position desc limit 1",
+    )
+    .bind(shop.stream_id())
+    .fetch_one(&f.db.pool)
+    .await
+    .expect("audit row");
+    assert_eq!(event_type, "ProjectRenamed");
+    assert_eq!(actor["name"], "test");
+    let name_change = changes.as_array().expect("array").iter().find(|c| c["field"] == "name").expect("name changed");
+    assert_eq!(name_change["before"], "Shop");
+    assert_eq!(name_change["after"], "Store");
+}
+
+#[tokio::test]
+async fn time_travel_loads_any_version_position_or_moment() {
+    let f = fixture().await;
+    let acme = team(&f, "Acme").await;
+    let shop = project(&f, acme, "Shop").await;
+    let renamed = f
+        .handler
+        .execute::<Project>(
+            &ctx(acme),
+            *shop.as_uuid(),
+            &ProjectCommand::RenameProject { name: name("Store"), names_in_use: BTreeSet::new() },
+        )
+        .await
+        .expect("renamed");
+    let rename = &renamed.events[0];
+
+    let at_v1 = load_as_of::<Project>(&f.db.pool, *acme.as_uuid(), *shop.as_uuid(), AsOf::Version(1))
+        .await
+        .expect("loads")
+        .expect("exists");
+    assert_eq!(at_v1.version, 1);
+    assert_eq!(at_v1.state.details().expect("created").name.as_str(), "Shop");
+    let before_rename =
+        load_as_of::<Project>(&f.db.pool, *acme.as_uuid(), *shop.as_uuid(), AsOf::Position(rename.global_position - 1))
+            .await
+            .expect("loads")
+            .expect("exists");
+    assert_eq!(before_rename.version, 1);
+    let now = load_as_of::<Project>(&f.db.pool, *acme.as_uuid(), *shop.as_uuid(), AsOf::Time(rename.recorded_at))
+        .await
+        .expect("loads")
+        .expect("exists");
+    assert_eq!(now.state.details().expect("created").name.as_str(), "Store");
+
+    let changes = diff_versions::<Project>(&f.db.pool, *acme.as_uuid(), *shop.as_uuid(), 1, 2)
+        .await
+        .expect("diffs")
+        .expect("exists");
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].field, "name");
+
+    let other_team = TeamId::new();
+    assert!(
+        load_as_of::<Project>(&f.db.pool, *other_team.as_uuid(), *shop.as_uuid(), AsOf::Latest)
+            .await
+            .expect("loads")
+            .is_none()
+    );
+}

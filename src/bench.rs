@@ -1,0 +1,291 @@
+//! `zpanel bench`: Zpanel's hot paths measured beside a baseline on the same server, in the same
+//! run. Each benchmark works in a database of its own (created and dropped here) on the
+//! configured server or the private cluster, so real data is never touched.
+
+use crate::config::Config;
+use crate::database::Database;
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use zpanel_commands::sample::{self, HandlerSink, Shape};
+use zpanel_commands::{Actor, AppendSignal, CommandContext, CommandHandler, Cursor, Keyring, PgEventStore};
+use zpanel_domain::application::{Application, ApplicationCommand, EnvValue};
+use zpanel_domain::ids::TeamId;
+use zpanel_domain::team::{Team, TeamCommand};
+use zpanel_domain::values::EnvKey;
+use zpanel_domain::values::Name;
+use zpanel_projections::ProjectionRunner;
+
+/// The benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Append throughput of single-event commands on distinct streams, beside raw
+    /// single-row inserts with a commit each.
+    Append {
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Rebuild of every projection from a log of N events, beside one `select` of the same rows.
+    Replay {
+        /// Events in the log.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+    },
+    /// Projection lag (command committed → read model shows it) at a steady command rate,
+    /// beside the commit latency of the commands themselves.
+    Lag {
+        /// Commands per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+}
+
+/// Runs one benchmark.
+///
+/// # Errors
+/// When the database fails.
+pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
+    let server = Database::open(config, 2).await?;
+    let name = format!("zpanel_bench_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(&format!("create database {name}"))
+        .execute(&server.pool)
+        .await
+        .context("creating the bench database")?;
+    let pool = zpanel_commands::db::connect(server.options.clone().database(&name), 40).await?;
+    zpanel_commands::db::migrate(&pool).await?;
+    let result = match command {
+        BenchCommand::Append { clients, seconds } => append(&pool, clients, Duration::from_secs(seconds)).await,
+        BenchCommand::Replay { events } => replay(&pool, events).await,
+        BenchCommand::Lag { rate, seconds } => lag(&pool, rate, Duration::from_secs(seconds)).await,
+    };
+    pool.close().await;
+    let _ = sqlx::query(&format!("drop database {name}")).execute(&server.pool).await;
+    server.close().await;
+    result
+}
+
+/// Runs `op` from `clients` tasks for `duration`; returns completed operations per second.
+async fn throughput<F, Fut>(clients: usize, duration: Duration, op: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (op, done, stop) = (Arc::clone(&op), Arc::clone(&done), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    op().await?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn append(pool: &PgPool, clients: usize, duration: Duration) -> anyhow::Result<()> {
+    sqlx::query("create table bench_raw (id bigint generated always as identity primary key, payload jsonb not null)")
+        .execute(pool)
+        .await?;
+    let handler = CommandHandler::new(PgEventStore::new(pool.clone(), AppendSignal::new()));
+    let name = Name::parse("Bench team").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut raw_rates = Vec::new();
+    let mut zpanel_rates = Vec::new();
+    // Alternate the two, twice, so drift of the machine shows and does not favour either.
+    for round in 0..2 {
+        let raw_pool = pool.clone();
+        let raw = throughput(clients, duration / 2, move || {
+            let pool = raw_pool.clone();
+            async move {
+                sqlx::query("insert into bench_raw (payload) values ($1)")
+                    .bind(serde_json::json!({ "name": "Bench team" }))
+                    .execute(&pool)
+                    .await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let handler = handler.clone();
+        let name = name.clone();
+        let zpanel = throughput(clients, duration / 2, move || {
+            let handler = handler.clone();
+            let name = name.clone();
+            async move {
+                let id = TeamId::new();
+                let ctx = CommandContext::new(id, Actor::system("bench"), "bench");
+                handler
+                    .execute::<Team>(&ctx, *id.as_uuid(), &TeamCommand::CreateTeam { id, name })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok(())
+            }
+        })
+        .await?;
+        println!("round {}: raw insert+commit {raw:.0}/s, zpanel command {zpanel:.0}/s", round + 1);
+        raw_rates.push(raw);
+        zpanel_rates.push(zpanel);
+    }
+    let raw = raw_rates.iter().sum::<f64>() / raw_rates.len() as f64;
+    let zpanel = zpanel_rates.iter().sum::<f64>() / zpanel_rates.len() as f64;
+    println!(
+        "| append, {clients} clients | raw insert+commit {raw:.0}/s | zpanel {zpanel:.0}/s | ratio {:.2} (target ≥ 0.60) |",
+        zpanel / raw
+    );
+    Ok(())
+}
+
+async fn replay(pool: &PgPool, events: u64) -> anyhow::Result<()> {
+    let bar = ProgressBar::new(events);
+    bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")?.progress_chars("=> "));
+    bar.set_message("writing the log");
+    let written = sample::write_log(pool, events, |n| bar.inc(n)).await?;
+    bar.finish_and_clear();
+    sqlx::query("vacuum analyze events").execute(pool).await?;
+
+    // Baseline: read the same rows, all columns, with one select.
+    let started = Instant::now();
+    let sql =
+        format!("select {} from events order by tx_id, global_position", zpanel_commands::postgres::EVENT_COLUMNS);
+    let mut rows = sqlx::query(&sql).fetch(pool);
+    let mut read = 0u64;
+    while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await? {
+        std::hint::black_box(&row);
+        read += 1;
+    }
+    drop(rows);
+    let raw_secs = started.elapsed().as_secs_f64();
+
+    let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all()).with_batch_size(5_000);
+    runner.register().await?;
+    let started = Instant::now();
+    let replayed = runner.catch_up().await?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(replayed == written, "replayed {replayed} of {written} events");
+    println!(
+        "| replay of {written} events, all projections | raw select {:.0} rows/s ({raw_secs:.1}s) | zpanel {:.0} events/s ({secs:.1}s) | target ≥ 30000 events/s |",
+        read as f64 / raw_secs,
+        replayed as f64 / secs
+    );
+    Ok(())
+}
+
+async fn lag(pool: &PgPool, rate: u64, duration: Duration) -> anyhow::Result<()> {
+    let signal = AppendSignal::new();
+    let handler = CommandHandler::new(PgEventStore::new(pool.clone(), signal.clone()));
+    let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
+    runner.register().await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let runner = runner.clone();
+        let signal = signal.clone();
+        tokio::spawn(async move {
+            runner
+                .run(signal, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        })
+    };
+    let total = rate * duration.as_secs();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(usize::try_from(total)?);
+    // A team with 20 applications; the load sets variables on them and creates teams.
+    let keyring = Keyring::generate();
+    let shape = Shape { applications: 20, variables: 0, updates: 0, deployments: 0 };
+    let team = sample::team(&mut HandlerSink(&handler), &keyring, shape, "Lag").await?;
+    runner.catch_up().await?;
+    for i in 0..total {
+        ticker.tick().await;
+        let handler = handler.clone();
+        let mut projected = runner.projected();
+        let app = team.applications[usize::try_from(i)? % team.applications.len()];
+        let team_id = team.team_id;
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let cursor = lag_command(&handler, team_id, app, i).await?;
+            let committed = Instant::now();
+            projected.wait_for(|c| *c >= cursor).await?;
+            anyhow::Ok((committed - sent, committed.elapsed()))
+        }));
+    }
+    let mut commits = Vec::with_capacity(tasks.len());
+    let mut lags = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (commit, lag) = task.await??;
+        commits.push(commit);
+        lags.push(lag);
+    }
+    let _ = stop_tx.send(());
+    running.await??;
+    let (c50, c99) = percentiles(&mut commits);
+    let (l50, l99) = percentiles(&mut lags);
+    println!(
+        "| projection lag at {rate} commands/s, {total} commands | command commit p50 {:.1} ms, p99 {:.1} ms | lag p50 {:.1} ms, p99 {:.1} ms | target p99 ≤ 50 ms |",
+        ms(c50),
+        ms(c99),
+        ms(l50),
+        ms(l99)
+    );
+    Ok(())
+}
+
+/// One command of the lag load: mostly variable changes on existing applications, every fifth
+/// a new team. Returns the log position of its last event.
+async fn lag_command(
+    handler: &CommandHandler<PgEventStore>,
+    team: TeamId,
+    app: zpanel_domain::ids::ApplicationId,
+    i: u64,
+) -> anyhow::Result<Cursor> {
+    let outcome_events = if i % 5 == 0 {
+        let id = TeamId::new();
+        let ctx = CommandContext::new(id, Actor::system("bench"), "bench");
+        let name = Name::parse(&format!("Lag team {i}")).map_err(|e| anyhow::anyhow!("{e}"))?;
+        handler
+            .execute::<Team>(&ctx, *id.as_uuid(), &TeamCommand::CreateTeam { id, name })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .events
+    } else {
+        let ctx = CommandContext::new(team, Actor::system("bench"), "bench");
+        let command = ApplicationCommand::SetEnvironmentVariable {
+            key: EnvKey::parse(&format!("LAG_{i}")).map_err(|e| anyhow::anyhow!("{e}"))?,
+            value: EnvValue::Plain(i.to_string()),
+            build_time: false,
+        };
+        handler.execute::<Application>(&ctx, *app.as_uuid(), &command).await.map_err(|e| anyhow::anyhow!("{e}"))?.events
+    };
+    outcome_events.last().map(|e| e.cursor()).context("the command recorded no event")
+}
+
+fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
+    samples.sort_unstable();
+    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or_default();
+    (at(0.50), at(0.99))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

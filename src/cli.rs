@@ -1,0 +1,284 @@
+//! The subcommands.
+
+use crate::config::Config;
+use crate::database::Database;
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use zpanel_commands::postgres::{EVENT_COLUMNS, event_from_row, read_all_on};
+use zpanel_commands::{
+    Actor, AppendSignal, CommandContext, CommandHandler, Cursor, Keyring, PgEventStore, RecordedEvent,
+};
+use zpanel_domain::api_token::{ApiToken, ApiTokenCommand};
+use zpanel_domain::ids::{ApiTokenId, TeamId};
+use zpanel_domain::team::{Team, TeamCommand};
+use zpanel_domain::values::{Abilities, Ability, Name};
+use zpanel_projections::ProjectionRunner;
+
+/// Zpanel: a self-hosted platform-as-a-service control plane.
+#[derive(Debug, clap::Parser)]
+#[command(name = "zpanel", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Run Zpanel: projections now (the API and workers join in later releases).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Rebuild read models from the event log.
+    Replay {
+        /// Only this projection (repeatable). Default: all.
+        #[arg(long = "projection", value_name = "NAME")]
+        projections: Vec<String>,
+    },
+    /// Read the event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Create a team and print a root API token for it (shown once, on the last line).
+    Bootstrap {
+        /// The team's name.
+        #[arg(long)]
+        team: String,
+    },
+    /// Manage the master keys that seal secrets.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Measure Zpanel against baselines on this machine (figures for docs/BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum EventsCommand {
+    /// Print the newest events, and with --follow every event after them as it is recorded.
+    Tail {
+        /// Keep printing new events until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// How many of the newest events to print first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: i64,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum KeysCommand {
+    /// Put a new key in front of the key file: new seals use it, old seals still open.
+    Rotate,
+}
+
+/// Runs the command line until done or `shutdown` resolves.
+///
+/// # Errors
+/// Whatever the subcommand fails with.
+pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let config = cli.config;
+    match cli.command {
+        Command::Serve => serve(&config, shutdown).await,
+        Command::Migrate => {
+            let db = Database::open(&config, 2).await?;
+            println!("migrations applied");
+            db.close().await;
+            Ok(())
+        }
+        Command::Replay { projections } => with_database(&config, 8, |db| replay(db, projections)).await,
+        Command::Events { command: EventsCommand::Tail { follow, lines } } => {
+            with_database(&config, 4, |db| tail(db, follow, lines, shutdown)).await
+        }
+        Command::Bootstrap { team } => {
+            let keyring = Keyring::load(config.master_key.as_deref(), &config.data_dir)?;
+            drop(keyring);
+            with_database(&config, 4, |db| bootstrap(db, team)).await
+        }
+        Command::Keys { command: KeysCommand::Rotate } => {
+            anyhow::ensure!(
+                config.master_key.is_none(),
+                "ZPANEL_MASTER_KEY is set: rotate by putting a new key in front of that list"
+            );
+            Keyring::load(None, &config.data_dir)?;
+            let id = Keyring::rotate_file(&config.data_dir)?;
+            println!("new master key {id} seals from now on; older keys still open what they sealed");
+            Ok(())
+        }
+        Command::Bench { command } => crate::bench::run(&config, command).await,
+    }
+}
+
+async fn with_database<F, Fut>(config: &Config, connections: u32, f: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<Database>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let db = Arc::new(Database::open(config, connections).await?);
+    let result = f(Arc::clone(&db)).await;
+    if let Ok(db) = Arc::try_unwrap(db) {
+        db.close().await;
+    }
+    result
+}
+
+async fn serve(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    // Fail early on a bad master key rather than at the first secret.
+    Keyring::load(config.master_key.as_deref(), &config.data_dir)?;
+    let db = Database::open(config, 16).await?;
+    let signal = AppendSignal::new();
+    let bridge = signal.bridge(db.pool.clone()).await?;
+    let runner = ProjectionRunner::new(db.pool.clone(), zpanel_projections::all());
+    tracing::info!(projections = ?runner.names(), "zpanel is running");
+    let result = runner.run(signal, shutdown).await;
+    bridge.abort();
+    db.close().await;
+    result
+}
+
+async fn replay(db: Arc<Database>, names: Vec<String>) -> anyhow::Result<()> {
+    let all = zpanel_projections::all();
+    let known: Vec<&str> = all.iter().map(|p| p.name()).collect();
+    for name in &names {
+        anyhow::ensure!(
+            known.contains(&name.as_str()),
+            "--projection {name}: no such projection; known: {}",
+            known.join(", ")
+        );
+    }
+    let selected: Vec<_> =
+        all.into_iter().filter(|p| names.is_empty() || names.iter().any(|n| n == p.name())).collect();
+    let runner = ProjectionRunner::new(db.pool.clone(), selected).with_batch_size(5_000);
+    runner.register().await?;
+    let chosen = runner.names();
+    runner.reset(&chosen).await?;
+    let total: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&db.pool).await?;
+    let bar = ProgressBar::new(u64::try_from(total).unwrap_or(0));
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} replaying [{bar:40}] {pos}/{len} events, {per_sec}, eta {eta}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut replayed = 0u64;
+    loop {
+        let step = runner.step().await?;
+        replayed += step.read as u64;
+        bar.inc(step.read as u64);
+        if step.read == 0 {
+            if step.held_back {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "replayed {replayed} events into {} in {secs:.2}s ({:.0} events/s)",
+        chosen.join(", "),
+        replayed as f64 / secs.max(f64::EPSILON)
+    );
+    Ok(())
+}
+
+fn print_event(event: &RecordedEvent) {
+    let at = event.recorded_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    println!(
+        "{:>8} {at} {} v{} {} by {} {}",
+        event.global_position,
+        event.stream_id,
+        event.version,
+        event.event_type,
+        event.metadata.actor.name,
+        event.payload
+    );
+}
+
+async fn tail(db: Arc<Database>, follow: bool, lines: i64, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // The newest events below the safe horizon: the cursor after them misses nothing later.
+    // One more than asked is read, so that `-n 0` still learns where the log ends.
+    let rows = sqlx::query(&format!(
+        "select {EVENT_COLUMNS} from events where tx_id < pg_snapshot_xmin(pg_current_snapshot())
+          order by tx_id desc, global_position desc limit $1"
+    ))
+    .bind(lines.max(0) + 1)
+    .fetch_all(&db.pool)
+    .await?;
+    let mut newest: Vec<RecordedEvent> = rows.iter().map(event_from_row).collect::<anyhow::Result<_>>()?;
+    newest.reverse();
+    let cursor = newest.last().map_or(Cursor::START, RecordedEvent::cursor);
+    let skip = newest.len().saturating_sub(usize::try_from(lines.max(0))?);
+    newest.iter().skip(skip).for_each(print_event);
+    if !follow {
+        return Ok(());
+    }
+    eprintln!("-- following new events (Ctrl-C to stop)");
+    let mut cursor = cursor;
+    let signal = AppendSignal::new();
+    let bridge = signal.bridge(db.pool.clone()).await?;
+    let mut appended = signal.subscribe();
+    tokio::pin!(shutdown);
+    loop {
+        appended.mark_unchanged();
+        let batch = read_all_on(&db.pool, cursor, 500).await?;
+        for event in &batch.events {
+            print_event(event);
+            cursor = event.cursor();
+        }
+        if !batch.events.is_empty() {
+            continue;
+        }
+        let wait = if batch.held_back { Duration::from_millis(5) } else { Duration::from_millis(500) };
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = appended.changed() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    bridge.abort();
+    Ok(())
+}
+
+async fn bootstrap(db: Arc<Database>, team: String) -> anyhow::Result<()> {
+    let name = Name::parse(&team).map_err(|e| anyhow::anyhow!("--team: {e}"))?;
+    let store = PgEventStore::new(db.pool.clone(), AppendSignal::new());
+    let handler = CommandHandler::new(store);
+    let team_id = TeamId::new();
+    let actor = Actor::system("bootstrap");
+    let ctx = CommandContext::new(team_id, actor.clone(), "cli");
+    handler
+        .execute::<Team>(&ctx, *team_id.as_uuid(), &TeamCommand::CreateTeam { id: team_id, name })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the team: {e}"))?;
+    let generated = zpanel_commands::tokens::generate();
+    let token_id = ApiTokenId::new();
+    let root = Abilities::new([Ability::Root]);
+    let command = ApiTokenCommand::CreateApiToken {
+        id: token_id,
+        team_id,
+        name: Name::parse("bootstrap root token").map_err(|e| anyhow::anyhow!("{e}"))?,
+        abilities: root.clone(),
+        token_hash: generated.hash.clone(),
+        expires_at: None,
+        creator_abilities: root,
+        now: time::OffsetDateTime::now_utc(),
+    };
+    let ctx = CommandContext::new(team_id, actor, "cli");
+    handler
+        .execute::<ApiToken>(&ctx, *token_id.as_uuid(), &command)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the root token: {e}"))?;
+    println!("team {team_id} created; its root API token (shown once, store it now):");
+    println!("{}", generated.token.expose());
+    Ok(())
+}

@@ -30,3 +30,23 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
     projections.push(Arc::new(audit::AuditProjection));
     projections
 }
+
+/// A checksum of each read-model table (`count:md5` of its rows in a fixed order), to compare
+/// the tables before and after a rebuild.
+///
+/// # Errors
+/// When the database fails.
+pub async fn checksums(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let mut sums = Vec::new();
+    for projection in all() {
+        for table in projection.tables() {
+            let sum: String = sqlx::query_scalar(&format!(
+                "select count(*)::text || ':' || coalesce(md5(string_agg(t::text, '|' order by t::text)), '') from {table} t"
+            ))
+            .fetch_one(pool)
+            .await?;
+            sums.push((*table, sum));
+        }
+    }
+    Ok(sums)
+}

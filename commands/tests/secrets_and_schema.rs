@@ -1,0 +1,75 @@
+//! Sealed secrets and old event shapes, through the real store.
+
+use zpanel_commands::sample::{HandlerSink, Shape};
+use zpanel_commands::testing::TestDatabase;
+use zpanel_commands::{AppendSignal, CommandHandler, Keyring, PgEventStore, sample};
+use zpanel_domain::application::Application;
+use zpanel_domain::ids::TeamId;
+
+#[tokio::test]
+async fn sealed_secrets_round_trip_and_never_reach_the_events_table_in_clear() {
+    let db = TestDatabase::create().await.expect("database");
+    let handler = CommandHandler::new(PgEventStore::new(db.pool.clone(), AppendSignal::new()));
+    let keyring = Keyring::generate();
+    let shape = Shape { applications: 2, variables: 8, updates: 1, deployments: 2 };
+    let team = sample::team(&mut HandlerSink(&handler), &keyring, shape, "Secretive").await.expect("sample");
+    assert_eq!(team.secrets.len(), 4, "every fourth variable is secret");
+
+    let everything: String = sqlx::query_scalar("select string_agg(payload::text || metadata::text, ' ') from events")
+        .fetch_one(&db.pool)
+        .await
+        .expect("reads");
+    for secret in &team.secrets {
+        assert!(!everything.contains(secret.as_str()), "secret {secret} is stored in clear");
+    }
+    assert!(!everything.contains("OPENSSH PRIVATE KEY"), "a private key is stored in clear");
+
+    // The sealed values open again with the keyring, to exactly what was set.
+    let (app, _) = handler.load::<Application>(team.team_id, *team.applications[0].as_uuid()).await.expect("loads");
+    let state = app.state().expect("exists");
+    let opened: Vec<String> = state
+        .env
+        .values()
+        .filter_map(|var| match &var.value {
+            zpanel_domain::application::EnvValue::Secret(sealed) => {
+                Some(keyring.open(sealed).expect("opens").expose().to_owned())
+            }
+            zpanel_domain::application::EnvValue::Plain(_) => None,
+        })
+        .collect();
+    assert_eq!(opened.len(), 2);
+    assert!(opened.iter().all(|o| team.secrets.contains(o)));
+}
+
+#[tokio::test]
+async fn an_event_stored_in_an_old_shape_is_upcast_on_read() {
+    let db = TestDatabase::create().await.expect("database");
+    let handler = CommandHandler::new(PgEventStore::new(db.pool.clone(), AppendSignal::new()));
+    let keyring = Keyring::generate();
+    let shape = Shape { applications: 1, variables: 0, updates: 0, deployments: 0 };
+    let team = sample::team(&mut HandlerSink(&handler), &keyring, shape, "Old").await.expect("sample");
+    let app = team.applications[0];
+
+    // Rewrite the stored ApplicationCreated into schema version 1, where a single optional
+    // `domain` stood instead of the `domains` list — as an event written by older code would be.
+    let updated = sqlx::query(
+        "update events
+            set schema_version = 1,
+                payload = (payload - 'domains') || jsonb_build_object('domain', payload->'domains'->0)
+          where stream_id = $1 and event_type = 'ApplicationCreated'",
+    )
+    .bind(format!("application-{app}"))
+    .execute(&db.pool)
+    .await
+    .expect("rewrites");
+    assert_eq!(updated.rows_affected(), 1);
+
+    let (state, version) =
+        handler.load::<Application>(team.team_id, *app.as_uuid()).await.expect("loads the old shape");
+    assert_eq!(version, 1);
+    let domains: Vec<String> = state.state().expect("exists").domains.iter().map(ToString::to_string).collect();
+    assert_eq!(domains, ["app-0.shop.example.com"]);
+
+    // Another team still cannot see it.
+    assert!(handler.load::<Application>(TeamId::new(), *app.as_uuid()).await.is_err());
+}

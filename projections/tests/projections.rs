@@ -257,3 +257,62 @@ async fn time_travel_loads_any_version_position_or_moment() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn secrets_show_only_as_changed_and_never_in_clear_in_any_read_model() {
+    use zpanel_commands::Keyring;
+    use zpanel_commands::sample::{self, HandlerSink, Shape};
+    use zpanel_domain::application::Application;
+
+    let f = fixture().await;
+    let keyring = Keyring::generate();
+    let shape = Shape { applications: 1, variables: 4, updates: 1, deployments: 1 };
+    let team = sample::team(&mut HandlerSink(&f.handler), &keyring, shape, "Secretive").await.expect("sample");
+    f.runner.catch_up().await.expect("projects");
+
+    // VAR_3 is the secret one: its audit entry says it changed, and nothing more.
+    let changes: serde_json::Value = sqlx::query_scalar(
+        "select changes from rm_audit_log where event_type = 'EnvironmentVariableSet' and changes::text like '%VAR_3%'",
+    )
+    .fetch_one(&f.db.pool)
+    .await
+    .expect("audit row");
+    let change = &changes[0];
+    assert_eq!(change["field"], "env.VAR_3");
+    assert_eq!(change["secret"], true);
+    assert_eq!(change["after"], "[secret]");
+
+    // The shown configuration masks it.
+    let config: serde_json::Value = sqlx::query_scalar("select config from rm_applications where application_id = $1")
+        .bind(team.applications[0].as_uuid())
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("row");
+    let var = config["env"].as_array().expect("env").iter().find(|v| v["key"] == "VAR_3").expect("VAR_3");
+    assert_eq!(var["secret"], true);
+    assert!(var["value"].is_null());
+    let plain = config["env"].as_array().expect("env").iter().find(|v| v["key"] == "VAR_0").expect("VAR_0");
+    assert_eq!(plain["value"], "value-0");
+
+    // No read model holds a secret's plaintext anywhere.
+    for table in ["rm_applications", "rm_deployments", "rm_audit_log", "rm_audit_state", "rm_private_keys"] {
+        let text: Option<String> = sqlx::query_scalar(&format!("select string_agg(t::text, ' ') from {table} t"))
+            .fetch_one(&f.db.pool)
+            .await
+            .expect("reads");
+        let text = text.unwrap_or_default();
+        for secret in &team.secrets {
+            assert!(!text.contains(secret.as_str()), "{table} holds a secret in clear");
+        }
+        assert!(!text.contains("OPENSSH PRIVATE KEY"), "{table} holds a private key in clear");
+    }
+
+    // And the configuration diff between two versions shows the secret only as changed.
+    let changes = diff_versions::<Application>(&f.db.pool, *team.team_id.as_uuid(), *team.applications[0].as_uuid(), 1, 5)
+        .await
+        .expect("diffs")
+        .expect("exists");
+    let secret = changes.iter().find(|c| c.field == "env.VAR_3").expect("VAR_3 changed");
+    assert!(secret.secret && secret.before.is_none());
+    assert_eq!(secret.after, Some(serde_json::json!("[secret]")));
+}

@@ -7,15 +7,16 @@ create table streams (
     version    bigint not null check (version >= 0),
     created_at timestamptz not null default now()
 );
-create index streams_team_kind on streams (team_id, kind);
 
 create table events (
-    global_position bigint generated always as identity primary key,
+    global_position bigint generated always as identity,
     -- The writing transaction's id. Readers of the whole log order by (tx_id, global_position) and
     -- read only below the oldest running transaction, so an event whose transaction commits late
     -- is delayed for them, never skipped. (global_position alone is assigned at insert, not commit.)
     tx_id           xid8 not null default pg_current_xact_id(),
-    stream_id       text not null references streams (stream_id),
+    -- No foreign key to streams: an append inserts events only through the row it just
+    -- bumped or created in `streams`, and the check would cost every event a trigger.
+    stream_id       text not null,
     stream_position bigint not null check (stream_position >= 1),
     event_id        uuid not null,
     event_type      text not null,
@@ -24,12 +25,13 @@ create table events (
     payload         jsonb not null,
     metadata        jsonb not null,
     recorded_at     timestamptz not null default now(),
+    -- The log's order, and readers' cursor, is (tx_id, global_position): the primary key.
+    constraint events_pkey primary key (tx_id, global_position),
     constraint events_event_id_key unique (event_id),
     constraint events_stream_position_key unique (stream_id, stream_position)
 );
-create index events_log_order on events (tx_id, global_position);
-create index events_team_position on events (team_id, global_position);
-create index events_type on events (event_type, global_position);
+-- Nothing else is indexed: every index costs each append, and queries by team, type or time
+-- are served by the read models (rm_audit_log), not by the log.
 
 -- Where each reader of the whole log (projection, relay, worker inbox feeder) has got to.
 create table checkpoints (

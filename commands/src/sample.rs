@@ -134,6 +134,12 @@ impl Sink for MemorySink {
 }
 
 impl MemorySink {
+    /// Forgets the states of the streams decided so far (their events stay to be flushed):
+    /// sample teams never touch each other's streams, so a long run needs only the current team's.
+    pub fn forget_states(&mut self) {
+        self.states.clear();
+    }
+
     /// Writes the collected streams and events in one transaction and forgets them (states are
     /// kept, so later commands continue the same streams).
     ///
@@ -518,6 +524,7 @@ pub async fn write_log(pool: &PgPool, events: u64, mut progress: impl FnMut(u64)
     let mut n = 0;
     while written + (sink.events.len() as u64) < events {
         team(&mut sink, &keyring, Shape::TYPICAL, &format!("Team {n}")).await?;
+        sink.forget_states();
         n += 1;
         if sink.events.len() >= 5_000 {
             let flushed = sink.flush(pool).await?;

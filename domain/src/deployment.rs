@@ -728,7 +728,9 @@ impl Describe for Deployment {
         put("commit", json!(state.commit));
         put("image", json!(state.image));
         put("reason", json!(state.reason));
-        state.release.describe_into("release.", &mut out);
+        // The release is not repeated here: it is a snapshot of the application's configuration,
+        // whose every change the application's own history already describes, and it never
+        // changes during a deployment. Compare releases with `ReleaseConfig`'s own description.
         out
     }
 }
@@ -1199,7 +1201,7 @@ mod tests {
     }
 
     #[test]
-    fn a_deployment_is_described_with_its_release() {
+    fn a_deployment_is_described_by_its_progress_not_its_release() {
         let history = with(running(), DeploymentEvent::DeploymentCommitResolved { commit: COMMIT.into() });
         let described = given(&history).describe();
         let plain = |v: serde_json::Value| Some(FieldValue::Plain(v));
@@ -1207,11 +1209,10 @@ mod tests {
         assert_eq!(described.get("commit").cloned(), plain(json!(COMMIT)));
         assert_eq!(described.get("image").cloned(), plain(json!(null)));
         assert_eq!(described.get("reason").cloned(), plain(json!({ "kind": "manual" })));
-        let release = given(&history).state().expect("exists").release.describe();
-        assert!(!release.is_empty());
-        for (field, value) in release {
-            assert_eq!(described.get(&format!("release.{field}")), Some(&value));
-        }
+        // The release is described on its own (and by the application's history), not repeated
+        // in every deployment event's audit entry.
+        assert!(described.keys().all(|field| !field.starts_with("release")), "{described:?}");
+        assert!(!given(&history).state().expect("exists").release.describe().is_empty());
         assert!(Deployment::New.describe().is_empty());
     }
 

@@ -8,10 +8,9 @@
 use crate::projection::Projection;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::{PgConnection, Row as _};
 use std::collections::{BTreeMap, HashMap};
-use time::format_description::well_known::Rfc3339;
 use zpanel_commands::RecordedEvent;
 use zpanel_commands::handler::evolve_recorded;
 use zpanel_domain::Aggregate;
@@ -88,7 +87,13 @@ impl AuditProjection {
             .collect::<Result<_, sqlx::Error>>()?;
 
         let mut states: HashMap<&str, Option<Box<dyn Audited>>> = HashMap::with_capacity(streams.len());
-        let mut rows = Vec::with_capacity(events.len());
+        // Column arrays, bound as typed arrays: cheaper for PostgreSQL than a JSON recordset,
+        // which would print and re-parse every `changes` document.
+        let n = events.len();
+        let (mut positions, mut teams, mut stream_ids, mut versions) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut types, mut actors, mut times, mut all_changes) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for event in events {
             let state = match states.entry(event.stream_id.as_str()) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
@@ -100,23 +105,28 @@ impl AuditProjection {
                 Some(state) => state.apply(event)?,
                 None => Vec::new(),
             };
-            rows.push(json!({
-                "global_position": event.global_position,
-                "team_id": event.team_id,
-                "stream_id": event.stream_id,
-                "version": event.version,
-                "event_type": event.event_type,
-                "actor": event.metadata.actor,
-                "at": event.recorded_at.format(&Rfc3339)?,
-                "changes": changes,
-            }));
+            positions.push(event.global_position);
+            teams.push(event.team_id);
+            stream_ids.push(event.stream_id.as_str());
+            versions.push(event.version);
+            types.push(event.event_type.as_str());
+            actors.push(serde_json::to_value(&event.metadata.actor)?);
+            times.push(event.recorded_at);
+            all_changes.push(serde_json::to_value(changes)?);
         }
         sqlx::query(
             "insert into rm_audit_log (global_position, team_id, stream_id, version, event_type, actor, at, changes)
-             select global_position, team_id, stream_id, version, event_type, actor, at, changes
-               from jsonb_populate_recordset(null::rm_audit_log, $1)",
+             select * from unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::jsonb[],
+                                  $7::timestamptz[], $8::jsonb[])",
         )
-        .bind(Value::Array(rows))
+        .bind(&positions)
+        .bind(&teams)
+        .bind(&stream_ids)
+        .bind(&versions)
+        .bind(&types)
+        .bind(&actors)
+        .bind(&times)
+        .bind(&all_changes)
         .execute(&mut *tx)
         .await
         .context("writing audit rows")?;

@@ -308,10 +308,11 @@ async fn secrets_show_only_as_changed_and_never_in_clear_in_any_read_model() {
     }
 
     // And the configuration diff between two versions shows the secret only as changed.
-    let changes = diff_versions::<Application>(&f.db.pool, *team.team_id.as_uuid(), *team.applications[0].as_uuid(), 1, 5)
-        .await
-        .expect("diffs")
-        .expect("exists");
+    let changes =
+        diff_versions::<Application>(&f.db.pool, *team.team_id.as_uuid(), *team.applications[0].as_uuid(), 1, 5)
+            .await
+            .expect("diffs")
+            .expect("exists");
     let secret = changes.iter().find(|c| c.field == "env.VAR_3").expect("VAR_3 changed");
     assert!(secret.secret && secret.before.is_none());
     assert_eq!(secret.after, Some(serde_json::json!("[secret]")));

@@ -156,10 +156,7 @@ async fn replay(db: Arc<Database>, names: Vec<String>) -> anyhow::Result<()> {
     }
     let selected: Vec<_> =
         all.into_iter().filter(|p| names.is_empty() || names.iter().any(|n| n == p.name())).collect();
-    let runner = ProjectionRunner::new(db.pool.clone(), selected).with_batch_size(5_000);
-    runner.register().await?;
-    let chosen = runner.names();
-    runner.reset(&chosen).await?;
+    let chosen: Vec<&str> = selected.iter().map(|p| p.name()).collect();
     let total: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&db.pool).await?;
     let bar = ProgressBar::new(u64::try_from(total).unwrap_or(0));
     bar.set_style(
@@ -168,19 +165,7 @@ async fn replay(db: Arc<Database>, names: Vec<String>) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     let started = Instant::now();
-    let mut replayed = 0u64;
-    loop {
-        let step = runner.step().await?;
-        replayed += step.read as u64;
-        bar.inc(step.read as u64);
-        if step.read == 0 {
-            if step.held_back {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                continue;
-            }
-            break;
-        }
-    }
+    let replayed = zpanel_projections::rebuild::rebuild(&db.pool, selected.clone(), |n| bar.set_position(n)).await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -209,7 +194,7 @@ async fn tail(db: Arc<Database>, follow: bool, lines: i64, shutdown: impl Future
     // One more than asked is read, so that `-n 0` still learns where the log ends.
     let rows = sqlx::query(&format!(
         "select {EVENT_COLUMNS} from events where tx_id < pg_snapshot_xmin(pg_current_snapshot())
-          order by tx_id desc, global_position desc limit $1"
+          order by events.tx_id desc, events.global_position desc limit $1"
     ))
     .bind(lines.max(0) + 1)
     .fetch_all(&db.pool)

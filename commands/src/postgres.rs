@@ -239,7 +239,9 @@ where
         "select {EVENT_COLUMNS}, tx_id < pg_snapshot_xmin(pg_current_snapshot()) as safe
            from events
           where (tx_id, global_position) > ($1::text::xid8, $2)
-          order by tx_id, global_position
+          -- Qualified: a bare `tx_id` would name the selected `tx_id::text::bigint`, which no
+          -- index serves, and every read would sort the rest of the log.
+          order by events.tx_id, events.global_position
           limit $3"
     );
     let rows = sqlx::query(&sql)

@@ -9,6 +9,7 @@
 //!   private keys, API tokens).
 //! - [`audit`]: the audit log with before/after values.
 //! - [`history`]: any aggregate as of a version, position or time; diffs between versions.
+//! - [`rebuild`]: emptying projections and replaying the log into them.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -16,6 +17,7 @@ pub mod history;
 mod model;
 pub mod models;
 pub mod projection;
+pub mod rebuild;
 pub mod runner;
 
 pub use projection::Projection;

@@ -39,7 +39,6 @@ pub struct ProjectionRunner {
     projections: Vec<Arc<dyn Projection>>,
     batch_size: i64,
     projected: watch::Sender<Cursor>,
-    timings: Arc<std::sync::Mutex<HashMap<&'static str, Duration>>>,
 }
 
 impl std::fmt::Debug for ProjectionRunner {
@@ -55,13 +54,7 @@ impl ProjectionRunner {
     /// A runner for `projections` over `pool`.
     #[must_use]
     pub fn new(pool: PgPool, projections: Vec<Arc<dyn Projection>>) -> Self {
-        Self {
-            pool,
-            projections,
-            batch_size: 2_000,
-            projected: watch::Sender::new(Cursor::START),
-            timings: Arc::default(),
-        }
+        Self { pool, projections, batch_size: 256, projected: watch::Sender::new(Cursor::START) }
     }
 
     /// Reads the log in batches of `size` events.
@@ -82,22 +75,6 @@ impl ProjectionRunner {
     #[must_use]
     pub fn projected(&self) -> watch::Receiver<Cursor> {
         self.projected.subscribe()
-    }
-
-    fn spent(&self, what: &'static str, time: Duration) {
-        if let Ok(mut timings) = self.timings.lock() {
-            *timings.entry(what).or_default() += time;
-        }
-    }
-
-    /// Time spent so far by this runner, per projection and in reading and committing: where a
-    /// rebuild's time goes.
-    #[must_use]
-    pub fn timings(&self) -> Vec<(&'static str, Duration)> {
-        let mut timings: Vec<_> =
-            self.timings.lock().map(|t| t.iter().map(|(k, v)| (*k, *v)).collect()).unwrap_or_default();
-        timings.sort_by(|a, b| b.1.cmp(&a.1));
-        timings
     }
 
     /// Makes sure every projection has a checkpoint row.
@@ -138,9 +115,7 @@ impl ProjectionRunner {
         let Some(from) = checkpoints.values().min().copied() else {
             return Ok(Step::default());
         };
-        let reading = std::time::Instant::now();
         let batch = read_all_on(&mut *tx, from, self.batch_size).await?;
-        self.spent("(reading the log)", reading.elapsed());
         let Some(last) = batch.events.last().map(|e| e.cursor()) else {
             tx.commit().await?;
             return Ok(Step { read: 0, held_back: batch.held_back });
@@ -150,12 +125,10 @@ impl ProjectionRunner {
             let start = batch.events.partition_point(|e| e.cursor() <= *checkpoint);
             let unseen = &batch.events[start..];
             if !unseen.is_empty() {
-                let applying = std::time::Instant::now();
                 projection
                     .apply(&mut tx, unseen)
                     .await
                     .with_context(|| format!("projection {} applying events up to {last:?}", projection.name()))?;
-                self.spent(projection.name(), applying.elapsed());
             }
         }
         let held_names: Vec<&String> = checkpoints.keys().collect();
@@ -169,9 +142,7 @@ impl ProjectionRunner {
         .execute(&mut *tx)
         .await
         .context("moving projection checkpoints")?;
-        let committing = std::time::Instant::now();
         tx.commit().await.context("committing a projection batch")?;
-        self.spent("(committing)", committing.elapsed());
         self.projected.send_if_modified(|c| {
             let moved = last > *c;
             if moved {

@@ -266,7 +266,7 @@ async fn lag_command(
     app: zpanel_domain::ids::ApplicationId,
     i: u64,
 ) -> anyhow::Result<Cursor> {
-    let outcome_events = if i % 5 == 0 {
+    let outcome_events = if i.is_multiple_of(5) {
         let id = TeamId::new();
         let ctx = CommandContext::new(id, Actor::system("bench"), "bench");
         let name = Name::parse(&format!("Lag team {i}")).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -22,30 +22,33 @@ pub struct PgEventStore {
 pub const EVENT_COLUMNS: &str = "global_position, tx_id::text::bigint as tx_id, stream_id, stream_position, event_id, \
      event_type, schema_version, team_id, payload, metadata, recorded_at";
 
-const APPEND_TO_EXISTING: &str = "with bump as (
-    update streams set version = $3
-     where stream_id = $1 and version = $2 and team_id = $4
-    returning stream_id
-)
+/// An append statement: `$bump` is a CTE that touches the stream row only if the expected
+/// version holds, returning it; the events are inserted only through that row.
+macro_rules! append_sql {
+    ($bump:literal) => {
+        concat!(
+            "with bump as (",
+            $bump,
+            ")
 insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
 select bump.stream_id, $2 + e.ord, e.event_id, e.event_type, e.schema_version, $4, e.payload, e.metadata
   from bump,
        unnest($5::uuid[], $6::text[], $7::int[], $8::jsonb[], $9::jsonb[])
        with ordinality as e(event_id, event_type, schema_version, payload, metadata, ord)
-returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at";
+returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at"
+        )
+    };
+}
 
-const APPEND_TO_NEW: &str = "with bump as (
-    insert into streams (stream_id, kind, team_id, version)
-    values ($1, $10, $4, $3)
-    on conflict (stream_id) do nothing
-    returning stream_id
-)
-insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
-select bump.stream_id, $2 + e.ord, e.event_id, e.event_type, e.schema_version, $4, e.payload, e.metadata
-  from bump,
-       unnest($5::uuid[], $6::text[], $7::int[], $8::jsonb[], $9::jsonb[])
-       with ordinality as e(event_id, event_type, schema_version, payload, metadata, ord)
-returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at";
+const APPEND_TO_EXISTING: &str = append_sql!(
+    "update streams set version = $3 where stream_id = $1 and version = $2 and team_id = $4
+     returning stream_id"
+);
+
+const APPEND_TO_NEW: &str = append_sql!(
+    "insert into streams (stream_id, kind, team_id, version) values ($1, $10, $4, $3)
+     on conflict (stream_id) do nothing returning stream_id"
+);
 
 impl PgEventStore {
     /// A store over `pool`, signalling each append on `signal`.

@@ -129,7 +129,17 @@ impl Keyring {
         let path = data_dir.join(KEY_FILE);
         if !path.exists() {
             std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-            write_new_key_file(&path, &new_key_base64())?;
+            // Written aside, then linked into place: another process starting at the same moment
+            // either wins the link or reads a complete file, never an empty one.
+            let tmp = data_dir.join(format!("{KEY_FILE}.{}", uuid::Uuid::now_v7().simple()));
+            write_new_key_file(&tmp, &new_key_base64())?;
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
         }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         Self::from_base64(text.lines()).with_context(|| format!("reading {}", path.display()))
@@ -143,8 +153,7 @@ impl Keyring {
         let path = data_dir.join(KEY_FILE);
         let old = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let key = new_key_base64();
-        let tmp = data_dir.join(format!("{KEY_FILE}.new"));
-        let _ = std::fs::remove_file(&tmp);
+        let tmp = data_dir.join(format!("{KEY_FILE}.{}", uuid::Uuid::now_v7().simple()));
         write_new_key_file(&tmp, &format!("{key}\n{old}"))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
         Self::from_base64([key.as_str()]).map(|k| k.current_key_id().to_owned())
@@ -275,6 +284,20 @@ mod tests {
         assert!(matches!(Keyring::generate().open(&sealed), Err(OpenError::UnknownKey(_))));
         sealed.ciphertext = B64.encode(b"garbage-garbage-garbage");
         assert!(matches!(keyring.open(&sealed), Err(OpenError::Corrupt)));
+    }
+
+    #[test]
+    fn processes_starting_together_agree_on_one_key_file() {
+        let dir = std::env::temp_dir().join(format!("zpanel-keys-{}", uuid::Uuid::now_v7()));
+        let loaders: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || Keyring::load(None, &dir).map(|k| k.current_key_id().to_owned()))
+            })
+            .collect();
+        let ids: Vec<String> = loaders.into_iter().map(|t| t.join().expect("joins").expect("loads")).collect();
+        assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

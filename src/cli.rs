@@ -99,8 +99,8 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send) -> anyhow:
             with_database(&config, 4, |db| tail(db, follow, lines, shutdown)).await
         }
         Command::Bootstrap { team } => {
-            let keyring = Keyring::load(config.master_key.as_deref(), &config.data_dir)?;
-            drop(keyring);
+            // A fresh install gets its master key here, before anything could need sealing.
+            Keyring::load(config.master_key.as_deref(), &config.data_dir)?;
             with_database(&config, 4, |db| bootstrap(db, team)).await
         }
         Command::Keys { command: KeysCommand::Rotate } => {

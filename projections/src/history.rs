@@ -66,14 +66,18 @@ pub async fn load_as_of<A: Aggregate>(
         .fetch_all(pool)
         .await
         .with_context(|| format!("reading the history of {stream_id}"))?;
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from streams where stream_id = $1 and team_id = $2)")
-            .bind(&stream_id)
-            .bind(team_id)
-            .fetch_one(pool)
-            .await?;
-    if !exists {
-        return Ok(None);
+    // No events up to that point: it may not exist at all (or belong to another team), or it
+    // may not have existed yet then. Only the first case is `None`; asked only when it matters.
+    if rows.is_empty() {
+        let exists: bool =
+            sqlx::query_scalar("select exists (select 1 from streams where stream_id = $1 and team_id = $2)")
+                .bind(&stream_id)
+                .bind(team_id)
+                .fetch_one(pool)
+                .await?;
+        if !exists {
+            return Ok(None);
+        }
     }
     let events = rows.iter().map(event_from_row).collect::<anyhow::Result<Vec<RecordedEvent>>>()?;
     let state = fold::<A>(&events)?;

@@ -8,7 +8,6 @@
 use crate::{Projection, ProjectionRunner};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 /// Events read per batch while rebuilding.
 pub const BATCH: i64 = 5_000;
@@ -35,19 +34,11 @@ pub async fn rebuild(
         .collect();
     let counts: Vec<AtomicU64> = groups.iter().map(|_| AtomicU64::new(0)).collect();
     let report = || progress(counts.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(0));
-    let passes = groups.iter().zip(&counts).map(|(runner, count)| async {
-        loop {
-            let step = runner.step().await?;
-            if step.read == 0 {
-                if step.held_back {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    continue;
-                }
-                return anyhow::Ok(());
-            }
-            count.fetch_add(step.read as u64, Ordering::Relaxed);
+    let passes = groups.iter().zip(&counts).map(|(runner, count)| {
+        runner.catch_up_with(|total| {
+            count.store(total, Ordering::Relaxed);
             report();
-        }
+        })
     });
     futures::future::try_join_all(passes).await?;
     Ok(counts.iter().map(|c| c.load(Ordering::Relaxed)).max().unwrap_or(0))

@@ -158,10 +158,21 @@ impl ProjectionRunner {
     /// # Errors
     /// As [`ProjectionRunner::step`].
     pub async fn catch_up(&self) -> anyhow::Result<u64> {
+        self.catch_up_with(|_| {}).await
+    }
+
+    /// Like [`ProjectionRunner::catch_up`], telling `progress` the running total after each batch.
+    ///
+    /// # Errors
+    /// As [`ProjectionRunner::step`].
+    pub async fn catch_up_with(&self, progress: impl Fn(u64)) -> anyhow::Result<u64> {
         let mut total = 0u64;
         loop {
             let step = self.step().await?;
             total += step.read as u64;
+            if step.read > 0 {
+                progress(total);
+            }
             if step.read == 0 {
                 if step.held_back {
                     tokio::time::sleep(HELD_BACK_RETRY).await;

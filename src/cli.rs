@@ -185,7 +185,7 @@ fn print_event(event: &RecordedEvent) {
         event.version,
         event.event_type,
         event.metadata.actor.name,
-        event.payload
+        event.payload.as_str()
     );
 }
 

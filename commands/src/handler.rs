@@ -193,12 +193,12 @@ impl<S: EventStore> CommandHandler<S> {
                 .iter()
                 .enumerate()
                 .map(|(i, event)| {
-                    let (event_type, payload) = event.encode().map_err(anyhow::Error::from)?;
+                    let (event_type, payload) = event.encode_json().map_err(anyhow::Error::from)?;
                     Ok(NewEvent {
                         event_id: event_id_for(ctx.command_id, i),
                         event_type: event_type.to_owned(),
                         schema_version: A::Event::schema_version(event_type),
-                        payload,
+                        payload: payload.into(),
                         metadata: metadata.clone(),
                     })
                 })

@@ -7,7 +7,9 @@
 use crate::signal::AppendSignal;
 use crate::store::{Append, AppendError, Cursor, EventStore, LogBatch, Metadata, RecordedEvent, Stream};
 use anyhow::Context as _;
+use serde_json::value::RawValue;
 use sqlx::postgres::PgRow;
+use sqlx::types::Json;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -25,7 +27,7 @@ pub const EVENT_COLUMNS: &str = "global_position, tx_id::text::bigint as tx_id, 
 /// An append statement: `$bump` is a CTE that touches the stream row only if the expected
 /// version holds, returning it; the events are inserted only through that row.
 macro_rules! append_sql {
-    ($bump:literal) => {
+    ($bump:expr) => {
         concat!(
             "with bump as (",
             $bump,
@@ -40,15 +42,42 @@ returning global_position, tx_id::text::bigint as tx_id, stream_position, record
     };
 }
 
-const APPEND_TO_EXISTING: &str = append_sql!(
-    "update streams set version = $3 where stream_id = $1 and version = $2 and team_id = $4
-     returning stream_id"
-);
+/// The same for the most common append, a single event: scalar parameters instead of arrays
+/// spare PostgreSQL the `unnest` and its join, a fifth of the statement's cost.
+macro_rules! append_one_sql {
+    ($bump:expr) => {
+        concat!(
+            "with bump as (",
+            $bump,
+            ")
+insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
+select bump.stream_id, $3, $5, $6, $7, $4, $8, $9
+  from bump
+returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at"
+        )
+    };
+}
 
-const APPEND_TO_NEW: &str = append_sql!(
-    "insert into streams (stream_id, kind, team_id, version) values ($1, $10, $4, $3)
+/// Bumps an existing stream's version if it is still the expected one.
+macro_rules! bump_existing {
+    () => {
+        "update streams set version = $3 where stream_id = $1 and version = $2 and team_id = $4
+     returning stream_id"
+    };
+}
+
+/// Creates the stream unless it exists.
+macro_rules! bump_new {
+    () => {
+        "insert into streams (stream_id, kind, team_id, version) values ($1, $10, $4, $3)
      on conflict (stream_id) do nothing returning stream_id"
-);
+    };
+}
+
+const APPEND_TO_EXISTING: &str = append_sql!(bump_existing!());
+const APPEND_TO_NEW: &str = append_sql!(bump_new!());
+const APPEND_ONE_TO_EXISTING: &str = append_one_sql!(bump_existing!());
+const APPEND_ONE_TO_NEW: &str = append_one_sql!(bump_new!());
 
 impl PgEventStore {
     /// A store over `pool`, signalling each append on `signal`.
@@ -87,7 +116,6 @@ impl PgEventStore {
 /// # Errors
 /// When a column is missing or the metadata does not decode.
 pub fn event_from_row(row: &PgRow) -> anyhow::Result<RecordedEvent> {
-    let metadata: serde_json::Value = row.try_get("metadata")?;
     let schema_version: i32 = row.try_get("schema_version")?;
     Ok(RecordedEvent {
         global_position: row.try_get("global_position")?,
@@ -98,8 +126,8 @@ pub fn event_from_row(row: &PgRow) -> anyhow::Result<RecordedEvent> {
         event_type: row.try_get("event_type")?,
         schema_version: u32::try_from(schema_version).context("negative schema version")?,
         team_id: row.try_get("team_id")?,
-        payload: row.try_get("payload")?,
-        metadata: serde_json::from_value::<Metadata>(metadata).context("decoding event metadata")?,
+        payload: row.try_get::<Json<Box<RawValue>>, _>("payload")?.0.into(),
+        metadata: row.try_get::<Json<Metadata>, _>("metadata").context("decoding event metadata")?.0,
         recorded_at: row.try_get("recorded_at")?,
     })
 }
@@ -123,25 +151,28 @@ impl EventStore for PgEventStore {
             ids.push(event.event_id);
             types.push(event.event_type.clone());
             versions.push(i32::try_from(event.schema_version).map_err(anyhow::Error::from)?);
-            payloads.push(event.payload.clone());
-            metadata.push(serde_json::to_value(&event.metadata).map_err(anyhow::Error::from)?);
+            payloads.push(Json(event.payload.as_raw()));
+            metadata.push(Json(&event.metadata));
         }
         let new_version = append.expected_version + i64::try_from(n).map_err(anyhow::Error::from)?;
-        let sql = if append.expected_version == 0 { APPEND_TO_NEW } else { APPEND_TO_EXISTING };
+        let new = append.expected_version == 0;
         let team = *append.team_id.as_uuid();
-        let rows = sqlx::query(sql)
-            .bind(append.stream_id)
-            .bind(append.expected_version)
-            .bind(new_version)
-            .bind(team)
-            .bind(&ids)
-            .bind(&types)
-            .bind(&versions)
-            .bind(&payloads)
-            .bind(&metadata)
-            .bind(append.kind)
-            .fetch_all(&self.pool)
-            .await;
+        let query = sqlx::query(match (n, new) {
+            (1, true) => APPEND_ONE_TO_NEW,
+            (1, false) => APPEND_ONE_TO_EXISTING,
+            (_, true) => APPEND_TO_NEW,
+            (_, false) => APPEND_TO_EXISTING,
+        })
+        .bind(append.stream_id)
+        .bind(append.expected_version)
+        .bind(new_version)
+        .bind(team);
+        let query = if n == 1 {
+            query.bind(ids[0]).bind(&types[0]).bind(versions[0]).bind(payloads[0]).bind(metadata[0])
+        } else {
+            query.bind(&ids).bind(&types).bind(&versions).bind(&payloads).bind(&metadata)
+        };
+        let rows = query.bind(append.kind).fetch_all(&self.pool).await;
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) if is_unique_violation(&e, "events_event_id_key") => {

@@ -8,6 +8,7 @@ use crate::store::{Actor, EventStore, Metadata, NewEvent, event_id_for};
 use crate::{Keyring, Plaintext};
 use anyhow::Context as _;
 use sqlx::PgPool;
+use sqlx::types::Json;
 use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
 use time::{Duration, OffsetDateTime};
@@ -112,7 +113,7 @@ impl Sink for MemorySink {
         let mut state = state;
         let mut version = version;
         for (i, event) in events.iter().enumerate() {
-            let (event_type, payload) = event.encode()?;
+            let (event_type, payload) = event.encode_json()?;
             version += 1;
             self.events.push(PendingEvent {
                 stream_id: stream_id.clone(),
@@ -122,7 +123,7 @@ impl Sink for MemorySink {
                     event_id: event_id_for(command_id, i),
                     event_type: event_type.to_owned(),
                     schema_version: A::Event::schema_version(event_type),
-                    payload,
+                    payload: payload.into(),
                     metadata: metadata.clone(),
                 },
             });
@@ -202,8 +203,8 @@ impl MemorySink {
             columns.3.push(e.event.event_type);
             columns.4.push(i32::try_from(e.event.schema_version)?);
             columns.5.push(e.team_id);
-            columns.6.push(e.event.payload);
-            columns.7.push(serde_json::to_value(&e.event.metadata)?);
+            columns.6.push(Json(e.event.payload));
+            columns.7.push(Json(e.event.metadata));
         }
         sqlx::query(
             "insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)

@@ -67,6 +67,60 @@ pub struct Metadata {
     pub origin: String,
 }
 
+/// A domain event's content as JSON text, kept as text: the log is read far more often than
+/// any one event's fields, and decoding goes straight from the text into the typed event.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// The JSON text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The raw JSON value, for binding as `jsonb`.
+    #[must_use]
+    pub fn as_raw(&self) -> &serde_json::value::RawValue {
+        &self.0
+    }
+
+    /// The content as a JSON tree.
+    ///
+    /// # Errors
+    /// Never for a payload that was read or built here (it is valid JSON by construction).
+    pub fn to_value(&self) -> serde_json::Result<serde_json::Value> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// A payload holding `value`.
+    ///
+    /// # Errors
+    /// When `value` cannot be serialized (a map with non-string keys).
+    pub fn from_value(value: &serde_json::Value) -> serde_json::Result<Self> {
+        Ok(Self(serde_json::value::to_raw_value(value)?))
+    }
+}
+
+impl From<Box<serde_json::value::RawValue>> for Payload {
+    fn from(raw: Box<serde_json::value::RawValue>) -> Self {
+        Self(raw)
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+impl std::fmt::Display for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.get())
+    }
+}
+
 /// An event about to be appended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewEvent {
@@ -77,7 +131,7 @@ pub struct NewEvent {
     /// The payload's schema version.
     pub schema_version: u32,
     /// The domain event's content.
-    pub payload: serde_json::Value,
+    pub payload: Payload,
     /// Who, why, where from.
     pub metadata: Metadata,
 }
@@ -117,7 +171,7 @@ pub struct RecordedEvent {
     /// The team the stream belongs to.
     pub team_id: Uuid,
     /// The domain event's content.
-    pub payload: serde_json::Value,
+    pub payload: Payload,
     /// Who, why, where from.
     pub metadata: Metadata,
     /// When it was recorded.
@@ -149,7 +203,7 @@ impl RecordedEvent {
     /// # Errors
     /// When the payload fits no current event.
     pub fn decode<E: zpanel_domain::DomainEvent>(&self) -> Result<E, zpanel_domain::aggregate::UpcastError> {
-        E::decode(&self.event_type, self.schema_version, self.payload.clone())
+        E::decode_json(&self.event_type, self.schema_version, self.payload.as_str())
     }
 }
 

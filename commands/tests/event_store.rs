@@ -6,7 +6,7 @@ use sqlx::Row as _;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use uuid::Uuid;
-use zpanel_commands::store::{Append, AppendError, NewEvent, event_id_for};
+use zpanel_commands::store::{Append, AppendError, NewEvent, Payload, event_id_for};
 use zpanel_commands::testing::TestDatabase;
 use zpanel_commands::{
     Actor, AppendSignal, CommandContext, CommandError, CommandHandler, Cursor, EventStore, PgEventStore,
@@ -34,7 +34,7 @@ fn new_event(command_id: Uuid, i: usize) -> NewEvent {
         event_id: event_id_for(command_id, i),
         event_type: "TeamRenamed".into(),
         schema_version: 1,
-        payload: serde_json::json!({ "name": format!("n{i}") }),
+        payload: Payload::from_value(&serde_json::json!({ "name": format!("n{i}") })).expect("json"),
         metadata: zpanel_commands::store::Metadata {
             actor: Actor::system("test"),
             command_id,

@@ -54,6 +54,47 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + PartialEq 
         serde_json::from_value(serde_json::Value::Object(tagged))
             .map_err(|source| UpcastError::Shape { event_type: event_type.to_owned(), source })
     }
+
+    /// Like [`DomainEvent::encode`], with the payload as JSON text — what the store writes.
+    ///
+    /// # Errors
+    /// Only when serde cannot serialize the event, which is a bug.
+    fn encode_json(&self) -> Result<(&'static str, Box<serde_json::value::RawValue>), serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct Tagged<'a> {
+            #[serde(borrow)]
+            data: Option<&'a serde_json::value::RawValue>,
+        }
+        let whole = serde_json::to_string(self)?;
+        let tagged: Tagged<'_> = serde_json::from_str(&whole)?;
+        let payload = match tagged.data {
+            Some(data) => data.to_owned(),
+            None => serde_json::value::RawValue::from_string("null".to_owned())?,
+        };
+        Ok((self.event_type(), payload))
+    }
+
+    /// Like [`DomainEvent::decode`], from the payload's JSON text. Current versions are parsed
+    /// straight into the event, without an intermediate JSON tree: this is the hot path of every
+    /// read of the log.
+    ///
+    /// # Errors
+    /// When the payload does not fit the event type (or the type is unknown).
+    fn decode_json(event_type: &str, version: u32, payload: &str) -> Result<Self, UpcastError> {
+        let shape = |source| UpcastError::Shape { event_type: event_type.to_owned(), source };
+        if version != Self::schema_version(event_type) {
+            return Self::decode(event_type, version, serde_json::from_str(payload).map_err(shape)?);
+        }
+        // The tag first, so serde reads the content directly into its variant.
+        let tag = serde_json::to_string(event_type).map_err(shape)?;
+        let payload = payload.trim();
+        let tagged = if payload == "null" {
+            format!("{{\"type\":{tag}}}")
+        } else {
+            format!("{{\"type\":{tag},\"data\":{payload}}}")
+        };
+        serde_json::from_str(&tagged).map_err(shape)
+    }
 }
 
 /// A stored event that cannot be read as any current event.

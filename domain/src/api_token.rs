@@ -403,6 +403,8 @@ mod tests {
             let (kind, payload) = event.encode().expect("encodes");
             assert_eq!(kind, event.event_type());
             assert_eq!(ApiTokenEvent::decode(kind, 1, payload).expect("decodes"), event);
+            let (kind, text) = event.encode_json().expect("encodes");
+            assert_eq!(ApiTokenEvent::decode_json(kind, 1, text.get()).expect("decodes"), event);
         }
     }
 

@@ -1184,6 +1184,8 @@ pub(crate) mod tests {
             let (kind, payload) = event.encode().expect("encodes");
             let version = ApplicationEvent::schema_version(kind);
             assert_eq!(ApplicationEvent::decode(kind, version, payload).expect("decodes"), event);
+            let (kind, text) = event.encode_json().expect("encodes");
+            assert_eq!(ApplicationEvent::decode_json(kind, version, text.get()).expect("decodes"), event);
         }
     }
 
@@ -1196,6 +1198,9 @@ pub(crate) mod tests {
         fields.remove("domains");
         fields.insert("domain".into(), json!("web.example.com"));
         assert_eq!(ApplicationEvent::decode("ApplicationCreated", 1, payload.clone()).expect("upcasts"), created);
+        // The text path upcasts the same way.
+        let text = serde_json::to_string(&payload).expect("text");
+        assert_eq!(ApplicationEvent::decode_json("ApplicationCreated", 1, &text).expect("upcasts"), created);
 
         payload["domain"] = json!(null);
         let ApplicationEvent::ApplicationCreated { domains, .. } =

@@ -1236,6 +1236,8 @@ mod tests {
         for event in events {
             let (kind, payload) = event.encode().expect("encodes");
             assert_eq!(DeploymentEvent::decode(kind, 1, payload).expect("decodes"), event);
+            let (kind, text) = event.encode_json().expect("encodes");
+            assert_eq!(DeploymentEvent::decode_json(kind, 1, text.get()).expect("decodes"), event);
         }
         let (_, payload) =
             DeploymentEvent::DeploymentStepCompleted { step: DeploymentStep::HealthCheck }.encode().expect("encodes");

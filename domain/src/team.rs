@@ -303,6 +303,8 @@ mod tests {
         let (kind, payload) = event.encode().expect("encodes");
         assert_eq!(kind, "MemberAdded");
         assert_eq!(TeamEvent::decode(kind, 1, payload).expect("decodes"), event);
+        let (kind, text) = event.encode_json().expect("encodes");
+        assert_eq!(TeamEvent::decode_json(kind, 1, text.get()).expect("decodes"), event);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use crate::projection::Projection;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
-use serde_json::Value;
+use sqlx::types::Json;
 use sqlx::{PgConnection, Row as _};
 use std::collections::{BTreeMap, HashMap};
 use zpanel_commands::RecordedEvent;
@@ -26,7 +26,7 @@ pub const NAME: &str = "audit_log";
 /// An aggregate state of some kind, able to say what an event changed.
 trait Audited: Send {
     fn apply(&mut self, event: &RecordedEvent) -> anyhow::Result<Vec<Change>>;
-    fn to_json(&self) -> anyhow::Result<Value>;
+    fn to_json(&self) -> anyhow::Result<String>;
 }
 
 struct Typed<A> {
@@ -43,21 +43,20 @@ impl<A: Aggregate + Describe> Audited for Typed<A> {
         Ok(changes)
     }
 
-    fn to_json(&self) -> anyhow::Result<Value> {
-        Ok(serde_json::to_value(&self.state)?)
+    fn to_json(&self) -> anyhow::Result<String> {
+        Ok(serde_json::to_string(&self.state)?)
     }
 }
 
-fn typed<A: Aggregate + Describe + 'static>(stored: Option<Value>) -> anyhow::Result<Box<dyn Audited>> {
-    let state: A =
-        stored.map(serde_json::from_value).transpose().context("decoding an audit state")?.unwrap_or_default();
+fn typed<A: Aggregate + Describe + 'static>(stored: Option<&str>) -> anyhow::Result<Box<dyn Audited>> {
+    let state: A = stored.map(serde_json::from_str).transpose().context("decoding an audit state")?.unwrap_or_default();
     let described = state.describe();
     Ok(Box::new(Typed { state, described }))
 }
 
 /// The state of a stream of `kind`, continued from what was stored; `None` for kinds without
 /// an aggregate (their events are logged without changes).
-fn load(kind: &str, stored: Option<Value>) -> anyhow::Result<Option<Box<dyn Audited>>> {
+fn load(kind: &str, stored: Option<&str>) -> anyhow::Result<Option<Box<dyn Audited>>> {
     use zpanel_domain::{api_token, application, deployment, private_key, project, server, team};
     Ok(Some(match kind {
         team::Team::KIND => typed::<team::Team>(stored)?,
@@ -81,7 +80,7 @@ impl AuditProjection {
             .fetch_all(&mut *tx)
             .await
             .context("loading audit states")?;
-        let mut stored: HashMap<String, Value> = stored
+        let stored: HashMap<String, String> = stored
             .iter()
             .map(|r| Ok((r.try_get("stream_id")?, r.try_get("state")?)))
             .collect::<Result<_, sqlx::Error>>()?;
@@ -98,7 +97,7 @@ impl AuditProjection {
             let state = match states.entry(event.stream_id.as_str()) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(load(event.stream_kind(), stored.remove(&event.stream_id))?)
+                    v.insert(load(event.stream_kind(), stored.get(&event.stream_id).map(String::as_str))?)
                 }
             };
             let changes = match state {
@@ -110,9 +109,9 @@ impl AuditProjection {
             stream_ids.push(event.stream_id.as_str());
             versions.push(event.version);
             types.push(event.event_type.as_str());
-            actors.push(serde_json::to_value(&event.metadata.actor)?);
+            actors.push(Json(&event.metadata.actor));
             times.push(event.recorded_at);
-            all_changes.push(serde_json::to_value(changes)?);
+            all_changes.push(Json(changes));
         }
         sqlx::query(
             "insert into rm_audit_log (global_position, team_id, stream_id, version, event_type, actor, at, changes)
@@ -140,7 +139,7 @@ impl AuditProjection {
             }
         }
         sqlx::query(
-            "insert into rm_audit_state (stream_id, state) select * from unnest($1::text[], $2::jsonb[])
+            "insert into rm_audit_state (stream_id, state) select * from unnest($1::text[], $2::text[])
              on conflict (stream_id) do update set state = excluded.state",
         )
         .bind(&ids)

@@ -8,11 +8,11 @@ use crate::projection::Projection;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
+use sqlx::types::Json;
 use sqlx::{PgConnection, Row as _};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 use zpanel_commands::RecordedEvent;
 use zpanel_commands::handler::evolve_recorded;
@@ -54,6 +54,19 @@ impl<M> Default for StateProjection<M> {
     }
 }
 
+/// A row as written: the read model's columns, then the ones every table has.
+#[derive(serde::Serialize)]
+struct Record {
+    #[serde(flatten)]
+    columns: Map<String, Value>,
+    team_id: Uuid,
+    version: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    updated_at: OffsetDateTime,
+}
+
 struct Row<A> {
     state: A,
     team_id: Uuid,
@@ -84,12 +97,13 @@ impl<M: ReadModel> StateProjection<M> {
         .with_context(|| format!("loading rows of {}", M::TABLE))?;
         let mut rows: HashMap<Uuid, Row<M::Aggregate>> = HashMap::with_capacity(ids.len());
         for row in existing {
-            let state: Value = row.try_get("state")?;
             let created_at: OffsetDateTime = row.try_get("created_at")?;
+            let state: String = row.try_get("state")?;
+            let state = serde_json::from_str(&state).context("decoding a stored state")?;
             rows.insert(
                 row.try_get("id")?,
                 Row {
-                    state: serde_json::from_value(state).context("decoding a stored state")?,
+                    state,
                     team_id: row.try_get("team_id")?,
                     version: row.try_get("version")?,
                     created_at,
@@ -114,6 +128,7 @@ impl<M: ReadModel> StateProjection<M> {
         }
 
         let mut records = Vec::with_capacity(rows.len());
+        let mut states = Vec::with_capacity(rows.len());
         let mut gone = Vec::new();
         for (id, row) in &rows {
             let mut columns = match M::row(&row.state) {
@@ -124,13 +139,18 @@ impl<M: ReadModel> StateProjection<M> {
                 }
                 Projected::Absent => continue,
             };
-            columns.insert(M::KEY.to_owned(), Value::String(id.to_string()));
-            columns.insert("team_id".into(), Value::String(row.team_id.to_string()));
-            columns.insert("state".into(), serde_json::to_value(&row.state)?);
-            columns.insert("version".into(), Value::from(row.version));
-            columns.insert("created_at".into(), Value::String(row.created_at.format(&Rfc3339)?));
-            columns.insert("updated_at".into(), Value::String(row.updated_at.format(&Rfc3339)?));
-            records.push(Value::Object(columns));
+            // The team's own table is keyed by `team_id`, which every record has anyway.
+            if M::KEY != "team_id" {
+                columns.insert(M::KEY.to_owned(), Value::String(id.to_string()));
+            }
+            states.push(serde_json::to_string(&row.state)?);
+            records.push(Record {
+                columns,
+                team_id: row.team_id,
+                version: row.version,
+                created_at: row.created_at,
+                updated_at: row.updated_at,
+            });
         }
         if !gone.is_empty() {
             sqlx::query(&format!("delete from {} where {} = any($1)", M::TABLE, M::KEY))
@@ -139,20 +159,28 @@ impl<M: ReadModel> StateProjection<M> {
                 .await
                 .with_context(|| format!("deleting rows of {}", M::TABLE))?;
         }
-        let Some(Value::Object(first)) = records.first() else { return Ok(()) };
+        let Some(first) = records.first() else { return Ok(()) };
+        let mut columns: Vec<&str> = first.columns.keys().map(String::as_str).collect();
+        columns.extend(["team_id", "version", "created_at", "updated_at"]);
         let updates: Vec<String> =
-            first.keys().filter(|k| *k != M::KEY).map(|k| format!("{k} = excluded.{k}")).collect();
-        let columns: Vec<&str> = first.keys().map(String::as_str).collect();
+            columns.iter().chain(&["state"]).filter(|k| **k != M::KEY).map(|k| format!("{k} = excluded.{k}")).collect();
+        // The columns as a JSON recordset, serialized straight into the statement's buffer; the
+        // states beside them as text, which PostgreSQL stores without parsing.
         let sql = format!(
-            "insert into {table} ({cols}) select {cols} from jsonb_populate_recordset(null::{table}, $1)
+            "insert into {table} ({cols}, state)
+             select {row_cols}, s.state
+               from jsonb_populate_recordset(null::{table}, $1) with ordinality as r
+               join unnest($2::text[]) with ordinality as s(state, n) on s.n = r.ordinality
              on conflict ({key}) do update set {updates}",
             table = M::TABLE,
             cols = columns.join(", "),
+            row_cols = columns.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
             key = M::KEY,
             updates = updates.join(", ")
         );
         sqlx::query(&sql)
-            .bind(Value::Array(records))
+            .bind(Json(&records))
+            .bind(&states)
             .execute(&mut *tx)
             .await
             .with_context(|| format!("writing rows of {}", M::TABLE))?;

@@ -97,7 +97,7 @@ impl ProjectionRunner {
     /// When the database fails or a projection cannot apply an event; nothing is committed then.
     pub async fn step(&self) -> anyhow::Result<Step> {
         let names: Vec<String> = self.names().into_iter().map(str::to_owned).collect();
-        let mut tx = self.pool.begin().await.context("beginning a projection batch")?;
+        let mut tx = self.begin_batch().await?;
         let held = sqlx::query(
             "select name, tx_id::text::bigint as tx_id, position from checkpoints
               where name = any($1) and pg_try_advisory_xact_lock(hashtextextended('zpanel.projection.' || name, 0))",
@@ -106,12 +106,7 @@ impl ProjectionRunner {
         .fetch_all(&mut *tx)
         .await
         .context("locking projections")?;
-        let checkpoints: HashMap<String, Cursor> = held
-            .iter()
-            .map(|row| {
-                Ok((row.try_get("name")?, Cursor { tx_id: row.try_get("tx_id")?, position: row.try_get("position")? }))
-            })
-            .collect::<Result<_, sqlx::Error>>()?;
+        let checkpoints = checkpoint_map(&held)?;
         let Some(from) = checkpoints.values().min().copied() else {
             return Ok(Step::default());
         };
@@ -120,13 +115,66 @@ impl ProjectionRunner {
             tx.commit().await?;
             return Ok(Step { read: 0, held_back: batch.held_back });
         };
+        self.apply_locked(&mut tx, &checkpoints, &batch.events).await?;
+        tx.commit().await.context("committing a projection batch")?;
+        self.mark_projected(last);
+        Ok(Step { read: batch.events.len(), held_back: batch.held_back })
+    }
+
+    /// Applies `events` — the log's events that follow `after`, read by the caller — to every
+    /// projection of this runner, waiting for any other instance's batch to finish first. This
+    /// is how one reader feeds several runners (see [`crate::rebuild`]).
+    ///
+    /// # Errors
+    /// When the database fails, a projection cannot apply an event, or a projection's
+    /// checkpoint is behind `after` (the events between would be skipped: someone reset it).
+    pub async fn apply(&self, after: Cursor, events: &[zpanel_commands::RecordedEvent]) -> anyhow::Result<()> {
+        let Some(last) = events.last().map(|e| e.cursor()) else { return Ok(()) };
+        let names: Vec<String> = self.names().into_iter().map(str::to_owned).collect();
+        let mut tx = self.begin_batch().await?;
+        // In name order, as every waiting locker does, so two never wait on each other.
+        sqlx::query(
+            "select pg_advisory_xact_lock(hashtextextended('zpanel.projection.' || name, 0))
+               from (select unnest($1::text[]) as name order by 1) names",
+        )
+        .bind(&names)
+        .execute(&mut *tx)
+        .await
+        .context("locking projections")?;
+        let rows =
+            sqlx::query("select name, tx_id::text::bigint as tx_id, position from checkpoints where name = any($1)")
+                .bind(&names)
+                .fetch_all(&mut *tx)
+                .await
+                .context("reading checkpoints")?;
+        let checkpoints = checkpoint_map(&rows)?;
+        if let Some((name, behind)) = checkpoints.iter().find(|(_, c)| **c < after) {
+            anyhow::bail!(
+                "projection {name} is at {behind:?}, behind the events given (after {after:?}); was it reset?"
+            );
+        }
+        self.apply_locked(&mut tx, &checkpoints, events).await?;
+        tx.commit().await.context("committing a projection batch")?;
+        self.mark_projected(last);
+        Ok(())
+    }
+
+    /// Applies to each projection in `checkpoints` the events it has not seen, and moves the
+    /// checkpoints to the last event, in `tx`.
+    async fn apply_locked(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        checkpoints: &HashMap<String, Cursor>,
+        events: &[zpanel_commands::RecordedEvent],
+    ) -> anyhow::Result<()> {
+        let Some(last) = events.last().map(|e| e.cursor()) else { return Ok(()) };
         for projection in &self.projections {
             let Some(checkpoint) = checkpoints.get(projection.name()) else { continue };
-            let start = batch.events.partition_point(|e| e.cursor() <= *checkpoint);
-            let unseen = &batch.events[start..];
+            let start = events.partition_point(|e| e.cursor() <= *checkpoint);
+            let unseen = &events[start..];
             if !unseen.is_empty() {
                 projection
-                    .apply(&mut tx, unseen)
+                    .apply(&mut *tx, unseen)
                     .await
                     .with_context(|| format!("projection {} applying events up to {last:?}", projection.name()))?;
             }
@@ -142,7 +190,19 @@ impl ProjectionRunner {
         .execute(&mut *tx)
         .await
         .context("moving projection checkpoints")?;
-        tx.commit().await.context("committing a projection batch")?;
+        Ok(())
+    }
+
+    /// A batch's transaction. It commits without waiting for its WAL to reach disk: a read
+    /// model is derived data, and a batch lost in a crash is lost with its checkpoint, so it is
+    /// simply applied again. The events themselves are always committed durably.
+    async fn begin_batch(&self) -> anyhow::Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await.context("beginning a projection batch")?;
+        sqlx::query("set local synchronous_commit = off").execute(&mut *tx).await?;
+        Ok(tx)
+    }
+
+    fn mark_projected(&self, last: Cursor) {
         self.projected.send_if_modified(|c| {
             let moved = last > *c;
             if moved {
@@ -150,7 +210,6 @@ impl ProjectionRunner {
             }
             moved
         });
-        Ok(Step { read: batch.events.len(), held_back: batch.held_back })
     }
 
     /// Steps until the log is exhausted; returns how many events were read.
@@ -224,7 +283,10 @@ impl ProjectionRunner {
     /// When a name is unknown or the database fails.
     pub async fn reset(&self, names: &[&str]) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        for name in names {
+        // Locked in name order, like `apply`, so the two never wait on each other.
+        let mut names = names.to_vec();
+        names.sort_unstable();
+        for name in &names {
             let projection = self
                 .projections
                 .iter()
@@ -265,4 +327,12 @@ impl ProjectionRunner {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
     }
+}
+
+fn checkpoint_map(rows: &[sqlx::postgres::PgRow]) -> Result<HashMap<String, Cursor>, sqlx::Error> {
+    rows.iter()
+        .map(|row| {
+            Ok((row.try_get("name")?, Cursor { tx_id: row.try_get("tx_id")?, position: row.try_get("position")? }))
+        })
+        .collect()
 }

@@ -28,8 +28,10 @@ pub struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Run Zpanel: projections now (the API and workers join in later releases).
+    /// Run Zpanel: the GraphQL API and the projections (workers join in later releases).
     Serve,
+    /// Run the GraphQL API and the projections, without workers.
+    Api,
     /// Apply pending database migrations and exit.
     Migrate,
     /// Rebuild read models from the event log.
@@ -87,7 +89,7 @@ enum KeysCommand {
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let config = cli.config;
     match cli.command {
-        Command::Serve => serve(&config, shutdown).await,
+        Command::Serve | Command::Api => serve(&config, shutdown).await,
         Command::Migrate => {
             let db = Database::open(&config, 2).await?;
             println!("migrations applied");
@@ -132,16 +134,53 @@ where
 
 async fn serve(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     // Fail early on a bad master key rather than at the first secret.
-    Keyring::load(config.master_key.as_deref(), &config.data_dir)?;
-    let db = Database::open(config, 16).await?;
+    let keyring = Keyring::load(config.master_key.as_deref(), &config.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listening on {} (ZPANEL_LISTEN)", config.listen))?;
+    let db = Database::open(config, 32).await?;
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
     let runner = ProjectionRunner::new(db.pool.clone(), zpanel_projections::all());
-    tracing::info!(projections = ?runner.names(), "zpanel is running");
-    let result = runner.run(signal, shutdown).await;
+    runner.register().await?;
+    let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
+    let feed = zpanel_api::feed::Feed::new(db.pool.clone(), names, runner.projected());
+    let state = zpanel_api::ApiState {
+        pool: db.pool.clone(),
+        handler: CommandHandler::new(PgEventStore::new(db.pool.clone(), signal.clone())),
+        keyring: Arc::new(keyring),
+        feed: feed.clone(),
+        rate: Arc::new(zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst)),
+        metrics: Arc::default(),
+    };
+    let address = listener.local_addr()?;
+    tracing::info!(%address, projections = ?runner.names(), "zpanel is running");
+    println!("listening on http://{address}");
+
+    // One shutdown signal, seen by every part.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let projections = tokio::spawn({
+        let until = until_stopped();
+        async move { runner.run(signal, until).await }
+    });
+    let feeding = tokio::spawn(feed.run(until_stopped()));
+    let api = tokio::spawn(zpanel_api::serve(listener, zpanel_api::router(state), until_stopped()));
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    let results = [projections.await, feeding.await, api.await];
     bridge.abort();
     db.close().await;
-    result
+    for result in results {
+        result.context("a part of zpanel panicked")??;
+    }
+    Ok(())
 }
 
 async fn replay(db: Arc<Database>, names: Vec<String>) -> anyhow::Result<()> {
@@ -259,10 +298,25 @@ async fn bootstrap(db: Arc<Database>, team: String) -> anyhow::Result<()> {
         now: time::OffsetDateTime::now_utc(),
     };
     let ctx = CommandContext::new(team_id, actor, "cli");
-    handler
+    let outcome = handler
         .execute::<ApiToken>(&ctx, *token_id.as_uuid(), &command)
         .await
         .map_err(|e| anyhow::anyhow!("creating the root token: {e}"))?;
+    // The token works once the read models show it: project here, so it works the moment it is
+    // printed, whether or not a server is running (projecting is safe from several processes).
+    let last = outcome.events.last().map(RecordedEvent::cursor).context("the token command recorded nothing")?;
+    let runner = ProjectionRunner::new(db.pool.clone(), zpanel_projections::all());
+    runner.register().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        runner.catch_up().await?;
+        let behind = runner.checkpoints().await?.iter().any(|(_, at)| *at < last);
+        if !behind {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the read models did not catch up with the new token in 30 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     println!("team {team_id} created; its root API token (shown once, store it now):");
     println!("{}", generated.token.expose());
     Ok(())

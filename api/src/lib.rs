@@ -1,7 +1,54 @@
-//! Zpanel's public interface: the axum router with the async-graphql schema (queries over the
-//! read models, mutations that send commands, subscriptions), authentication by API token,
-//! webhooks, health and metrics.
+//! Zpanel's public interface: the GraphQL API (async-graphql on axum) that every client uses.
 //!
-//! The crate is deliberately empty until the GraphQL API lands; its dependencies already point
-//! the way the design allows (domain, commands, projections).
+//! - [`schema`]: queries over the read models, mutations that send commands, subscriptions.
+//! - [`auth`]: API tokens resolved to a team and abilities; every resolver is team-scoped.
+//! - [`feed`]: the horizon every read model has reached, and the fan-out of new audit entries
+//!   to subscribers.
+//! - [`http`]: the routes — `/graphql` (POST, GraphiQL, WebSocket), the SDL, health, metrics.
+//! - [`error`]: the one error type, with stable `extensions.code`s.
+//! - [`limits`]: abuse limits — aliases, per-token rate.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod error;
+pub mod feed;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+use zpanel_commands::{CommandHandler, Cursor, Keyring, PgEventStore};
+
+pub use http::{router, serve};
+
+/// How long a mutation waits for the read models to show its effect before answering.
+pub const READ_YOUR_WRITES: Duration = Duration::from_secs(10);
+
+/// What every request handler shares.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// The read models and the log.
+    pub pool: sqlx::PgPool,
+    /// Sends commands.
+    pub handler: CommandHandler<PgEventStore>,
+    /// Seals and opens secrets.
+    pub keyring: Arc<Keyring>,
+    /// The horizon, and new audit entries for subscribers.
+    pub feed: feed::Feed,
+    /// Per-token request budgets.
+    pub rate: Arc<limits::RateLimiter>,
+    /// Request counters and latencies.
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+impl ApiState {
+    /// Waits until every read model shows the log up to `cursor`.
+    ///
+    /// # Errors
+    /// When they don't within [`READ_YOUR_WRITES`].
+    pub async fn visible(&self, cursor: Cursor) -> error::ApiResult<()> {
+        self.feed.wait_for(cursor, READ_YOUR_WRITES).await.map_err(error::ApiError::from)
+    }
+}

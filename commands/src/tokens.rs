@@ -40,6 +40,14 @@ pub fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// Whether `token` has a token's form (`zp_` and 64 lowercase hex digits), before any lookup.
+#[must_use]
+pub fn looks_like_token(token: &str) -> bool {
+    token
+        .strip_prefix(PREFIX)
+        .is_some_and(|rest| rest.len() == 64 && rest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +59,8 @@ mod tests {
         assert_eq!(generated.token.expose().len(), PREFIX.len() + 64);
         assert_eq!(hash(generated.token.expose()), generated.hash);
         assert_ne!(generate().hash, generated.hash);
+        assert!(looks_like_token(generated.token.expose()));
+        assert!(!looks_like_token("zp_short"));
+        assert!(!looks_like_token(&generated.token.expose().to_uppercase()));
     }
 }

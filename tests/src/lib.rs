@@ -1,6 +1,8 @@
 //! End-to-end test support: the real `zpanel` binary against real services.
 #![forbid(unsafe_code)]
 
+pub mod api;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -48,6 +50,7 @@ pub fn zpanel(db: &TestDatabase, data_dir: &std::path::Path) -> Command {
         .env_remove("ZPANEL_MASTER_KEY")
         .env("ZPANEL_DATABASE_URL", &db.url)
         .env("ZPANEL_DATA_DIR", data_dir)
+        .env("ZPANEL_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn");
     command
 }

@@ -1,0 +1,113 @@
+//! Who is calling: API tokens (`Authorization: Bearer zp_…`) resolved to a team and abilities.
+//!
+//! Tokens are stored as SHA-256 hashes in the `api_tokens` read model. A presented token is
+//! hashed, looked up by its hash, and the stored hash compared with the presented one in constant
+//! time. Expiry and revocation are checked on every request — and by open subscriptions before
+//! each delivery — so a revoked token stops working at once.
+
+use crate::error::{ApiError, ApiResult};
+use sqlx::{PgPool, Row as _};
+use subtle::ConstantTimeEq as _;
+use time::OffsetDateTime;
+use uuid::Uuid;
+use zpanel_commands::Actor;
+use zpanel_domain::ids::TeamId;
+use zpanel_domain::values::{Abilities, Ability};
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The team every resolver is scoped to.
+    pub team_id: TeamId,
+    /// The token's id.
+    pub token_id: Uuid,
+    /// The token's name.
+    pub token_name: String,
+    /// What it may do.
+    pub abilities: Abilities,
+    /// The presented token's hash, to re-check it later.
+    token_hash: String,
+}
+
+impl Caller {
+    /// Fails with `FORBIDDEN` unless the token has `ability` (or `root`).
+    ///
+    /// # Errors
+    /// When it lacks the ability.
+    pub fn require(&self, ability: Ability) -> ApiResult<()> {
+        if self.abilities.allows(ability) { Ok(()) } else { Err(ApiError::Forbidden(ability.as_str())) }
+    }
+
+    /// Whether secrets may be shown unmasked.
+    #[must_use]
+    pub fn sees_secrets(&self) -> bool {
+        self.abilities.allows(Ability::ReadSensitive)
+    }
+
+    /// The actor recorded on the events this caller causes.
+    #[must_use]
+    pub fn actor(&self) -> Actor {
+        Actor::token(self.token_id, &self.token_name)
+    }
+
+    /// Whether the token still works (not revoked, not expired).
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn still_valid(&self, pool: &PgPool) -> ApiResult<bool> {
+        Ok(lookup(pool, &self.token_hash).await?.is_some())
+    }
+}
+
+/// The token in an `Authorization` header value (`Bearer zp_…`), if it has that form.
+#[must_use]
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+/// Resolves a presented token.
+///
+/// # Errors
+/// `UNAUTHENTICATED` for a malformed, unknown, expired or revoked token; `INTERNAL` when the
+/// database fails.
+pub async fn authenticate(pool: &PgPool, token: &str) -> ApiResult<Caller> {
+    if !zpanel_commands::tokens::looks_like_token(token) {
+        return Err(ApiError::Unauthenticated);
+    }
+    let hash = zpanel_commands::tokens::hash(token);
+    lookup(pool, &hash).await?.ok_or(ApiError::Unauthenticated)
+}
+
+async fn lookup(pool: &PgPool, hash: &str) -> ApiResult<Option<Caller>> {
+    let row = sqlx::query(
+        "select token_id, team_id, name, abilities, token_hash, expires_at, revoked
+           from rm_api_tokens where token_hash = $1",
+    )
+    .bind(hash)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let stored: String = row.try_get("token_hash")?;
+    if !bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) {
+        return Ok(None);
+    }
+    let revoked: bool = row.try_get("revoked")?;
+    let expires_at: Option<OffsetDateTime> = row.try_get("expires_at")?;
+    if revoked || expires_at.is_some_and(|at| at <= OffsetDateTime::now_utc()) {
+        return Ok(None);
+    }
+    let names: Vec<String> = row.try_get("abilities")?;
+    let abilities = names
+        .iter()
+        .map(|n| Ability::parse(n))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("a stored token has an unknown ability: {e}"))?;
+    Ok(Some(Caller {
+        team_id: TeamId::from_uuid(row.try_get("team_id")?),
+        token_id: row.try_get("token_id")?,
+        token_name: row.try_get("name")?,
+        abilities: Abilities::new(abilities),
+        token_hash: stored,
+    }))
+}

@@ -1,0 +1,242 @@
+//! The HTTP surface: `/graphql` (POST for queries and mutations; GET for GraphiQL in a browser
+//! or a `graphql-transport-ws` WebSocket), `/graphql/schema.graphql`, `/healthz`, `/readyz`,
+//! `/metrics`.
+
+use crate::ApiState;
+use crate::auth::{self, Caller};
+use crate::error::ApiError;
+use crate::schema::{self, Suggestions, ZpanelSchema};
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use std::time::Instant;
+use zpanel_commands::Cursor;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+/// `/readyz` fails when the read models are more than this many events behind the log.
+pub const READY_LAG: i64 = 10_000;
+
+#[derive(Clone)]
+#[allow(missing_debug_implementations)]
+struct Schemas {
+    state: ApiState,
+    /// For authenticated requests.
+    open: ZpanelSchema,
+    /// For anonymous ones: no field suggestions.
+    closed: ZpanelSchema,
+}
+
+/// The router over `state`.
+pub fn router(state: ApiState) -> Router {
+    let schemas = Schemas {
+        open: schema::build(state.clone(), Suggestions::On),
+        closed: schema::build(state.clone(), Suggestions::Off),
+        state,
+    };
+    Router::new()
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/graphql/schema.graphql", get(sdl))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(schemas)
+}
+
+/// Serves `router` on `listener` until `shutdown`; open requests finish first.
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+/// The caller named by an `Authorization` header, if any and valid.
+async fn caller_of(state: &ApiState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
+    let Some(token) = value.to_str().ok().and_then(auth::bearer) else { return Ok(None) };
+    match auth::authenticate(&state.pool, token).await {
+        Ok(caller) => Ok(Some(caller)),
+        Err(ApiError::Unauthenticated) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn error_response(error: ApiError) -> GraphQLResponse {
+    let error: async_graphql::Error = error.into();
+    async_graphql::Response::from_errors(vec![error.into_server_error(async_graphql::Pos::default())]).into()
+}
+
+/// A query or mutation. The body is read through axum's `Bytes`, so [`MAX_BODY`] applies
+/// (`413` beyond it); one operation per request — a batch (a JSON array) is refused.
+async fn graphql_post(State(schemas): State<Schemas>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let state = &schemas.state;
+    let mut request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            let rule = if body.first() == Some(&b'[') {
+                "batched operations are not accepted; send one operation per request".to_owned()
+            } else {
+                format!("is not a GraphQL request: {e}")
+            };
+            return error_response(ApiError::invalid("body", rule)).into_response();
+        }
+    };
+    let kind = operation_kind(&request.query);
+    let caller = match caller_of(state, &headers).await {
+        Ok(caller) => caller,
+        Err(e) => return error_response(e).into_response(),
+    };
+    if let Some(caller) = &caller
+        && let Err(wait) = state.rate.take(caller.token_id)
+    {
+        state.metrics.request(kind, "rate_limited", started.elapsed());
+        let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        return error_response(ApiError::RateLimited { retry_after_ms }).into_response();
+    }
+    if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
+        let n = crate::limits::aliases(&document);
+        if n > crate::limits::MAX_ALIASES {
+            return error_response(ApiError::invalid(
+                "query",
+                format!("uses {n} aliases; at most {} are allowed", crate::limits::MAX_ALIASES),
+            ))
+            .into_response();
+        }
+    }
+    let schema = if caller.is_some() { &schemas.open } else { &schemas.closed };
+    if let Some(caller) = caller {
+        request = request.data(caller);
+    }
+    let response = schema.execute(request).await;
+    let outcome = if response.errors.is_empty() { "ok" } else { "error" };
+    state.metrics.request(kind, outcome, started.elapsed());
+    GraphQLResponse::from(response).into_response()
+}
+
+/// `query`, `mutation`, `subscription` or `other`, for metrics labels.
+fn operation_kind(query: &str) -> &'static str {
+    let head = query.trim_start();
+    if head.starts_with("mutation") {
+        "mutation"
+    } else if head.starts_with("subscription") {
+        "subscription"
+    } else if head.starts_with('{') || head.starts_with("query") {
+        "query"
+    } else {
+        "other"
+    }
+}
+
+/// GraphiQL for a browser; a `graphql-transport-ws` session for a WebSocket upgrade. The
+/// WebSocket client sends its token in `connection_init`: `{"authorization": "Bearer zp_…"}`.
+async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let upgrade = parts.headers.get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if !upgrade {
+        return Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish())
+            .into_response();
+    }
+    let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &schemas).await {
+        Ok(protocol) => protocol,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &schemas).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let state = schemas.state.clone();
+    let schema = schemas.open.clone();
+    upgrade
+        .protocols(ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| {
+            GraphQLWebSocket::new(socket, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let header = payload
+                        .get("authorization")
+                        .or_else(|| payload.get("Authorization"))
+                        .and_then(serde_json::Value::as_str)
+                        .and_then(auth::bearer)
+                        .ok_or_else(|| async_graphql::Error::from(ApiError::Unauthenticated))?;
+                    let caller = auth::authenticate(&state.pool, header).await?;
+                    let mut data = async_graphql::Data::default();
+                    data.insert(caller);
+                    Ok(data)
+                })
+                .serve()
+        })
+        .into_response()
+}
+
+async fn sdl() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], schema::sdl())
+}
+
+/// Ready: the database answers and the read models are close to the head of the log.
+async fn ready(State(schemas): State<Schemas>) -> Response {
+    let state = &schemas.state;
+    let horizon = match state.feed.read_horizon().await {
+        Ok(h) => h,
+        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e:#}\n")).into_response(),
+    };
+    match behind(state, horizon).await {
+        Ok(n) if n > READY_LAG => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("read models are {n}+ events behind the log\n")).into_response()
+        }
+        Ok(n) => (StatusCode::OK, format!("ready; read models {n} events behind\n")).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e:#}\n")).into_response(),
+    }
+}
+
+/// How many events follow `cursor` in the log (counting at most one past [`READY_LAG`]).
+async fn behind(state: &ApiState, cursor: Cursor) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "select count(*) from (select 1 from events where (tx_id, global_position) > ($1::text::xid8, $2) limit $3) t",
+    )
+    .bind(cursor.tx_id.to_string())
+    .bind(cursor.position)
+    .bind(READY_LAG + 1)
+    .fetch_one(&state.pool)
+    .await
+}
+
+async fn metrics(State(schemas): State<Schemas>) -> Response {
+    let state = &schemas.state;
+    let mut extra = String::new();
+    extra.push_str(
+        "# HELP zpanel_projection_lag_seconds Age of the oldest event a projection has not applied (0: caught up).\n",
+    );
+    extra.push_str("# TYPE zpanel_projection_lag_seconds gauge\n");
+    let lags = sqlx::query_as::<_, (String, f64)>(
+        "select c.name, coalesce(extract(epoch from now() - (
+                select e.recorded_at from events e
+                 where (e.tx_id, e.global_position) > (c.tx_id, c.position)
+                 order by e.tx_id, e.global_position limit 1))::float8, 0)
+           from checkpoints c order by c.name",
+    )
+    .fetch_all(&state.pool)
+    .await;
+    match lags {
+        Ok(lags) => {
+            for (name, lag) in lags {
+                extra.push_str(&format!("zpanel_projection_lag_seconds{{projection=\"{name}\"}} {lag}\n"));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading projection lag for /metrics"),
+    }
+    extra.push_str("# HELP zpanel_subscribers Open subscriptions.\n# TYPE zpanel_subscribers gauge\n");
+    extra.push_str(&format!("zpanel_subscribers {}\n", state.feed.subscribers()));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&extra)).into_response()
+}

@@ -1,0 +1,798 @@
+//! Mutations: one per intent. Each parses its input into domain values (a bad field is
+//! `INVALID_INPUT` naming it, and nothing is written), looks up the outside facts the rule
+//! needs, sends the command, waits until the read models show its effect, and returns the
+//! affected object. A client `commandId` makes a retry return the first result instead of
+//! acting twice.
+
+use super::types::{ApiToken, Application, CreatedApiToken, Deployment, PrivateKey, Project, Server};
+use super::{caller, load, parse_id};
+use crate::ApiState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use async_graphql::{Context, ID, InputObject, Object};
+use std::collections::BTreeSet;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+use zpanel_commands::{CommandContext, Outcome, Plaintext};
+use zpanel_domain::Aggregate;
+use zpanel_domain::api_token::{ApiToken as TokenAggregate, ApiTokenCommand};
+use zpanel_domain::application::{Application as AppAggregate, ApplicationCommand, ApplicationPatch, EnvValue, Source};
+use zpanel_domain::deployment::{Deployment as DeploymentAggregate, DeploymentCommand, DeploymentReason};
+use zpanel_domain::ids::{ApiTokenId, ApplicationId, DeploymentId, PrivateKeyId, ProjectId, ServerId};
+use zpanel_domain::private_key::{PrivateKey as KeyAggregate, PrivateKeyCommand};
+use zpanel_domain::project::{Project as ProjectAggregate, ProjectCommand};
+use zpanel_domain::server::{Server as ServerAggregate, ServerCommand};
+use zpanel_domain::values::{
+    Abilities, Ability, DomainName, EnvKey, EnvironmentName, GitRef, GitUrl, HealthCheck, HealthPath, Host, ImageRef,
+    Name, Port, RepoPath, ResourceLimits, UnixUser, ValueError,
+};
+
+/// The mutation root.
+#[derive(Debug, Default)]
+pub struct Mutation;
+
+/// Parses an input field, naming it in the error.
+fn field<T>(name: &str, value: &str, parse: impl FnOnce(&str) -> Result<T, ValueError>) -> ApiResult<T> {
+    parse(value).map_err(|e| ApiError::invalid(name, e.rule))
+}
+
+/// Parses an optional input field.
+fn optional<T>(
+    name: &str,
+    value: Option<&str>,
+    parse: impl FnOnce(&str) -> Result<T, ValueError>,
+) -> ApiResult<Option<T>> {
+    value.map(|v| field(name, v, parse)).transpose()
+}
+
+/// An id in the input that must name something of the caller's team.
+fn input_id(name: &str, id: &ID) -> ApiResult<Uuid> {
+    Uuid::parse_str(id.as_str()).map_err(|_| ApiError::invalid(name, "must be an id this API returned"))
+}
+
+fn port(name: &str, value: i32) -> ApiResult<Port> {
+    u32::try_from(value)
+        .map_err(|_| ValueError { rule: "must be a number from 1 to 65535".into() })
+        .and_then(Port::try_from)
+        .map_err(|e| ApiError::invalid(name, e.rule))
+}
+
+/// The command context of a request: the caller's team and token, and the client's command id.
+fn context(caller: &Caller, command_id: Option<&ID>) -> ApiResult<CommandContext> {
+    let ctx = CommandContext::new(caller.team_id, caller.actor(), "api");
+    match command_id {
+        None => Ok(ctx),
+        Some(id) => Ok(ctx.with_command_id(input_id("commandId", id)?)),
+    }
+}
+
+/// Sends a command and waits until the read models show its events.
+async fn send<A: Aggregate>(
+    state: &ApiState,
+    caller: &Caller,
+    command_id: Option<&ID>,
+    what: &'static str,
+    id: Uuid,
+    command: &A::Command,
+) -> ApiResult<Outcome<A>>
+where
+    A::Error: std::fmt::Display,
+{
+    let ctx = context(caller, command_id)?;
+    let outcome = match state.handler.execute::<A>(&ctx, id, command).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let error = ApiError::from_command(what, e);
+            state.metrics.command(A::KIND, error.code());
+            return Err(error);
+        }
+    };
+    state.metrics.command(A::KIND, "ok");
+    if let Some(last) = outcome.events.last() {
+        state.visible(last.cursor()).await?;
+    }
+    Ok(outcome)
+}
+
+fn found<T>(what: &'static str, value: Option<T>) -> ApiResult<T> {
+    value.ok_or(ApiError::NotFound(what))
+}
+
+const PROJECT_NAMES: &str = "select name from rm_projects where team_id = $1 and project_id is distinct from $2";
+const APPLICATION_NAMES: &str =
+    "select name from rm_applications where project_id = $1 and application_id is distinct from $2";
+const KEY_NAMES: &str = "select name from rm_private_keys where team_id = $1 and private_key_id is distinct from $2";
+const SERVER_NAMES: &str = "select name from rm_servers where team_id = $1 and server_id is distinct from $2";
+
+/// `createProject`.
+#[derive(Debug, InputObject)]
+pub struct CreateProjectInput {
+    /// Unique within the team.
+    pub name: String,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `renameProject`.
+#[derive(Debug, InputObject)]
+pub struct RenameProjectInput {
+    /// The project.
+    pub id: ID,
+    /// The new name.
+    pub name: String,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `archiveProject`, `archiveApplication`, `revokeApiToken`, `validateServer`, …
+#[derive(Debug, InputObject)]
+pub struct IdInput {
+    /// The object.
+    pub id: ID,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `createEnvironment`.
+#[derive(Debug, InputObject)]
+pub struct CreateEnvironmentInput {
+    /// The project.
+    pub project_id: ID,
+    /// The environment's name, e.g. `staging`.
+    pub name: String,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `createApplication`: a git source (`gitUrl`, `gitRef`, `dockerfile`) or an `image`.
+#[derive(Debug, InputObject)]
+pub struct CreateApplicationInput {
+    /// The project.
+    pub project_id: ID,
+    /// The project environment (default `production`).
+    pub environment: Option<String>,
+    /// Unique within the project.
+    pub name: String,
+    /// Repository: https, `git@host:path`, or a local path.
+    pub git_url: Option<String>,
+    /// Branch, tag or commit (default `main`).
+    pub git_ref: Option<String>,
+    /// Dockerfile path in the repository (default `Dockerfile`).
+    pub dockerfile: Option<String>,
+    /// SSH key to clone with.
+    pub deploy_key_id: Option<ID>,
+    /// An image to pull instead of building.
+    pub image: Option<String>,
+    /// The port it listens on in its container (default 80).
+    pub port: Option<i32>,
+    /// Health check path (default `/`).
+    pub health_check_path: Option<String>,
+    /// Domains routed to it.
+    pub domains: Option<Vec<String>>,
+    /// Memory limit, bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU limit, thousandths of a core.
+    pub cpu_millis: Option<u32>,
+    /// Target server (default: the local Docker Engine).
+    pub server_id: Option<ID>,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `updateApplication`: each field given is changed.
+#[derive(Debug, InputObject)]
+pub struct UpdateApplicationInput {
+    /// The application.
+    pub id: ID,
+    /// A new name.
+    pub name: Option<String>,
+    /// A new repository.
+    pub git_url: Option<String>,
+    /// A new ref.
+    pub git_ref: Option<String>,
+    /// A new Dockerfile path.
+    pub dockerfile: Option<String>,
+    /// A new image.
+    pub image: Option<String>,
+    /// A new port.
+    pub port: Option<i32>,
+    /// A new health check path.
+    pub health_check_path: Option<String>,
+    /// The new set of domains.
+    pub domains: Option<Vec<String>>,
+    /// A new server; `clearServer` to use the local engine.
+    pub server_id: Option<ID>,
+    /// Use the local Docker Engine.
+    pub clear_server: Option<bool>,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `setEnvironmentVariable`.
+#[derive(Debug, InputObject)]
+pub struct SetEnvironmentVariableInput {
+    /// The application.
+    pub application_id: ID,
+    /// Its name.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+    /// Seal it, and show it only to tokens with `read:sensitive`.
+    pub secret: Option<bool>,
+    /// Pass it to the image build too.
+    pub build_time: Option<bool>,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `unsetEnvironmentVariable`.
+#[derive(Debug, InputObject)]
+pub struct UnsetEnvironmentVariableInput {
+    /// The application.
+    pub application_id: ID,
+    /// Its name.
+    pub key: String,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `deployApplication`.
+#[derive(Debug, InputObject)]
+pub struct DeployApplicationInput {
+    /// The application.
+    pub application_id: ID,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `cancelDeployment`.
+#[derive(Debug, InputObject)]
+pub struct CancelDeploymentInput {
+    /// The deployment.
+    pub deployment_id: ID,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `rollbackApplication`: re-deploy an earlier deployment's image and configuration.
+#[derive(Debug, InputObject)]
+pub struct RollbackApplicationInput {
+    /// The application.
+    pub application_id: ID,
+    /// The deployment whose release to re-create.
+    pub deployment_id: ID,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `addPrivateKey`: import an OpenSSH or PEM key, or leave `privateKey` out to generate Ed25519.
+#[derive(Debug, InputObject)]
+pub struct AddPrivateKeyInput {
+    /// Unique within the team.
+    pub name: String,
+    /// The private key (OpenSSH or PEM). Sealed at once; never shown again.
+    pub private_key: Option<String>,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `createServer`.
+#[derive(Debug, InputObject)]
+pub struct CreateServerInput {
+    /// Unique within the team.
+    pub name: String,
+    /// Host name or IP address.
+    pub host: String,
+    /// SSH port (default 22).
+    pub port: Option<i32>,
+    /// Login account (default `root`).
+    pub user: Option<String>,
+    /// Login key.
+    pub private_key_id: ID,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `createApiToken`.
+#[derive(Debug, InputObject)]
+pub struct CreateApiTokenInput {
+    /// What it is for.
+    pub name: String,
+    /// `read`, `read:sensitive`, `write`, `deploy`, `root`: never more than the caller's.
+    pub abilities: Vec<String>,
+    /// When it stops working (RFC 3339); never, if left out.
+    pub expires_at: Option<String>,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+fn domains(name: &str, values: &[String]) -> ApiResult<BTreeSet<DomainName>> {
+    values.iter().map(|d| field(name, d, DomainName::parse)).collect()
+}
+
+/// A server of the caller's team, or `INVALID_INPUT` naming `name`.
+async fn team_server(state: &ApiState, caller: &Caller, name: &str, id: &ID) -> ApiResult<ServerId> {
+    let id = input_id(name, id)?;
+    if load::server(state, caller, id).await?.is_none() {
+        return Err(ApiError::invalid(name, "is not a server of this team"));
+    }
+    Ok(ServerId::from_uuid(id))
+}
+
+/// A key of the caller's team, or `INVALID_INPUT` naming `name`.
+async fn team_key(state: &ApiState, caller: &Caller, name: &str, id: &ID) -> ApiResult<PrivateKeyId> {
+    let id = input_id(name, id)?;
+    if load::private_key(state, caller, id).await?.is_none() {
+        return Err(ApiError::invalid(name, "is not a private key of this team"));
+    }
+    Ok(PrivateKeyId::from_uuid(id))
+}
+
+/// The application's project, from its read model.
+async fn project_of(state: &ApiState, caller: &Caller, application: Uuid) -> ApiResult<Uuid> {
+    sqlx::query_scalar("select project_id from rm_applications where team_id = $1 and application_id = $2")
+        .bind(caller.team_id.as_uuid())
+        .bind(application)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or(ApiError::NotFound("application"))
+}
+
+async fn reload_application(state: &ApiState, caller: &Caller, id: Uuid) -> ApiResult<Application> {
+    found("application", load::application(state, caller, id).await?)
+}
+
+#[Object]
+impl Mutation {
+    /// Creates a project with a `production` environment.
+    async fn create_project(&self, ctx: &Context<'_>, input: CreateProjectInput) -> ApiResult<Project> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let name = field("name", &input.name, Name::parse)?;
+        let id = ProjectId::new();
+        let team = *caller.team_id.as_uuid();
+        let command = ProjectCommand::CreateProject {
+            id,
+            team_id: caller.team_id,
+            name,
+            names_in_use: load::names_in_use(state, PROJECT_NAMES, team, None).await?,
+        };
+        let outcome =
+            send::<ProjectAggregate>(state, caller, input.command_id.as_ref(), "project", *id.as_uuid(), &command)
+                .await?;
+        found("project", load::project(state, caller, outcome_id(&outcome)?).await?)
+    }
+
+    /// Renames a project.
+    async fn rename_project(&self, ctx: &Context<'_>, input: RenameProjectInput) -> ApiResult<Project> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "project")?;
+        let name = field("name", &input.name, Name::parse)?;
+        let team = *caller.team_id.as_uuid();
+        let command = ProjectCommand::RenameProject {
+            name,
+            names_in_use: load::names_in_use(state, PROJECT_NAMES, team, Some(id)).await?,
+        };
+        send::<ProjectAggregate>(state, caller, input.command_id.as_ref(), "project", id, &command).await?;
+        found("project", load::project(state, caller, id).await?)
+    }
+
+    /// Archives a project that has no active applications.
+    async fn archive_project(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Project> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "project")?;
+        let active: i64 =
+            sqlx::query_scalar("select count(*) from rm_applications where project_id = $1 and not archived")
+                .bind(id)
+                .fetch_one(&state.pool)
+                .await?;
+        let command =
+            ProjectCommand::ArchiveProject { active_applications: usize::try_from(active).unwrap_or(usize::MAX) };
+        send::<ProjectAggregate>(state, caller, input.command_id.as_ref(), "project", id, &command).await?;
+        found("project", load::project(state, caller, id).await?)
+    }
+
+    /// Adds an environment to a project.
+    async fn create_environment(&self, ctx: &Context<'_>, input: CreateEnvironmentInput) -> ApiResult<Project> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.project_id, "project")?;
+        let name = field("name", &input.name, EnvironmentName::parse)?;
+        send::<ProjectAggregate>(
+            state,
+            caller,
+            input.command_id.as_ref(),
+            "project",
+            id,
+            &ProjectCommand::CreateEnvironment { name },
+        )
+        .await?;
+        found("project", load::project(state, caller, id).await?)
+    }
+
+    /// Creates an application in a project environment.
+    async fn create_application(&self, ctx: &Context<'_>, input: CreateApplicationInput) -> ApiResult<Application> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let project = input_id("projectId", &input.project_id)?;
+        let Some(project_view) = load::project(state, caller, project).await? else {
+            return Err(ApiError::NotFound("project"));
+        };
+        let environment =
+            field("environment", input.environment.as_deref().unwrap_or("production"), EnvironmentName::parse)?;
+        let name = field("name", &input.name, Name::parse)?;
+        let source = match (&input.git_url, &input.image) {
+            (Some(_), Some(_)) => return Err(ApiError::invalid("image", "give either gitUrl or image, not both")),
+            (None, None) => return Err(ApiError::invalid("gitUrl", "give either gitUrl or image")),
+            (Some(url), None) => Source::Git {
+                url: field("gitUrl", url, GitUrl::parse)?,
+                git_ref: field("gitRef", input.git_ref.as_deref().unwrap_or("main"), GitRef::parse)?,
+                dockerfile: field("dockerfile", input.dockerfile.as_deref().unwrap_or("Dockerfile"), RepoPath::parse)?,
+                deploy_key: match &input.deploy_key_id {
+                    Some(id) => Some(team_key(state, caller, "deployKeyId", id).await?),
+                    None => None,
+                },
+            },
+            (None, Some(image)) => Source::Image { image: field("image", image, ImageRef::parse)? },
+        };
+        let health_check = HealthCheck {
+            path: field("healthCheckPath", input.health_check_path.as_deref().unwrap_or("/"), HealthPath::parse)?,
+            ..HealthCheck::default()
+        };
+        let limits = ResourceLimits::new(input.memory_bytes, input.cpu_millis).map_err(|e| {
+            ApiError::invalid(if input.memory_bytes.is_some() { "memoryBytes" } else { "cpuMillis" }, e.rule)
+        })?;
+        let server_id = match &input.server_id {
+            Some(id) => Some(team_server(state, caller, "serverId", id).await?),
+            None => None,
+        };
+        let id = ApplicationId::new();
+        let command = ApplicationCommand::CreateApplication {
+            id,
+            team_id: caller.team_id,
+            project_id: ProjectId::from_uuid(project),
+            environment_exists: project_view.environments.iter().any(|e| e.name == environment.to_string()),
+            environment,
+            name,
+            source,
+            port: port("port", input.port.unwrap_or(80))?,
+            health_check,
+            domains: domains("domains", input.domains.as_deref().unwrap_or_default())?,
+            limits,
+            server_id,
+            webhook_secret: state.keyring.seal(&Plaintext::new(random_secret())),
+            names_in_use: load::names_in_use(state, APPLICATION_NAMES, project, None).await?,
+        };
+        let outcome =
+            send::<AppAggregate>(state, caller, input.command_id.as_ref(), "application", *id.as_uuid(), &command)
+                .await?;
+        reload_application(state, caller, outcome_id(&outcome)?).await
+    }
+
+    /// Changes an application's configuration.
+    async fn update_application(&self, ctx: &Context<'_>, input: UpdateApplicationInput) -> ApiResult<Application> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "application")?;
+        let project = project_of(state, caller, id).await?;
+        let server_id = match (&input.server_id, input.clear_server.unwrap_or(false)) {
+            (Some(_), true) => return Err(ApiError::invalid("clearServer", "give either serverId or clearServer")),
+            (Some(sid), false) => Some(Some(team_server(state, caller, "serverId", sid).await?)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let health_check = match &input.health_check_path {
+            Some(path) => {
+                let path = field("healthCheckPath", path, HealthPath::parse)?;
+                let (current, _) = state
+                    .handler
+                    .load::<AppAggregate>(caller.team_id, id)
+                    .await
+                    .map_err(|e| ApiError::from_command("application", e))?;
+                let current = current.state().ok_or(ApiError::NotFound("application"))?.health_check.clone();
+                Some(HealthCheck { path, ..current })
+            }
+            None => None,
+        };
+        let patch = ApplicationPatch {
+            name: optional("name", input.name.as_deref(), Name::parse)?,
+            git_url: optional("gitUrl", input.git_url.as_deref(), GitUrl::parse)?,
+            git_ref: optional("gitRef", input.git_ref.as_deref(), GitRef::parse)?,
+            dockerfile: optional("dockerfile", input.dockerfile.as_deref(), RepoPath::parse)?,
+            deploy_key: None,
+            image: optional("image", input.image.as_deref(), ImageRef::parse)?,
+            port: input.port.map(|p| port("port", p)).transpose()?,
+            health_check,
+            domains: input.domains.as_deref().map(|d| domains("domains", d)).transpose()?,
+            limits: None,
+            server_id,
+        };
+        if patch.is_empty() {
+            return Err(ApiError::invalid("input", "give at least one field to change"));
+        }
+        let command = ApplicationCommand::UpdateApplication {
+            patch,
+            names_in_use: load::names_in_use(state, APPLICATION_NAMES, project, Some(id)).await?,
+        };
+        send::<AppAggregate>(state, caller, input.command_id.as_ref(), "application", id, &command).await?;
+        reload_application(state, caller, id).await
+    }
+
+    /// Archives an application: it keeps its history but can no longer change or be deployed.
+    async fn archive_application(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Application> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "application")?;
+        send::<AppAggregate>(
+            state,
+            caller,
+            input.command_id.as_ref(),
+            "application",
+            id,
+            &ApplicationCommand::ArchiveApplication,
+        )
+        .await?;
+        reload_application(state, caller, id).await
+    }
+
+    /// Sets (or replaces) an environment variable; a secret is sealed before it is stored.
+    async fn set_environment_variable(
+        &self,
+        ctx: &Context<'_>,
+        input: SetEnvironmentVariableInput,
+    ) -> ApiResult<Application> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.application_id, "application")?;
+        let key = field("key", &input.key, EnvKey::parse)?;
+        if input.value.contains('\0') {
+            return Err(ApiError::invalid("value", "must not contain NUL characters"));
+        }
+        let value = if input.secret.unwrap_or(false) {
+            EnvValue::Secret(state.keyring.seal(&Plaintext::new(input.value)))
+        } else {
+            EnvValue::Plain(input.value)
+        };
+        let command =
+            ApplicationCommand::SetEnvironmentVariable { key, value, build_time: input.build_time.unwrap_or(false) };
+        send::<AppAggregate>(state, caller, input.command_id.as_ref(), "application", id, &command).await?;
+        reload_application(state, caller, id).await
+    }
+
+    /// Removes an environment variable.
+    async fn unset_environment_variable(
+        &self,
+        ctx: &Context<'_>,
+        input: UnsetEnvironmentVariableInput,
+    ) -> ApiResult<Application> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.application_id, "application")?;
+        let key = field("key", &input.key, EnvKey::parse)?;
+        send::<AppAggregate>(
+            state,
+            caller,
+            input.command_id.as_ref(),
+            "application",
+            id,
+            &ApplicationCommand::UnsetEnvironmentVariable { key },
+        )
+        .await?;
+        reload_application(state, caller, id).await
+    }
+
+    /// Queues a deployment of the application's current configuration.
+    async fn deploy_application(&self, ctx: &Context<'_>, input: DeployApplicationInput) -> ApiResult<Deployment> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Deploy)?;
+        let app = parse_id(&input.application_id, "application")?;
+        queue(state, caller, input.command_id.as_ref(), app, DeploymentReason::Manual, None).await
+    }
+
+    /// Re-deploys an earlier deployment's image and configuration, without a rebuild.
+    async fn rollback_application(&self, ctx: &Context<'_>, input: RollbackApplicationInput) -> ApiResult<Deployment> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Deploy)?;
+        let app = parse_id(&input.application_id, "application")?;
+        let of = input_id("deploymentId", &input.deployment_id)?;
+        let (past, _) = state
+            .handler
+            .load::<DeploymentAggregate>(caller.team_id, of)
+            .await
+            .map_err(|e| ApiError::from_command("deployment", e))?;
+        let Some(past) = past.state() else { return Err(ApiError::NotFound("deployment")) };
+        if *past.application_id.as_uuid() != app {
+            return Err(ApiError::invalid("deploymentId", "is not a deployment of this application"));
+        }
+        let Some(image) = past.image.clone() else {
+            return Err(ApiError::invalid("deploymentId", "has no image to re-deploy (it never built one)"));
+        };
+        let release = past.release.clone();
+        let reason = DeploymentReason::Rollback { of: DeploymentId::from_uuid(of) };
+        queue(state, caller, input.command_id.as_ref(), app, reason, Some((image, release))).await
+    }
+
+    /// Cancels a queued or running deployment (a running one stops at its next step).
+    async fn cancel_deployment(&self, ctx: &Context<'_>, input: CancelDeploymentInput) -> ApiResult<Deployment> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Deploy)?;
+        let id = parse_id(&input.deployment_id, "deployment")?;
+        let command = DeploymentCommand::CancelDeployment { now: OffsetDateTime::now_utc() };
+        send::<DeploymentAggregate>(state, caller, input.command_id.as_ref(), "deployment", id, &command).await?;
+        found("deployment", load::deployment(state, caller, id).await?)
+    }
+
+    /// Adds an SSH key: imported (OpenSSH or PEM), or generated (Ed25519) when `privateKey` is
+    /// left out. The private half is sealed at once.
+    async fn add_private_key(&self, ctx: &Context<'_>, input: AddPrivateKeyInput) -> ApiResult<PrivateKey> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let name = field("name", &input.name, Name::parse)?;
+        let material = match input.private_key {
+            Some(pem) => zpanel_commands::ssh_keys::parse(&Plaintext::new(pem)),
+            None => zpanel_commands::ssh_keys::generate_ed25519(),
+        }
+        .map_err(|e| ApiError::invalid("privateKey", e))?;
+        let id = PrivateKeyId::new();
+        let team = *caller.team_id.as_uuid();
+        let command = PrivateKeyCommand::AddPrivateKey {
+            id,
+            team_id: caller.team_id,
+            name,
+            public_key: material.public_key,
+            fingerprint: material.fingerprint,
+            private_key: state.keyring.seal(&material.private_key),
+            names_in_use: load::names_in_use(state, KEY_NAMES, team, None).await?,
+        };
+        let outcome =
+            send::<KeyAggregate>(state, caller, input.command_id.as_ref(), "private key", *id.as_uuid(), &command)
+                .await?;
+        found("private key", load::private_key(state, caller, outcome_id(&outcome)?).await?)
+    }
+
+    /// Registers a server reached over SSH.
+    async fn create_server(&self, ctx: &Context<'_>, input: CreateServerInput) -> ApiResult<Server> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let name = field("name", &input.name, Name::parse)?;
+        let host = field("host", &input.host, Host::parse)?;
+        let user = field("user", input.user.as_deref().unwrap_or("root"), UnixUser::parse)?;
+        let key = team_key(state, caller, "privateKeyId", &input.private_key_id).await?;
+        let id = ServerId::new();
+        let team = *caller.team_id.as_uuid();
+        let command = ServerCommand::CreateServer {
+            id,
+            team_id: caller.team_id,
+            name,
+            host,
+            port: port("port", input.port.unwrap_or(22))?,
+            user,
+            private_key_id: key,
+            names_in_use: load::names_in_use(state, SERVER_NAMES, team, None).await?,
+            key_exists: true,
+        };
+        let outcome =
+            send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", *id.as_uuid(), &command)
+                .await?;
+        found("server", load::server(state, caller, outcome_id(&outcome)?).await?)
+    }
+
+    /// Asks for a server to be connected to and checked.
+    async fn validate_server(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Server> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "server")?;
+        send::<ServerAggregate>(
+            state,
+            caller,
+            input.command_id.as_ref(),
+            "server",
+            id,
+            &ServerCommand::RequestValidation,
+        )
+        .await?;
+        found("server", load::server(state, caller, id).await?)
+    }
+
+    /// Creates an API token; its secret is in the answer, once. Needs `root`, and never grants
+    /// more than the caller has.
+    async fn create_api_token(&self, ctx: &Context<'_>, input: CreateApiTokenInput) -> ApiResult<CreatedApiToken> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Root)?;
+        let name = field("name", &input.name, Name::parse)?;
+        let abilities =
+            input.abilities.iter().map(|a| field("abilities", a, Ability::parse)).collect::<ApiResult<Vec<_>>>()?;
+        if abilities.is_empty() {
+            return Err(ApiError::invalid("abilities", "give at least one ability"));
+        }
+        let expires_at = input
+            .expires_at
+            .as_deref()
+            .map(|at| OffsetDateTime::parse(at, &Rfc3339))
+            .transpose()
+            .map_err(|_| ApiError::invalid("expiresAt", "must be an RFC 3339 time, e.g. 2027-01-01T00:00:00Z"))?;
+        let generated = zpanel_commands::tokens::generate();
+        let id = ApiTokenId::new();
+        let command = ApiTokenCommand::CreateApiToken {
+            id,
+            team_id: caller.team_id,
+            name,
+            abilities: Abilities::new(abilities),
+            token_hash: generated.hash.clone(),
+            expires_at,
+            creator_abilities: caller.abilities.clone(),
+            now: OffsetDateTime::now_utc(),
+        };
+        let outcome =
+            send::<TokenAggregate>(state, caller, input.command_id.as_ref(), "api token", *id.as_uuid(), &command)
+                .await?;
+        if outcome.repeated {
+            // The secret of a token created by an earlier request was shown to that request only.
+            return Err(ApiError::Conflict("this commandId already created a token; its secret was shown then".into()));
+        }
+        let api_token = found("api token", load::api_token(state, caller, *id.as_uuid()).await?)?;
+        Ok(CreatedApiToken { token: generated.token.expose().to_owned(), api_token })
+    }
+
+    /// Revokes an API token; it stops working at once, on open subscriptions too.
+    async fn revoke_api_token(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<ApiToken> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Root)?;
+        let id = parse_id(&input.id, "api token")?;
+        send::<TokenAggregate>(
+            state,
+            caller,
+            input.command_id.as_ref(),
+            "api token",
+            id,
+            &ApiTokenCommand::RevokeApiToken,
+        )
+        .await?;
+        found("api token", load::api_token(state, caller, id).await?)
+    }
+}
+
+/// The aggregate id of an outcome (for creates retried with a command id: the first one's).
+fn outcome_id<A>(outcome: &Outcome<A>) -> ApiResult<Uuid> {
+    zpanel_commands::store::aggregate_uuid(&outcome.stream_id)
+        .ok_or_else(|| anyhow::anyhow!("stream id {} without a uuid", outcome.stream_id).into())
+}
+
+/// Queues a deployment of `app`: its current configuration, or a past `(image, release)`.
+async fn queue(
+    state: &ApiState,
+    caller: &Caller,
+    command_id: Option<&ID>,
+    app: Uuid,
+    reason: DeploymentReason,
+    past: Option<(String, zpanel_domain::application::ReleaseConfig)>,
+) -> ApiResult<Deployment> {
+    let (application, _) = state
+        .handler
+        .load::<AppAggregate>(caller.team_id, app)
+        .await
+        .map_err(|e| ApiError::from_command("application", e))?;
+    if application.state().is_none() {
+        return Err(ApiError::NotFound("application"));
+    }
+    let (image, release) = match past {
+        Some((image, release)) => (Some(image), Some(release)),
+        None => (None, None),
+    };
+    let id = DeploymentId::new();
+    let command =
+        DeploymentCommand::QueueDeployment { id, application, reason, image, release, now: OffsetDateTime::now_utc() };
+    let outcome = send::<DeploymentAggregate>(state, caller, command_id, "deployment", *id.as_uuid(), &command).await?;
+    found("deployment", load::deployment(state, caller, outcome_id(&outcome)?).await?)
+}
+
+/// 32 random bytes, hex: a webhook signing secret.
+fn random_secret() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}

@@ -1,0 +1,220 @@
+//! Subscriptions, fed by the [`crate::feed`]: an update reaches a subscriber only once every
+//! read model shows it. Each subscription re-checks its token before every delivery and at
+//! least every [`RECHECK`], so revoking a token closes its subscriptions.
+
+use super::query::AuditFilter;
+use super::types::{Application, AuditEntry, Deployment};
+use super::{caller, load, parse_id};
+use crate::ApiState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::feed::FeedEntry;
+use async_graphql::{Context, ID, Subscription};
+use futures::Stream;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::broadcast::error::RecvError;
+use zpanel_commands::Cursor;
+use zpanel_domain::values::Ability;
+
+/// How often an idle subscription re-checks its token.
+pub const RECHECK: Duration = Duration::from_secs(5);
+
+/// The subscription root.
+#[derive(Debug, Default)]
+pub struct Subscription;
+
+/// The team's audit entries from the moment of subscribing, in log order; after falling
+/// behind, the missed ones from the audit log, the first flagged as resynchronised. Ends with
+/// `UNAUTHENTICATED` once the token is revoked or expires.
+async fn team_entries(state: ApiState, caller: Caller) -> ApiResult<impl Stream<Item = ApiResult<(FeedEntry, bool)>>> {
+    // Subscribe first, then read where the read models are: every entry past that point is
+    // then either in the channel or (after a lag) in the audit log.
+    let receiver = state.feed.subscribe();
+    let last = state.feed.read_horizon().await?.max(state.feed.horizon());
+    let follower = Follower {
+        receiver,
+        last,
+        token_stream: format!("api_token-{}", caller.token_id),
+        pending: std::collections::VecDeque::new(),
+        ended: false,
+        checked: tokio::time::Instant::now(),
+        state,
+        caller,
+    };
+    Ok(futures::stream::unfold(follower, |mut f| async move {
+        let item = f.next().await?;
+        Some((item, f))
+    }))
+}
+
+/// One subscriber's place in the feed.
+struct Follower {
+    state: ApiState,
+    caller: Caller,
+    receiver: tokio::sync::broadcast::Receiver<Arc<FeedEntry>>,
+    last: Cursor,
+    token_stream: String,
+    pending: std::collections::VecDeque<(FeedEntry, bool)>,
+    ended: bool,
+    checked: tokio::time::Instant,
+}
+
+impl Follower {
+    async fn next(&mut self) -> Option<ApiResult<(FeedEntry, bool)>> {
+        if self.ended {
+            return None;
+        }
+        let team = *self.caller.team_id.as_uuid();
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(Ok(item));
+            }
+            let received = tokio::time::timeout(RECHECK, self.receiver.recv()).await;
+            // The token is checked again when it may have changed: its own stream moved, or
+            // the subscription was idle for a while.
+            let recheck = match &received {
+                Ok(Ok(entry)) => entry.entry.stream_id == self.token_stream,
+                _ => true,
+            } || self.checked.elapsed() >= RECHECK;
+            if recheck {
+                self.checked = tokio::time::Instant::now();
+                match self.caller.still_valid(&self.state.pool).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.ended = true;
+                        return Some(Err(ApiError::Unauthenticated));
+                    }
+                    Err(e) => {
+                        self.ended = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            match received {
+                Err(_) => {}
+                Ok(Ok(entry)) => {
+                    if entry.cursor > self.last {
+                        self.last = entry.cursor;
+                        if entry.team_id == team {
+                            self.pending.push_back((FeedEntry::clone(&entry), false));
+                        }
+                    }
+                }
+                Ok(Err(RecvError::Lagged(missed))) => {
+                    tracing::debug!(missed, "a subscriber fell behind; resynchronising from the audit log");
+                    let until = self.state.feed.horizon();
+                    match self.state.feed.entries_between(Some(team), self.last, until).await {
+                        Ok(entries) => {
+                            self.last = until.max(self.last);
+                            let mut first = true;
+                            for entry in entries {
+                                self.pending.push_back((entry, std::mem::take(&mut first)));
+                            }
+                        }
+                        Err(e) => {
+                            self.ended = true;
+                            return Some(Err(e.into()));
+                        }
+                    }
+                }
+                Ok(Err(RecvError::Closed)) => return None,
+            }
+        }
+    }
+}
+
+fn entry_time(entry: &AuditEntry) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(&entry.at, &Rfc3339).ok()
+}
+
+#[Subscription]
+impl Subscription {
+    /// The team's audit log, live: every change as it becomes visible, in order.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<AuditFilter>,
+    ) -> Result<impl Stream<Item = ApiResult<AuditEntry>>, ApiError> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let filter = filter.unwrap_or_default().parse()?;
+        let entries = team_entries(state.clone(), caller.clone()).await?;
+        Ok(futures::StreamExt::filter_map(entries, move |item| {
+            let filter = filter.clone();
+            async move {
+                match item {
+                    Ok((feed, resynced)) => filter.matches(&feed.entry, entry_time(&feed.entry)).then(|| {
+                        let mut entry = feed.entry;
+                        entry.resynchronised = resynced;
+                        Ok(entry)
+                    }),
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        }))
+    }
+
+    /// An application, each time it changes.
+    async fn application_updated(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> Result<impl Stream<Item = ApiResult<Application>>, ApiError> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let id = parse_id(&id, "application")?;
+        if load::application(state, caller, id).await?.is_none() {
+            return Err(ApiError::NotFound("application"));
+        }
+        let stream_id = format!("application-{id}");
+        let (state, caller) = (state.clone(), Arc::new(caller.clone()));
+        let entries = team_entries(state.clone(), Caller::clone(&caller)).await?;
+        Ok(futures::StreamExt::filter_map(entries, move |item| {
+            let (state, caller, stream_id) = (state.clone(), Arc::clone(&caller), stream_id.clone());
+            async move {
+                match item {
+                    Ok((feed, _)) if feed.entry.stream_id == stream_id => {
+                        load::application(&state, &caller, id).await.transpose()
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        }))
+    }
+
+    /// An application's deployments, each time one is queued or changes.
+    async fn deployment_updated(
+        &self,
+        ctx: &Context<'_>,
+        application_id: ID,
+    ) -> Result<impl Stream<Item = ApiResult<Deployment>>, ApiError> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let application = parse_id(&application_id, "application")?;
+        if load::application(state, caller, application).await?.is_none() {
+            return Err(ApiError::NotFound("application"));
+        }
+        let (state, caller) = (state.clone(), Arc::new(caller.clone()));
+        let entries = team_entries(state.clone(), Caller::clone(&caller)).await?;
+        Ok(futures::StreamExt::filter_map(entries, move |item| {
+            let (state, caller) = (state.clone(), Arc::clone(&caller));
+            async move {
+                match item {
+                    Ok((feed, _)) => {
+                        let id = feed.entry.stream_id.strip_prefix("deployment-")?.parse().ok()?;
+                        match load::deployment(&state, &caller, id).await {
+                            Ok(Some(d)) if d.application_id.as_str() == application.to_string() => Some(Ok(d)),
+                            Ok(_) => None,
+                            Err(e) => Some(Err(e)),
+                        }
+                    }
+                    Err(e) => Some(Err(e)),
+                }
+            }
+        }))
+    }
+}

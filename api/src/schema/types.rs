@@ -1,0 +1,784 @@
+//! The GraphQL object types, built from read-model rows (or, for time travel, from a folded
+//! aggregate). Field names follow API.md.
+
+use async_graphql::{ComplexObject, Context, Enum, ID, Json, Object, SimpleObject};
+use serde_json::Value;
+use sqlx::Row as _;
+use sqlx::postgres::PgRow;
+use std::sync::Arc;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+use zpanel_commands::Keyring;
+use zpanel_domain::application::{Application as AppAggregate, ApplicationState, EnvValue, Source};
+
+use crate::ApiState;
+use crate::error::ApiResult;
+
+/// RFC 3339, as every time in the API.
+pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_default()
+}
+
+fn id(uuid: Uuid) -> ID {
+    ID(uuid.to_string())
+}
+
+/// Where a page ends.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct PageInfo {
+    /// Whether more items follow.
+    pub has_next_page: bool,
+    /// The last item's cursor.
+    pub end_cursor: Option<String>,
+}
+
+/// A page of a list that can grow (a Relay connection) and its edge type, for one node type.
+macro_rules! connection {
+    ($connection:ident, $edge:ident, $node:ty) => {
+        #[doc = concat!("A page of ", stringify!($node), "s.")]
+        #[derive(Clone, Debug, SimpleObject)]
+        pub struct $connection {
+            /// The items with their cursors.
+            pub edges: Vec<$edge>,
+            /// The items.
+            pub nodes: Vec<$node>,
+            /// Where this page ends.
+            pub page_info: PageInfo,
+            /// How many items the whole list has.
+            pub total_count: i64,
+        }
+
+        #[doc = concat!("A ", stringify!($node), " and its cursor.")]
+        #[derive(Clone, Debug, SimpleObject)]
+        pub struct $edge {
+            /// Pass as `after` to continue after this item.
+            pub cursor: String,
+            /// The item.
+            pub node: $node,
+        }
+
+        impl $connection {
+            /// A page from up to `first + 1` fetched items (the extra one only tells that
+            /// more follow).
+            pub(crate) fn page(mut items: Vec<(String, $node)>, first: usize, total_count: i64) -> Self {
+                let has_next_page = items.len() > first;
+                items.truncate(first);
+                let end_cursor = items.last().map(|(c, _)| c.clone());
+                Self {
+                    nodes: items.iter().map(|(_, n)| n.clone()).collect(),
+                    edges: items.into_iter().map(|(cursor, node)| $edge { cursor, node }).collect(),
+                    page_info: PageInfo { has_next_page, end_cursor },
+                    total_count,
+                }
+            }
+        }
+    };
+}
+
+connection!(ApplicationConnection, ApplicationEdge, Application);
+connection!(DeploymentConnection, DeploymentEdge, Deployment);
+connection!(AuditConnection, AuditEdge, AuditEntry);
+
+/// The caller's team.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Team {
+    /// Its id.
+    pub id: ID,
+    /// Its name.
+    pub name: String,
+    /// Its members.
+    pub members: Vec<Member>,
+}
+
+/// A member of a team.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Member {
+    /// The user's id.
+    pub user_id: ID,
+    /// Their role: owner, admin, member or viewer.
+    pub role: String,
+}
+
+impl Team {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        let members: Value = row.try_get("members")?;
+        let members = members
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(user, role)| Member {
+                        user_id: ID(user.clone()),
+                        role: role.as_str().unwrap_or_default().to_owned(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self { id: id(row.try_get("team_id")?), name: row.try_get("name")?, members })
+    }
+}
+
+/// A project and its environments.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Project {
+    /// Its id.
+    pub id: ID,
+    /// Its name.
+    pub name: String,
+    /// Its environments (`production` first).
+    pub environments: Vec<Environment>,
+    /// Whether it is archived.
+    pub archived: bool,
+    /// How many events it has.
+    pub version: i64,
+    /// When it was created.
+    pub created_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+}
+
+/// A project environment.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Environment {
+    /// Its name.
+    pub name: String,
+}
+
+impl Project {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        let environments: Vec<String> = row.try_get("environments")?;
+        Ok(Self {
+            id: id(row.try_get("project_id")?),
+            name: row.try_get("name")?,
+            environments: environments.into_iter().map(|name| Environment { name }).collect(),
+            archived: row.try_get("archived")?,
+            version: row.try_get("version")?,
+            created_at: rfc3339(row.try_get("created_at")?),
+            updated_at: rfc3339(row.try_get("updated_at")?),
+        })
+    }
+}
+
+/// Whether an application can still change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+pub enum ApplicationStatus {
+    /// It can be configured and deployed.
+    Active,
+    /// Kept for history only.
+    Archived,
+}
+
+/// Where an application's image comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+pub enum SourceKind {
+    /// Built from a git repository.
+    Git,
+    /// Pulled as an image.
+    Image,
+}
+
+/// An application: its configuration at some version. Secret values read as `null` unless the
+/// caller may see secrets.
+#[derive(Clone, Debug)]
+pub struct Application {
+    id: Uuid,
+    state: Arc<ApplicationState>,
+    archived: bool,
+    version: i64,
+    updated_at: Option<OffsetDateTime>,
+    /// Set when the caller may see secrets.
+    reveal: Option<Arc<Keyring>>,
+}
+
+impl Application {
+    /// The view of a folded aggregate; `None` before it was created.
+    pub(crate) fn from_aggregate(
+        aggregate: &AppAggregate,
+        version: i64,
+        updated_at: Option<OffsetDateTime>,
+        reveal: Option<Arc<Keyring>>,
+    ) -> Option<Self> {
+        let state = aggregate.state()?;
+        Some(Self {
+            id: *state.id.as_uuid(),
+            state: Arc::new(state.clone()),
+            archived: aggregate.is_archived(),
+            version,
+            updated_at,
+            reveal,
+        })
+    }
+
+    /// The view of an `rm_applications` row (selected with `state`, `version`, `updated_at`).
+    pub(crate) fn from_row(row: &PgRow, reveal: Option<Arc<Keyring>>) -> ApiResult<Self> {
+        let state: String = row.try_get("state")?;
+        let aggregate: AppAggregate =
+            serde_json::from_str(&state).map_err(|e| anyhow::anyhow!("decoding an application's state: {e}"))?;
+        Self::from_aggregate(&aggregate, row.try_get("version")?, Some(row.try_get("updated_at")?), reveal)
+            .ok_or_else(|| anyhow::anyhow!("an application row without an application").into())
+    }
+
+    /// Its id.
+    pub(crate) fn uuid(&self) -> Uuid {
+        self.id
+    }
+
+    fn open(&self, sealed: &zpanel_domain::secret::SealedSecret) -> Option<String> {
+        let keyring = self.reveal.as_ref()?;
+        match keyring.open(sealed) {
+            Ok(plain) => Some(plain.expose().to_owned()),
+            Err(e) => {
+                tracing::error!(error = %e, application = %self.id, "a sealed value does not open");
+                None
+            }
+        }
+    }
+}
+
+/// An environment variable. A secret's `value` is `null` unless the caller may see secrets.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct EnvVar {
+    /// Its name.
+    pub key: String,
+    /// Its value (or `null`, for a masked secret).
+    pub value: Option<String>,
+    /// Whether it is secret.
+    pub secret: bool,
+    /// Whether the build sees it too (as a build argument).
+    pub build_time: bool,
+}
+
+/// How a new container is judged healthy.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct HealthCheck {
+    /// The HTTP path requested.
+    pub path: String,
+    /// Seconds between attempts.
+    pub interval_secs: u32,
+    /// Seconds one attempt may take.
+    pub timeout_secs: u32,
+    /// Failed attempts tolerated.
+    pub retries: u32,
+    /// Seconds after start during which failures don't count.
+    pub start_period_secs: u32,
+}
+
+/// Container limits.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Limits {
+    /// Memory, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU, in thousandths of a core.
+    pub cpu_millis: Option<u32>,
+}
+
+#[Object]
+impl Application {
+    async fn id(&self) -> ID {
+        id(self.id)
+    }
+    async fn name(&self) -> String {
+        self.state.name.to_string()
+    }
+    async fn project_id(&self) -> ID {
+        id(*self.state.project_id.as_uuid())
+    }
+    async fn environment(&self) -> String {
+        self.state.environment.to_string()
+    }
+    /// How many events it has had: version 1 is the state right after creation.
+    async fn version(&self) -> i64 {
+        self.version
+    }
+    async fn status(&self) -> ApplicationStatus {
+        if self.archived { ApplicationStatus::Archived } else { ApplicationStatus::Active }
+    }
+    async fn source_kind(&self) -> SourceKind {
+        match self.state.source {
+            Source::Git { .. } => SourceKind::Git,
+            Source::Image { .. } => SourceKind::Image,
+        }
+    }
+    async fn git_url(&self) -> Option<String> {
+        match &self.state.source {
+            Source::Git { url, .. } => Some(url.to_string()),
+            Source::Image { .. } => None,
+        }
+    }
+    async fn git_ref(&self) -> Option<String> {
+        match &self.state.source {
+            Source::Git { git_ref, .. } => Some(git_ref.to_string()),
+            Source::Image { .. } => None,
+        }
+    }
+    async fn dockerfile(&self) -> Option<String> {
+        match &self.state.source {
+            Source::Git { dockerfile, .. } => Some(dockerfile.to_string()),
+            Source::Image { .. } => None,
+        }
+    }
+    async fn deploy_key_id(&self) -> Option<ID> {
+        match &self.state.source {
+            Source::Git { deploy_key, .. } => deploy_key.map(|k| id(*k.as_uuid())),
+            Source::Image { .. } => None,
+        }
+    }
+    async fn image(&self) -> Option<String> {
+        match &self.state.source {
+            Source::Image { image } => Some(image.to_string()),
+            Source::Git { .. } => None,
+        }
+    }
+    async fn port(&self) -> u16 {
+        self.state.port.get()
+    }
+    async fn health_check_path(&self) -> String {
+        self.state.health_check.path.to_string()
+    }
+    async fn health_check(&self) -> HealthCheck {
+        let h = &self.state.health_check;
+        HealthCheck {
+            path: h.path.to_string(),
+            interval_secs: h.interval_secs,
+            timeout_secs: h.timeout_secs,
+            retries: h.retries,
+            start_period_secs: h.start_period_secs,
+        }
+    }
+    async fn domains(&self) -> Vec<String> {
+        self.state.domains.iter().map(ToString::to_string).collect()
+    }
+    async fn server_id(&self) -> Option<ID> {
+        self.state.server_id.map(|s| id(*s.as_uuid()))
+    }
+    async fn limits(&self) -> Limits {
+        Limits { memory_bytes: self.state.limits.memory_bytes, cpu_millis: self.state.limits.cpu_millis }
+    }
+    async fn env(&self) -> Vec<EnvVar> {
+        self.state
+            .env
+            .iter()
+            .map(|(key, var)| {
+                let (value, secret) = match &var.value {
+                    EnvValue::Plain(value) => (Some(value.clone()), false),
+                    EnvValue::Secret(sealed) => (self.open(sealed), true),
+                };
+                EnvVar { key: key.to_string(), value, secret, build_time: var.build_time }
+            })
+            .collect()
+    }
+    /// The secret that signs its deploy webhooks; `null` unless the caller may see secrets.
+    async fn webhook_secret(&self) -> Option<String> {
+        self.open(&self.state.webhook_secret)
+    }
+    /// When it last changed.
+    async fn updated_at(&self) -> Option<String> {
+        self.updated_at.map(rfc3339)
+    }
+    /// The deployment serving now: its latest successful one.
+    async fn current_deployment(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<Deployment>> {
+        let state = ctx.data::<ApiState>()?;
+        let row = sqlx::query(&format!(
+            "select {DEPLOYMENT_COLUMNS} from rm_deployments
+              where team_id = $1 and application_id = $2 and status = 'succeeded'
+              order by finished_at desc nulls last, deployment_id desc limit 1"
+        ))
+        .bind(self.state.team_id.as_uuid())
+        .bind(self.id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(crate::error::ApiError::from)?;
+        Ok(row.as_ref().map(Deployment::from_row).transpose()?)
+    }
+}
+
+/// A deployment's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+pub enum DeploymentStatus {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker is deploying it.
+    Running,
+    /// It is serving.
+    Succeeded,
+    /// It failed; the previous release keeps serving.
+    Failed,
+    /// It was cancelled.
+    Cancelled,
+}
+
+/// The columns [`Deployment::from_row`] reads.
+pub(crate) const DEPLOYMENT_COLUMNS: &str = "deployment_id, application_id, status, reason, commit, image, \
+     failed_step, failure, release, version, created_at, started_at, finished_at, updated_at";
+
+/// A deployment of an application.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Deployment {
+    /// Its id.
+    pub id: ID,
+    /// The application.
+    pub application_id: ID,
+    /// Where it is.
+    pub status: DeploymentStatus,
+    /// Why it was started: `manual`, `webhook` or `rollback`, with details.
+    pub reason: Json<Value>,
+    /// The commit deployed, once resolved.
+    pub commit: Option<String>,
+    /// The image deployed, once built (or the image re-deployed by a rollback).
+    pub image: Option<String>,
+    /// The step that failed.
+    pub failed_step: Option<String>,
+    /// Why it failed.
+    pub failure: Option<String>,
+    /// The configuration it deploys (secret values `null`).
+    pub release: Json<Value>,
+    /// How many events it has had.
+    pub version: i64,
+    /// When it was queued.
+    pub created_at: String,
+    /// When a worker started it.
+    pub started_at: Option<String>,
+    /// When it ended.
+    pub finished_at: Option<String>,
+    /// When it last changed.
+    pub updated_at: String,
+}
+
+impl Deployment {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        let status: String = row.try_get("status")?;
+        let status = match status.as_str() {
+            "queued" => DeploymentStatus::Queued,
+            "running" => DeploymentStatus::Running,
+            "succeeded" => DeploymentStatus::Succeeded,
+            "failed" => DeploymentStatus::Failed,
+            "cancelled" => DeploymentStatus::Cancelled,
+            other => return Err(anyhow::anyhow!("a deployment with status {other}").into()),
+        };
+        Ok(Self {
+            id: id(row.try_get("deployment_id")?),
+            application_id: id(row.try_get("application_id")?),
+            status,
+            reason: Json(row.try_get("reason")?),
+            commit: row.try_get("commit")?,
+            image: row.try_get("image")?,
+            failed_step: row.try_get("failed_step")?,
+            failure: row.try_get("failure")?,
+            release: Json(row.try_get("release")?),
+            version: row.try_get("version")?,
+            created_at: rfc3339(row.try_get("created_at")?),
+            started_at: row.try_get::<Option<OffsetDateTime>, _>("started_at")?.map(rfc3339),
+            finished_at: row.try_get::<Option<OffsetDateTime>, _>("finished_at")?.map(rfc3339),
+            updated_at: rfc3339(row.try_get("updated_at")?),
+        })
+    }
+}
+
+/// A server's reachability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+pub enum ServerStatus {
+    /// Not validated yet.
+    Unknown,
+    /// A validation is under way.
+    Validating,
+    /// The last check reached it.
+    Reachable,
+    /// The last check did not reach it.
+    Unreachable,
+}
+
+/// What validation found out about a server.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct ServerFacts {
+    /// Operating system name and version.
+    pub os: String,
+    /// Docker Engine version.
+    pub docker_version: String,
+    /// CPU count.
+    pub cpus: u32,
+    /// Memory, in bytes.
+    pub memory_bytes: u64,
+    /// Free disk, in bytes.
+    pub disk_free_bytes: u64,
+}
+
+/// A server reached over SSH.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Server {
+    /// Its id.
+    pub id: ID,
+    /// Its name.
+    pub name: String,
+    /// Host name or IP address.
+    pub host: String,
+    /// SSH port.
+    pub port: i32,
+    /// Login account.
+    pub user: String,
+    /// Login key.
+    pub private_key_id: ID,
+    /// Reachability.
+    pub status: ServerStatus,
+    /// Why the last check failed.
+    pub last_error: Option<String>,
+    /// The host key, as first seen.
+    pub host_key_fingerprint: Option<String>,
+    /// What validation found.
+    pub facts: Option<ServerFacts>,
+    /// How many events it has had.
+    pub version: i64,
+}
+
+impl Server {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        let status: String = row.try_get("status")?;
+        let status = match status.as_str() {
+            "validating" => ServerStatus::Validating,
+            "reachable" => ServerStatus::Reachable,
+            "unreachable" => ServerStatus::Unreachable,
+            _ => ServerStatus::Unknown,
+        };
+        let facts: Option<Value> = row.try_get("facts")?;
+        let facts = facts.filter(|f| !f.is_null()).map(|f| ServerFacts {
+            os: f["os"].as_str().unwrap_or_default().to_owned(),
+            docker_version: f["docker_version"].as_str().unwrap_or_default().to_owned(),
+            cpus: f["cpus"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or_default(),
+            memory_bytes: f["memory_bytes"].as_u64().unwrap_or_default(),
+            disk_free_bytes: f["disk_free_bytes"].as_u64().unwrap_or_default(),
+        });
+        Ok(Self {
+            id: id(row.try_get("server_id")?),
+            name: row.try_get("name")?,
+            host: row.try_get("host")?,
+            port: row.try_get("port")?,
+            user: row.try_get("username")?,
+            private_key_id: id(row.try_get("private_key_id")?),
+            status,
+            last_error: row.try_get("last_error")?,
+            host_key_fingerprint: row.try_get("host_key_fingerprint")?,
+            facts,
+            version: row.try_get("version")?,
+        })
+    }
+}
+
+/// An SSH key pair; only the public half is ever shown.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct PrivateKey {
+    /// Its id.
+    pub id: ID,
+    /// Its name.
+    pub name: String,
+    /// The public half, OpenSSH one-line form: install it in `authorized_keys`.
+    pub public_key: String,
+    /// `SHA256:…`.
+    pub fingerprint: String,
+    /// When it was added.
+    pub created_at: String,
+}
+
+impl PrivateKey {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        Ok(Self {
+            id: id(row.try_get("private_key_id")?),
+            name: row.try_get("name")?,
+            public_key: row.try_get("public_key")?,
+            fingerprint: row.try_get("fingerprint")?,
+            created_at: rfc3339(row.try_get("created_at")?),
+        })
+    }
+}
+
+/// An API token (never its secret).
+#[derive(Clone, Debug, SimpleObject)]
+pub struct ApiToken {
+    /// Its id.
+    pub id: ID,
+    /// Its name.
+    pub name: String,
+    /// What it may do.
+    pub abilities: Vec<String>,
+    /// When it stops working.
+    pub expires_at: Option<String>,
+    /// Whether it was revoked.
+    pub revoked: bool,
+    /// When it was created.
+    pub created_at: String,
+}
+
+impl ApiToken {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        Ok(Self {
+            id: id(row.try_get("token_id")?),
+            name: row.try_get("name")?,
+            abilities: row.try_get("abilities")?,
+            expires_at: row.try_get::<Option<OffsetDateTime>, _>("expires_at")?.map(rfc3339),
+            revoked: row.try_get("revoked")?,
+            created_at: rfc3339(row.try_get("created_at")?),
+        })
+    }
+}
+
+/// A new token: the secret is shown here, once.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct CreatedApiToken {
+    /// The token (`zp_…`). Store it now; it cannot be shown again.
+    pub token: String,
+    /// The token's record.
+    pub api_token: ApiToken,
+}
+
+/// Who caused an event.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct ActorView {
+    /// `user`, `token`, `worker` or `system`.
+    pub kind: String,
+    /// Its id, when it has one.
+    pub id: Option<String>,
+    /// A name for people.
+    pub name: String,
+}
+
+impl ActorView {
+    pub(crate) fn from_json(value: &Value) -> Self {
+        Self {
+            kind: value["kind"].as_str().unwrap_or_default().to_owned(),
+            id: value["id"].as_str().map(str::to_owned),
+            name: value["name"].as_str().unwrap_or_default().to_owned(),
+        }
+    }
+}
+
+/// One changed field: before and after. Secrets read as `"[secret]"`, only to show they changed.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Change {
+    /// Dotted path, e.g. `gitRef` or `env.DATABASE_URL`.
+    pub field: String,
+    /// The value before (`null`: absent).
+    pub before: Option<Json<Value>>,
+    /// The value after (`null`: removed).
+    pub after: Option<Json<Value>>,
+    /// Whether the field holds a secret.
+    pub secret: bool,
+}
+
+impl From<zpanel_domain::changes::Change> for Change {
+    fn from(c: zpanel_domain::changes::Change) -> Self {
+        Self { field: c.field, before: c.before.map(Json), after: c.after.map(Json), secret: c.secret }
+    }
+}
+
+/// An entry of the audit log: who did what, when, to which stream, with before/after values.
+#[derive(Clone, Debug, SimpleObject)]
+#[graphql(complex)]
+pub struct AuditEntry {
+    /// The event's position in the whole log.
+    pub position: i64,
+    /// The stream's version after the event.
+    pub version: i64,
+    /// When.
+    pub at: String,
+    /// Who.
+    pub actor: ActorView,
+    /// What happened, e.g. `EnvironmentVariableSet`.
+    pub event_type: String,
+    /// Which aggregate: `kind-uuid`.
+    pub stream_id: String,
+    /// Each changed field, before and after.
+    pub changes: Vec<Change>,
+    /// Set on the first entry a subscriber receives after it fell behind and was resynchronised
+    /// from the audit log (nothing was lost).
+    pub resynchronised: bool,
+}
+
+#[ComplexObject]
+impl AuditEntry {
+    /// The aggregate's kind: `application`, `deployment`, …
+    async fn stream_kind(&self) -> &str {
+        zpanel_commands::store::stream_kind(&self.stream_id)
+    }
+}
+
+/// The columns [`AuditEntry::from_row`] reads (of `rm_audit_log`).
+pub(crate) const AUDIT_COLUMNS: &str =
+    "a.global_position, a.version, a.at, a.actor, a.event_type, a.stream_id, a.changes";
+
+impl AuditEntry {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        let actor: Value = row.try_get("actor")?;
+        let changes: Value = row.try_get("changes")?;
+        let changes: Vec<zpanel_domain::changes::Change> =
+            serde_json::from_value(changes).map_err(|e| anyhow::anyhow!("decoding audit changes: {e}"))?;
+        Ok(Self {
+            position: row.try_get("global_position")?,
+            version: row.try_get("version")?,
+            at: rfc3339(row.try_get("at")?),
+            actor: ActorView::from_json(&actor),
+            event_type: row.try_get("event_type")?,
+            stream_id: row.try_get("stream_id")?,
+            changes: changes.into_iter().map(Change::from).collect(),
+            resynchronised: false,
+        })
+    }
+}
+
+/// A stored event, as recorded (sealed values replaced by `"[secret]"`).
+#[derive(Clone, Debug, SimpleObject)]
+pub struct Event {
+    /// Its position in the whole log.
+    pub position: i64,
+    /// The stream's version after it.
+    pub version: i64,
+    /// Its type, e.g. `ApplicationCreated`.
+    pub event_type: String,
+    /// Its schema version.
+    pub schema_version: u32,
+    /// When it was recorded.
+    pub at: String,
+    /// Who caused it.
+    pub actor: ActorView,
+    /// Its content.
+    pub payload: Json<Value>,
+    /// The command that caused it.
+    pub command_id: ID,
+    /// The request it belongs to.
+    pub correlation_id: ID,
+    /// The event that caused it, if any.
+    pub causation_id: Option<ID>,
+}
+
+impl Event {
+    pub(crate) fn from_recorded(event: &zpanel_commands::RecordedEvent) -> ApiResult<Self> {
+        let mut payload = event.payload.to_value().map_err(|e| anyhow::anyhow!("decoding a payload: {e}"))?;
+        mask_sealed(&mut payload);
+        let actor = serde_json::to_value(&event.metadata.actor).map_err(anyhow::Error::from)?;
+        Ok(Self {
+            position: event.global_position,
+            version: event.version,
+            event_type: event.event_type.clone(),
+            schema_version: event.schema_version,
+            at: rfc3339(event.recorded_at),
+            actor: ActorView::from_json(&actor),
+            payload: Json(payload),
+            command_id: id(event.metadata.command_id),
+            correlation_id: id(event.metadata.correlation_id),
+            causation_id: event.metadata.causation_id.map(id),
+        })
+    }
+}
+
+/// Replaces every sealed secret (`{key_id, nonce, ciphertext, digest}`) by `"[secret]"`: the
+/// ciphertext is safe, but clients have no use for it, and none of it should travel.
+fn mask_sealed(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if map.contains_key("ciphertext") && map.contains_key("nonce") {
+                *value = Value::String(zpanel_domain::changes::SECRET_PLACEHOLDER.to_owned());
+                return;
+            }
+            map.values_mut().for_each(mask_sealed);
+        }
+        Value::Array(items) => items.iter_mut().for_each(mask_sealed),
+        _ => {}
+    }
+}

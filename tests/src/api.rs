@@ -1,0 +1,206 @@
+//! A running `zpanel serve` and typed helpers to speak GraphQL to it, over HTTP and over a
+//! `graphql-transport-ws` WebSocket.
+
+use crate::{TempDir, TestDatabase, zpanel};
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+/// `zpanel serve` on a free loopback port, over a fresh database; stopped (SIGTERM) on drop.
+#[derive(Debug)]
+pub struct App {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The database it uses.
+    pub db: TestDatabase,
+    /// Its data directory.
+    pub data: TempDir,
+    child: Child,
+    http: reqwest::Client,
+}
+
+/// A GraphQL answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// `data`.
+    pub data: Value,
+    /// `errors` (empty when none).
+    pub errors: Vec<Value>,
+}
+
+impl Answer {
+    /// The data, asserting there were no errors.
+    ///
+    /// # Panics
+    /// When there were errors.
+    pub fn ok(self) -> Value {
+        assert!(self.errors.is_empty(), "unexpected errors: {:#?}", self.errors);
+        self.data
+    }
+
+    /// The first error's `extensions.code`.
+    ///
+    /// # Panics
+    /// When there was no error.
+    #[must_use]
+    pub fn code(&self) -> String {
+        self.errors.first().and_then(|e| e["extensions"]["code"].as_str()).map(str::to_owned).unwrap_or_else(|| {
+            panic!("expected an error, got data {:#}", self.data);
+        })
+    }
+
+    /// The first error.
+    ///
+    /// # Panics
+    /// When there was no error.
+    #[must_use]
+    pub fn error(&self) -> &Value {
+        self.errors.first().unwrap_or_else(|| panic!("expected an error, got data {:#}", self.data))
+    }
+}
+
+impl App {
+    /// Starts `zpanel serve` (with `env` added) over a fresh database and waits until it listens.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub async fn start_with(env: &[(&str, &str)]) -> Self {
+        let db = TestDatabase::create().await.expect("a test database");
+        let data = TempDir::new();
+        let mut command = zpanel(&db, &data.0);
+        command.arg("serve").stdin(Stdio::null()).stdout(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("starts zpanel serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let url = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let url = lines
+                .by_ref()
+                .map_while(Result::ok)
+                .find_map(|line| line.strip_prefix("listening on ").map(str::to_owned))
+                .expect("zpanel serve prints where it listens");
+            // Keep draining, so the child never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            url
+        })
+        .await
+        .expect("reading stdout");
+        Self { url, db, data, child, http: reqwest::Client::new() }
+    }
+
+    /// Starts `zpanel serve` with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Creates a team with `zpanel bootstrap`; returns its root token.
+    ///
+    /// # Panics
+    /// When bootstrap fails.
+    #[must_use]
+    pub fn bootstrap(&self, team: &str) -> String {
+        let out = zpanel(&self.db, &self.data.0).args(["bootstrap", "--team", team]).output().expect("bootstrap runs");
+        assert!(out.status.success(), "bootstrap: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").lines().last().expect("a token line").trim().to_owned()
+    }
+
+    /// Sends a GraphQL request with `token` (or none).
+    ///
+    /// # Panics
+    /// When the HTTP exchange fails.
+    pub async fn graphql(&self, token: Option<&str>, query: &str, variables: Value) -> Answer {
+        let mut request =
+            self.http.post(format!("{}/graphql", self.url)).json(&json!({ "query": query, "variables": variables }));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("POST /graphql");
+        let body: Value = response.json().await.expect("a JSON answer");
+        Answer {
+            data: body.get("data").cloned().unwrap_or(Value::Null),
+            errors: body.get("errors").and_then(Value::as_array).cloned().unwrap_or_default(),
+        }
+    }
+
+    /// A plain GET; returns status and body.
+    ///
+    /// # Panics
+    /// When the HTTP exchange fails.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self.http.get(format!("{}{path}", self.url)).send().await.expect("GET");
+        (response.status().as_u16(), response.text().await.expect("body"))
+    }
+
+    /// Opens a `graphql-transport-ws` subscription with `token`.
+    ///
+    /// # Panics
+    /// When the WebSocket handshake or `connection_init` fails.
+    pub async fn subscribe(&self, token: &str, query: &str, variables: Value) -> Subscription {
+        let ws_url = format!("{}/graphql", self.url.replacen("http", "ws", 1));
+        let mut request = ws_url.into_client_request().expect("a ws request");
+        request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake");
+        let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
+        socket.send(Message::text(init.to_string())).await.expect("connection_init");
+        let mut subscription = Subscription { socket };
+        let ack = subscription.message().await.expect("an answer to connection_init");
+        assert_eq!(ack["type"], "connection_ack", "connection_init answered {ack}");
+        let start = json!({ "id": "1", "type": "subscribe", "payload": { "query": query, "variables": variables } });
+        subscription.socket.send(Message::text(start.to_string())).await.expect("subscribe");
+        subscription
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// An open subscription.
+#[derive(Debug)]
+pub struct Subscription {
+    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+impl Subscription {
+    /// The next protocol message (pings answered and skipped), or `None` when the socket
+    /// closed or nothing came within 20 s.
+    pub async fn message(&mut self) -> Option<Value> {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(20), self.socket.next()).await.ok()??;
+            match next.ok()? {
+                Message::Text(text) => {
+                    let value: Value = serde_json::from_str(text.as_str()).ok()?;
+                    if value["type"] == "ping" {
+                        let _ = self.socket.send(Message::text(json!({ "type": "pong" }).to_string())).await;
+                        continue;
+                    }
+                    return Some(value);
+                }
+                Message::Close(_) => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// The data of the next `next` message; `Err` with the message when it is something else.
+    ///
+    /// # Errors
+    /// When the next message is not data (an error, completion, or nothing).
+    pub async fn next_data(&mut self) -> Result<Value, Option<Value>> {
+        match self.message().await {
+            Some(m) if m["type"] == "next" && m["payload"]["errors"].is_null() => Ok(m["payload"]["data"].clone()),
+            other => Err(other),
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The GraphQL API end to end: the real `zpanel serve` on a free port against real PostgreSQL,
+//! spoken to over HTTP and WebSocket.
+
+use serde_json::{Value, json};
+use zpanel_tests::api::App;
+
+const CREATE_PROJECT: &str = "mutation($name: String!) { createProject(input: { name: $name }) { id name } }";
+const CREATE_APP: &str = "mutation($project: ID!, $name: String!) {
+    createApplication(input: { projectId: $project, name: $name, image: \"nginx:1.27\", port: 8080,
+                               domains: [\"web.example.com\"] }) { id name version status image port domains } }";
+const SET_VAR: &str = "mutation($app: ID!, $key: String!, $value: String!, $secret: Boolean) {
+    setEnvironmentVariable(input: { applicationId: $app, key: $key, value: $value, secret: $secret }) {
+        version env { key value secret } } }";
+const CREATE_TOKEN: &str = "mutation($name: String!, $abilities: [String!]!) {
+    createApiToken(input: { name: $name, abilities: $abilities }) { token apiToken { id abilities } } }";
+
+async fn project(app: &App, token: &str, name: &str) -> String {
+    let data = app.graphql(Some(token), CREATE_PROJECT, json!({ "name": name })).await.ok();
+    data["createProject"]["id"].as_str().expect("project id").to_owned()
+}
+
+async fn application(app: &App, token: &str, project: &str, name: &str) -> String {
+    let data = app.graphql(Some(token), CREATE_APP, json!({ "project": project, "name": name })).await.ok();
+    data["createApplication"]["id"].as_str().expect("application id").to_owned()
+}
+
+async fn token(app: &App, root: &str, abilities: &[&str]) -> String {
+    let data = app
+        .graphql(Some(root), CREATE_TOKEN, json!({ "name": format!("{abilities:?}"), "abilities": abilities }))
+        .await
+        .ok();
+    data["createApiToken"]["token"].as_str().expect("a token").to_owned()
+}
+
+#[tokio::test]
+async fn the_full_flow_from_project_to_time_travel_with_a_live_audit_stream() {
+    let app = App::start().await;
+    let root = app.bootstrap("Acme");
+    let mut events = app
+        .subscribe(
+            &root,
+            "subscription { events { position eventType streamId changes { field before after } } }",
+            json!({}),
+        )
+        .await;
+
+    let project = project(&app, &root, "Shop").await;
+    let created = app.graphql(Some(&root), CREATE_APP, json!({ "project": project, "name": "web" })).await.ok();
+    let web = created["createApplication"]["id"].as_str().expect("id").to_owned();
+    assert_eq!(created["createApplication"]["version"], 1);
+    assert_eq!(created["createApplication"]["status"], "ACTIVE");
+    assert_eq!(created["createApplication"]["domains"], json!(["web.example.com"]));
+
+    let vars = json!({ "app": web, "key": "DATABASE_URL", "value": "postgres://secret@db/shop", "secret": true });
+    let set = app.graphql(Some(&root), SET_VAR, vars).await.ok();
+    assert_eq!(set["setEnvironmentVariable"]["version"], 2);
+    let plain = json!({ "app": web, "key": "LOG_LEVEL", "value": "info" });
+    app.graphql(Some(&root), SET_VAR, plain).await.ok();
+    let plain = json!({ "app": web, "key": "LOG_LEVEL", "value": "debug" });
+    app.graphql(Some(&root), SET_VAR, plain).await.ok();
+
+    // Masked for a token without read:sensitive, shown to one with it.
+    let reader = token(&app, &root, &["read"]).await;
+    let env_query = "query($id: ID!) { application(id: $id) { version env { key value secret } webhookSecret } }";
+    let masked = app.graphql(Some(&reader), env_query, json!({ "id": web })).await.ok();
+    let env = &masked["application"]["env"];
+    assert_eq!(env[0], json!({ "key": "DATABASE_URL", "value": null, "secret": true }));
+    assert_eq!(env[1], json!({ "key": "LOG_LEVEL", "value": "debug", "secret": false }));
+    assert_eq!(masked["application"]["webhookSecret"], Value::Null);
+    let sensitive = token(&app, &root, &["read", "read:sensitive"]).await;
+    let shown = app.graphql(Some(&sensitive), env_query, json!({ "id": web })).await.ok();
+    assert_eq!(shown["application"]["env"][0]["value"], "postgres://secret@db/shop");
+    assert_eq!(shown["application"]["webhookSecret"].as_str().map(str::len), Some(64));
+
+    // The audit log: before and after; the secret only as changed.
+    let audit = app
+        .graphql(
+            Some(&reader),
+            "query($stream: String) { auditLog(filter: { streamId: $stream }, first: 10) {
+                totalCount nodes { eventType version actor { kind name } changes { field before after secret } } } }",
+            json!({ "stream": format!("application-{web}") }),
+        )
+        .await
+        .ok();
+    let nodes = audit["auditLog"]["nodes"].as_array().expect("nodes");
+    assert_eq!(audit["auditLog"]["totalCount"], 4);
+    assert_eq!(nodes[0]["eventType"], "EnvironmentVariableSet");
+    assert_eq!(nodes[0]["actor"]["kind"], "token");
+    assert_eq!(
+        nodes[0]["changes"],
+        json!([{ "field": "env.LOG_LEVEL", "before": "info", "after": "debug", "secret": false }])
+    );
+    assert_eq!(nodes[2]["changes"][0]["field"], "env.DATABASE_URL");
+    assert_eq!(nodes[2]["changes"][0]["after"], "[secret]");
+    assert_eq!(nodes[3]["eventType"], "ApplicationCreated");
+    let everything = audit.to_string();
+    assert!(!everything.contains("postgres://secret"), "no secret in the audit log: {everything}");
+
+    // Time travel and diff.
+    let at = app
+        .graphql(
+            Some(&reader),
+            "query($id: ID!) { first: applicationAt(id: $id, version: 1) { version env { key } }
+                               diff: applicationDiff(id: $id, fromVersion: 1, toVersion: 4) { field before after secret } }",
+            json!({ "id": web }),
+        )
+        .await
+        .ok();
+    assert_eq!(at["first"], json!({ "version": 1, "env": [] }));
+    assert_eq!(
+        at["diff"],
+        json!([
+            { "field": "env.DATABASE_URL", "before": null, "after": "[secret]", "secret": true },
+            { "field": "env.DATABASE_URL.buildTime", "before": null, "after": false, "secret": false },
+            { "field": "env.LOG_LEVEL", "before": null, "after": "debug", "secret": false },
+            { "field": "env.LOG_LEVEL.buildTime", "before": null, "after": false, "secret": false },
+        ])
+    );
+
+    // The live stream saw every change, in order: project, application, three variables,
+    // and the two tokens.
+    let mut seen = Vec::new();
+    while seen.len() < 7 {
+        let data = events.next_data().await.unwrap_or_else(|m| panic!("expected an event, got {m:?}"));
+        seen.push(data["events"]["eventType"].as_str().expect("type").to_owned());
+    }
+    assert_eq!(
+        seen,
+        [
+            "ProjectCreated",
+            "ApplicationCreated",
+            "EnvironmentVariableSet",
+            "EnvironmentVariableSet",
+            "EnvironmentVariableSet",
+            "ApiTokenCreated",
+            "ApiTokenCreated"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn another_teams_ids_answer_exactly_like_missing_ones() {
+    let app = App::start().await;
+    let a = app.bootstrap("Team A");
+    let b = app.bootstrap("Team B");
+    let project = project(&app, &a, "Shop").await;
+    let web = application(&app, &a, &project, "web").await;
+    let missing = uuid::Uuid::now_v7().to_string();
+
+    for id in [&web, &missing] {
+        let q = app
+            .graphql(
+                Some(&b),
+                "query($id: ID!) { application(id: $id) { id } project(id: $id) { id } deployment(id: $id) { id }
+                                   server(id: $id) { id } applicationAt(id: $id, version: 1) { id } }",
+                json!({ "id": id }),
+            )
+            .await;
+        // applicationAt answers NOT_FOUND for a stream it cannot see; the others null.
+        assert_eq!(q.code(), "NOT_FOUND", "{id}: {:?}", q.errors);
+        assert_eq!(q.data["application"], Value::Null);
+        assert_eq!(q.data["project"], Value::Null);
+    }
+    let listing = app.graphql(Some(&b), "{ projects { id } applications { totalCount } }", json!({})).await.ok();
+    assert_eq!(listing, json!({ "projects": [], "applications": { "totalCount": 0 } }));
+    let pid = project.clone();
+    let mutations = [
+        ("mutation($id: ID!) { archiveApplication(input: { id: $id }) { id } }", json!({ "id": web })),
+        ("mutation($id: ID!) { deployApplication(input: { applicationId: $id }) { id } }", json!({ "id": web })),
+        (
+            "mutation($id: ID!) { createEnvironment(input: { projectId: $id, name: \"staging\" }) { id } }",
+            json!({ "id": pid }),
+        ),
+        (SET_VAR, json!({ "app": web, "key": "A", "value": "b" })),
+        (
+            "mutation($id: ID!) { unsetEnvironmentVariable(input: { applicationId: $id, key: \"A\" }) { id } }",
+            json!({ "id": web }),
+        ),
+        ("mutation($id: ID!) { updateApplication(input: { id: $id, port: 81 }) { id } }", json!({ "id": web })),
+        (
+            "mutation($p: ID!) { createApplication(input: { projectId: $p, name: \"x\", image: \"a:1\" }) { id } }",
+            json!({ "p": pid }),
+        ),
+    ];
+    for (mutation, vars) in mutations {
+        let answer = app.graphql(Some(&b), mutation, vars).await;
+        assert_eq!(answer.code(), "NOT_FOUND", "{mutation}: {:?}", answer.errors);
+    }
+    for (query, vars) in [
+        ("query($id: ID!) { deployments(applicationId: $id) { totalCount } }", json!({ "id": web })),
+        ("query($id: ID!) { events(streamId: $id) { position } }", json!({ "id": format!("application-{web}") })),
+        ("query($id: ID!) { applicationDiff(id: $id, fromVersion: 0, toVersion: 1) { field } }", json!({ "id": web })),
+    ] {
+        assert_eq!(app.graphql(Some(&b), query, vars).await.code(), "NOT_FOUND", "{query}");
+    }
+    let mut sub =
+        app.subscribe(&b, "subscription($id: ID!) { applicationUpdated(id: $id) { id } }", json!({ "id": web })).await;
+    let refused = sub.message().await.expect("an answer");
+    assert_eq!(refused["payload"]["errors"][0]["extensions"]["code"], "NOT_FOUND", "{refused}");
+    assert_eq!(refused["payload"]["data"], Value::Null);
+    // And team A's application is untouched.
+    let a_view = app
+        .graphql(Some(&a), "query($id: ID!) { application(id: $id) { version port } }", json!({ "id": web }))
+        .await
+        .ok();
+    assert_eq!(a_view["application"], json!({ "version": 1, "port": 8080 }));
+}
+
+#[tokio::test]
+async fn abilities_gate_each_kind_of_operation() {
+    let app = App::start().await;
+    let root = app.bootstrap("Acme");
+    let project = project(&app, &root, "Shop").await;
+    let web = application(&app, &root, &project, "web").await;
+    let read = token(&app, &root, &["read"]).await;
+    let write = token(&app, &root, &["read", "write"]).await;
+    let deploy = token(&app, &root, &["read", "deploy"]).await;
+
+    let set = json!({ "app": web, "key": "A", "value": "1" });
+    assert_eq!(app.graphql(Some(&read), SET_VAR, set.clone()).await.code(), "FORBIDDEN");
+    assert_eq!(app.graphql(Some(&deploy), SET_VAR, set.clone()).await.code(), "FORBIDDEN");
+    app.graphql(Some(&write), SET_VAR, set).await.ok();
+
+    let deploy_q = "mutation($id: ID!) { deployApplication(input: { applicationId: $id }) { id status } }";
+    assert_eq!(app.graphql(Some(&write), deploy_q, json!({ "id": web })).await.code(), "FORBIDDEN");
+    let queued = app.graphql(Some(&deploy), deploy_q, json!({ "id": web })).await.ok();
+    assert_eq!(queued["deployApplication"]["status"], "QUEUED");
+
+    // Tokens: only root, and never more than the creator has.
+    assert_eq!(
+        app.graphql(Some(&write), CREATE_TOKEN, json!({ "name": "x", "abilities": ["read"] })).await.code(),
+        "FORBIDDEN"
+    );
+    assert_eq!(app.graphql(Some(&read), "{ apiTokens { id } }", json!({})).await.code(), "FORBIDDEN");
+    let tokens = app.graphql(Some(&root), "{ apiTokens { name abilities revoked } }", json!({})).await.ok();
+    assert_eq!(tokens["apiTokens"].as_array().map(Vec::len), Some(4));
+    // No token at all: UNAUTHENTICATED.
+    assert_eq!(app.graphql(None, "{ projects { id } }", json!({})).await.code(), "UNAUTHENTICATED");
+    assert_eq!(app.graphql(Some("zp_nonsense"), "{ projects { id } }", json!({})).await.code(), "UNAUTHENTICATED");
+}
+
+#[tokio::test]
+async fn a_revoked_token_stops_working_at_once_even_on_an_open_subscription() {
+    let app = App::start().await;
+    let root = app.bootstrap("Acme");
+    let reader = app.graphql(Some(&root), CREATE_TOKEN, json!({ "name": "ci", "abilities": ["read"] })).await.ok();
+    let secret = reader["createApiToken"]["token"].as_str().expect("token").to_owned();
+    let id = reader["createApiToken"]["apiToken"]["id"].as_str().expect("id").to_owned();
+    app.graphql(Some(&secret), "{ projects { id } }", json!({})).await.ok();
+    let mut sub = app.subscribe(&secret, "subscription { events { eventType } }", json!({})).await;
+
+    let revoked = app
+        .graphql(
+            Some(&root),
+            "mutation($id: ID!) { revokeApiToken(input: { id: $id }) { revoked } }",
+            json!({ "id": id }),
+        )
+        .await
+        .ok();
+    assert_eq!(revoked["revokeApiToken"]["revoked"], true);
+    assert_eq!(app.graphql(Some(&secret), "{ projects { id } }", json!({})).await.code(), "UNAUTHENTICATED");
+    // The subscription ends with UNAUTHENTICATED instead of delivering anything more.
+    let ended = sub.message().await.expect("the subscription is told");
+    let codes = ended["payload"].to_string();
+    assert!(codes.contains("UNAUTHENTICATED"), "{ended}");
+}
+
+#[tokio::test]
+async fn bad_input_names_the_field_and_writes_nothing() {
+    let app = App::start().await;
+    let root = app.bootstrap("Acme");
+    let project = project(&app, &root, "Shop").await;
+    let before = app.graphql(Some(&root), "{ auditLog { totalCount } }", json!({})).await.ok();
+    let cases = [
+        (CREATE_PROJECT, json!({ "name": "" }), "name"),
+        (
+            "mutation($p: ID!) { createApplication(input: { projectId: $p, name: \"web\", gitUrl: \"--upload-pack=evil\" }) { id } }",
+            json!({ "p": project }),
+            "gitUrl",
+        ),
+        (
+            "mutation($p: ID!) { createApplication(input: { projectId: $p, name: \"web\", gitUrl: \"https://example.com/a.git\", gitRef: \"main;rm -rf /\" }) { id } }",
+            json!({ "p": project }),
+            "gitRef",
+        ),
+        (
+            "mutation($p: ID!) { createApplication(input: { projectId: $p, name: \"web\", image: \"a:1\", port: 70000 }) { id } }",
+            json!({ "p": project }),
+            "port",
+        ),
+        (
+            "mutation($p: ID!) { createApplication(input: { projectId: $p, name: \"web\", image: \"a:1\", domains: [\"not a domain\"] }) { id } }",
+            json!({ "p": project }),
+            "domains",
+        ),
+        (CREATE_TOKEN, json!({ "name": "x", "abilities": ["superuser"] }), "abilities"),
+    ];
+    for (query, vars, field) in cases {
+        let answer = app.graphql(Some(&root), query, vars).await;
+        assert_eq!(answer.code(), "INVALID_INPUT", "{query}");
+        assert_eq!(answer.error()["extensions"]["field"], field, "{:?}", answer.errors);
+        assert!(answer.error()["message"].as_str().is_some_and(|m| m.starts_with(&format!("{field}: "))));
+    }
+    let after = app.graphql(Some(&root), "{ auditLog { totalCount } }", json!({})).await.ok();
+    assert_eq!(before, after, "nothing was written");
+}
+
+#[tokio::test]
+async fn abuse_limits_hold_and_health_endpoints_answer() {
+    let app = App::start_with(&[("ZPANEL_API_RATE", "1"), ("ZPANEL_API_BURST", "5")]).await;
+    let root = app.bootstrap("Acme");
+
+    let deep = "{ team { members { role } } applications { nodes { currentDeployment { release } } edges { node { env { key } } } } }";
+    assert!(app.graphql(Some(&root), deep, json!({})).await.errors.is_empty(), "an ordinary query passes");
+    let aliases: String = (0..40).map(|i| format!("a{i}: me {{ name }} ")).collect();
+    let answer = app.graphql(Some(&root), &format!("{{ {aliases} }}"), json!({})).await;
+    assert_eq!(answer.code(), "INVALID_INPUT");
+    let deep = format!(
+        "{{ __schema {{ types {{ fields {{ type {{ {}name{} }} }} }} }} }}",
+        "ofType { ".repeat(10),
+        " }".repeat(10)
+    );
+    let too_deep = app.graphql(Some(&root), &deep, json!({})).await;
+    assert!(
+        too_deep.error()["message"].as_str().is_some_and(|m| m.contains("nested too deep")),
+        "{:?}",
+        too_deep.errors
+    );
+
+    // The burst is spent by now (4 requests of 5): one of the next is refused with RATE_LIMITED.
+    let mut limited = None;
+    for _ in 0..5 {
+        let answer = app.graphql(Some(&root), "{ me { name } }", json!({})).await;
+        if !answer.errors.is_empty() {
+            limited = Some(answer);
+            break;
+        }
+    }
+    let limited = limited.expect("the rate limit applies");
+    assert_eq!(limited.code(), "RATE_LIMITED");
+    assert!(limited.error()["extensions"]["retryAfterMs"].as_u64().is_some());
+
+    // Unauthenticated: introspection works, suggestions don't leak field names.
+    let typo = app.graphql(None, "{ projectz { id } }", json!({})).await;
+    assert!(!typo.error()["message"].as_str().unwrap_or_default().contains("Did you mean"), "{:?}", typo.errors);
+    let schema = app.graphql(None, "{ __schema { queryType { name } } }", json!({})).await.ok();
+    assert_eq!(schema["__schema"]["queryType"]["name"], "Query");
+
+    // A body over the limit is refused before it is parsed.
+    let (status, _) = {
+        let big = "x".repeat(2 << 20);
+        let response = reqwest::Client::new()
+            .post(format!("{}/graphql", app.url))
+            .header("content-type", "application/json")
+            .body(format!("{{\"query\": \"{big}\"}}"))
+            .send()
+            .await
+            .expect("POST");
+        (response.status().as_u16(), ())
+    };
+    assert_eq!(status, 413);
+
+    assert_eq!(app.get("/healthz").await.0, 200);
+    let (ready, body) = app.get("/readyz").await;
+    assert_eq!(ready, 200, "{body}");
+    let (status, metrics) = app.get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("zpanel_graphql_requests_seconds_count{kind=\"query\",outcome=\"ok\"}"), "{metrics}");
+    assert!(metrics.contains("zpanel_projection_lag_seconds{projection=\"audit_log\"}"), "{metrics}");
+    let (status, sdl) = app.get("/graphql/schema.graphql").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sdl,
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../api/schema.graphql")).expect("SDL file")
+    );
+}

@@ -2,6 +2,8 @@
 //! run. Each benchmark works in a database of its own (created and dropped here) on the
 //! configured server or the private cluster, so real data is never touched.
 
+mod api;
+
 use crate::config::Config;
 use crate::database::Database;
 use anyhow::Context as _;
@@ -38,6 +40,37 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1_000_000)]
         events: u64,
     },
+    /// GraphQL `applications(first: 50)` throughput over HTTP, beside a trivial axum handler.
+    Api {
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Many concurrent `events` subscriptions: memory per subscriber and delivery latency.
+    Subscriptions {
+        /// Subscriptions.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Mutations whose delivery is timed.
+        #[arg(long, default_value_t = 10)]
+        events: usize,
+    },
+    /// (Internal) the subscribing side of `bench subscriptions`.
+    #[command(hide = true)]
+    SubscribeClients {
+        /// The API's URL.
+        #[arg(long)]
+        url: String,
+        /// Subscriptions to open.
+        #[arg(long)]
+        count: usize,
+        /// Deliveries to report.
+        #[arg(long)]
+        events: usize,
+    },
     /// Projection lag (command committed → read model shows it) at a steady command rate,
     /// beside the commit latency of the commands themselves.
     Lag {
@@ -55,6 +88,9 @@ pub enum BenchCommand {
 /// # Errors
 /// When the database fails.
 pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
+    if let BenchCommand::SubscribeClients { url, count, events } = &command {
+        return api::subscribe_clients(url, *count, *events).await;
+    }
     let server = Database::open(config, 2).await?;
     let name = format!("zpanel_bench_{}", uuid::Uuid::now_v7().simple());
     sqlx::query(&format!("create database {name}"))
@@ -67,6 +103,9 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Append { clients, seconds } => append(&pool, clients, Duration::from_secs(seconds)).await,
         BenchCommand::Replay { events } => replay(&pool, events).await,
         BenchCommand::Lag { rate, seconds } => lag(&pool, rate, Duration::from_secs(seconds)).await,
+        BenchCommand::Api { clients, seconds } => api::queries(&pool, clients, Duration::from_secs(seconds)).await,
+        BenchCommand::Subscriptions { count, events } => api::subscriptions(&pool, count, events).await,
+        BenchCommand::SubscribeClients { .. } => Ok(()),
     };
     pool.close().await;
     let _ = sqlx::query(&format!("drop database {name}")).execute(&server.pool).await;

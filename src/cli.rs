@@ -152,6 +152,7 @@ async fn serve(config: &Config, shutdown: impl Future<Output = ()> + Send) -> an
         feed: feed.clone(),
         rate: Arc::new(zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst)),
         metrics: Arc::default(),
+        token_checks: Arc::default(),
     };
     let address = listener.local_addr()?;
     tracing::info!(%address, projections = ?runner.names(), "zpanel is running");

@@ -7,10 +7,12 @@
 
 use crate::error::{ApiError, ApiResult};
 use sqlx::{PgPool, Row as _};
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq as _;
 use time::OffsetDateTime;
 use uuid::Uuid;
 use zpanel_commands::Actor;
+use zpanel_commands::Cursor;
 use zpanel_domain::ids::TeamId;
 use zpanel_domain::values::{Abilities, Ability};
 
@@ -49,13 +51,46 @@ impl Caller {
     pub fn actor(&self) -> Actor {
         Actor::token(self.token_id, &self.token_name)
     }
+}
 
-    /// Whether the token still works (not revoked, not expired).
+/// Re-checks of tokens held by open subscriptions, shared: thousands of subscriptions of one
+/// token cost one query per interval, not one each.
+#[derive(Debug, Default)]
+pub struct TokenChecks {
+    /// By token hash: when it was checked, how far the read models were then, the answer.
+    checked: tokio::sync::Mutex<std::collections::HashMap<String, (Instant, Cursor, bool)>>,
+}
+
+impl TokenChecks {
+    /// Whether `caller`'s token still works. A check younger than `max_age`, made when the
+    /// read models had reached `seen` (the position of a change to the token, if one was seen),
+    /// is reused.
     ///
     /// # Errors
     /// When the database fails.
-    pub async fn still_valid(&self, pool: &PgPool) -> ApiResult<bool> {
-        Ok(lookup(pool, &self.token_hash).await?.is_some())
+    pub async fn still_valid(
+        &self,
+        pool: &PgPool,
+        caller: &Caller,
+        horizon: Cursor,
+        seen: Cursor,
+        max_age: Duration,
+    ) -> ApiResult<bool> {
+        // One check at a time: those waiting then find the fresh answer.
+        let mut checked = self.checked.lock().await;
+        if let Some((at, checked_horizon, valid)) = checked.get(&caller.token_hash)
+            && at.elapsed() < max_age
+            && *checked_horizon >= seen
+        {
+            return Ok(*valid);
+        }
+        let valid = lookup(pool, &caller.token_hash).await?.is_some();
+        if checked.len() > 10_000 {
+            checked.retain(|_, (at, _, _)| at.elapsed() < max_age);
+        }
+        // Made now, so it reflects at least everything visible up to `seen`.
+        checked.insert(caller.token_hash.clone(), (Instant::now(), horizon.max(seen), valid));
+        Ok(valid)
     }
 }
 

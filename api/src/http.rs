@@ -19,6 +19,8 @@ use zpanel_commands::Cursor;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
+/// Read and write buffer of a WebSocket (each grows while a large message passes).
+pub const WS_BUFFER: usize = 4 * 1024;
 /// `/readyz` fails when the read models are more than this many events behind the log.
 pub const READY_LAG: i64 = 10_000;
 
@@ -159,7 +161,12 @@ async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Respon
     };
     let state = schemas.state.clone();
     let schema = schemas.open.clone();
+    // Small buffers: a subscriber mostly waits. The defaults (128 KiB to read, as much to
+    // write) would make each open subscription cost a quarter of a megabyte.
     upgrade
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
+        .max_message_size(MAX_BODY)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .on_upgrade(move |socket| {
             GraphQLWebSocket::new(socket, schema, protocol)

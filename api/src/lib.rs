@@ -41,6 +41,8 @@ pub struct ApiState {
     pub rate: Arc<limits::RateLimiter>,
     /// Request counters and latencies.
     pub metrics: Arc<metrics::Metrics>,
+    /// Shared re-checks of subscriptions' tokens.
+    pub token_checks: Arc<auth::TokenChecks>,
 }
 
 impl ApiState {

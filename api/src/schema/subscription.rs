@@ -75,13 +75,16 @@ impl Follower {
             let received = tokio::time::timeout(RECHECK, self.receiver.recv()).await;
             // The token is checked again when it may have changed: its own stream moved, or
             // the subscription was idle for a while.
-            let recheck = match &received {
-                Ok(Ok(entry)) => entry.entry.stream_id == self.token_stream,
-                _ => true,
-            } || self.checked.elapsed() >= RECHECK;
+            let (recheck, seen) = match &received {
+                Ok(Ok(entry)) if entry.entry.stream_id == self.token_stream => (true, entry.cursor),
+                Ok(Ok(_)) => (self.checked.elapsed() >= RECHECK, Cursor::START),
+                _ => (true, Cursor::START),
+            };
             if recheck {
                 self.checked = tokio::time::Instant::now();
-                match self.caller.still_valid(&self.state.pool).await {
+                let horizon = self.state.feed.horizon();
+                let checks = &self.state.token_checks;
+                match checks.still_valid(&self.state.pool, &self.caller, horizon, seen, RECHECK).await {
                     Ok(true) => {}
                     Ok(false) => {
                         self.ended = true;

@@ -1,0 +1,295 @@
+//! Benchmarks of the GraphQL API: query throughput beside a trivial axum handler, and many
+//! concurrent subscriptions (memory per subscriber, delivery latency).
+
+use super::{ms, percentiles, throughput};
+use anyhow::Context as _;
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncBufReadExt as _;
+use zpanel_commands::sample::{self, HandlerSink, Shape};
+use zpanel_commands::{Actor, AppendSignal, CommandContext, CommandHandler, Keyring, PgEventStore};
+use zpanel_domain::api_token::{ApiToken, ApiTokenCommand};
+use zpanel_domain::ids::ApiTokenId;
+use zpanel_domain::values::{Abilities, Ability, Name};
+use zpanel_projections::ProjectionRunner;
+
+/// The API in this process over `pool`, with a team of `applications` and a root token.
+struct Fixture {
+    url: String,
+    token: String,
+    team: sample::SampleTeam,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> {
+    let signal = AppendSignal::new();
+    let handler = CommandHandler::new(PgEventStore::new(pool.clone(), signal.clone()));
+    let keyring = Keyring::generate();
+    let shape = Shape { applications, variables: 5, updates: 0, deployments: 0 };
+    let team = sample::team(&mut HandlerSink(&handler), &keyring, shape, "Bench").await?;
+    let generated = zpanel_commands::tokens::generate();
+    let id = ApiTokenId::new();
+    let root = Abilities::new([Ability::Root]);
+    let command = ApiTokenCommand::CreateApiToken {
+        id,
+        team_id: team.team_id,
+        name: Name::parse("bench").map_err(|e| anyhow::anyhow!("{e}"))?,
+        abilities: root.clone(),
+        token_hash: generated.hash.clone(),
+        expires_at: None,
+        creator_abilities: root,
+        now: time::OffsetDateTime::now_utc(),
+    };
+    let ctx = CommandContext::new(team.team_id, Actor::system("bench"), "bench");
+    handler.execute::<ApiToken>(&ctx, *id.as_uuid(), &command).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
+    runner.register().await?;
+    runner.catch_up().await?;
+    let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
+    let feed = zpanel_api::feed::Feed::new(pool.clone(), names, runner.projected());
+    let state = zpanel_api::ApiState {
+        pool: pool.clone(),
+        handler,
+        keyring: Arc::new(keyring),
+        feed: feed.clone(),
+        rate: Arc::new(zpanel_api::limits::RateLimiter::new(1_000_000, 1_000_000)),
+        metrics: Arc::default(),
+        token_checks: Arc::default(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn({
+        let until = until();
+        async move { runner.run(signal, until).await }
+    });
+    tokio::spawn(feed.run(until()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(zpanel_api::serve(listener, zpanel_api::router(state), until()));
+    Ok(Fixture { url, token: generated.token.expose().to_owned(), team, stop })
+}
+
+/// `applications(first: 50)` over HTTP from `clients` connections, beside a trivial handler.
+pub(super) async fn queries(pool: &PgPool, clients: usize, duration: Duration) -> anyhow::Result<()> {
+    let fixture = fixture(pool, 60).await?;
+    let trivial = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let trivial_url = format!("http://{}/", trivial.local_addr()?);
+    tokio::spawn(async move {
+        axum::serve(trivial, axum::Router::new().route("/", axum::routing::get(|| async { "ok" }))).await
+    });
+    let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+    let query = json!({ "query": "{ applications(first: 50) { totalCount nodes { id name version env { key value secret } } } }" });
+    let check: serde_json::Value = http
+        .post(format!("{}/graphql", fixture.url))
+        .bearer_auth(&fixture.token)
+        .json(&query)
+        .send()
+        .await?
+        .json()
+        .await?;
+    anyhow::ensure!(
+        check["data"]["applications"]["nodes"].as_array().map(Vec::len) == Some(50),
+        "query answered {check}"
+    );
+
+    let (mut trivial_rates, mut api_rates) = (Vec::new(), Vec::new());
+    for round in 0..4 {
+        let (client, url) = (http.clone(), trivial_url.clone());
+        let trivial_rate = throughput(clients, duration / 2, move || {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                client.get(&url).send().await?.error_for_status()?.bytes().await?;
+                Ok(())
+            }
+        })
+        .await?;
+        let (client, url, token, query) =
+            (http.clone(), format!("{}/graphql", fixture.url), fixture.token.clone(), query.clone());
+        let api_rate = throughput(clients, duration / 2, move || {
+            let (client, url, token, query) = (client.clone(), url.clone(), token.clone(), query.clone());
+            async move {
+                let body = client.post(&url).bearer_auth(&token).json(&query).send().await?.bytes().await?;
+                anyhow::ensure!(!body.starts_with(b"{\"data\":null"), "an error: {}", String::from_utf8_lossy(&body));
+                Ok(())
+            }
+        })
+        .await?;
+        let label = if round == 0 { "warm-up".to_owned() } else { format!("round {round}") };
+        println!("{label}: trivial handler {trivial_rate:.0}/s, applications(first: 50) {api_rate:.0}/s");
+        if round > 0 {
+            trivial_rates.push(trivial_rate);
+            api_rates.push(api_rate);
+        }
+    }
+    let trivial = trivial_rates.iter().sum::<f64>() / trivial_rates.len() as f64;
+    let api = api_rates.iter().sum::<f64>() / api_rates.len() as f64;
+    println!(
+        "| applications(first: 50), {clients} connections | trivial axum handler {trivial:.0}/s | zpanel {api:.0}/s | ratio {:.2} (target ≥ 0.30) |",
+        api / trivial
+    );
+    let _ = fixture.stop.send(true);
+    Ok(())
+}
+
+/// The server's resident memory, in bytes.
+fn resident_bytes() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/self/status")?;
+    Ok(kb * 1024)
+}
+
+fn unix_nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default()
+}
+
+/// `count` `events` subscriptions held by a child process; memory per subscriber in this
+/// (the server's) process, and the time from each mutation's answer to its delivery on all.
+pub(super) async fn subscriptions(pool: &PgPool, count: usize, mutations: usize) -> anyhow::Result<()> {
+    let fixture = fixture(pool, 1).await?;
+    // Let the server settle before the baseline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = resident_bytes()?;
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "subscribe-clients", "--url", &fixture.url, "--count", &count.to_string()])
+        .args(["--events", &mutations.to_string()])
+        .env("ZPANEL_BENCH_TOKEN", &fixture.token)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the subscribing process")?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("child stdout")?).lines();
+    let started = Instant::now();
+    let ready = lines.next_line().await?.context("the subscribers ended early")?;
+    anyhow::ensure!(ready == "ready", "the subscribers said {ready}");
+    println!("{count} subscriptions open in {:.1}s", started.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = resident_bytes()?;
+    let per = after.saturating_sub(before) as f64 / count as f64;
+
+    let http = reqwest::Client::new();
+    let app = fixture.team.applications[0];
+    let mut answered = Vec::with_capacity(mutations);
+    for i in 0..mutations {
+        let query = json!({
+            "query": "mutation($app: ID!, $v: String!) { setEnvironmentVariable(input: { applicationId: $app, key: \"BENCH\", value: $v }) { version } }",
+            "variables": { "app": app.to_string(), "v": i.to_string() },
+        });
+        let body: serde_json::Value = http
+            .post(format!("{}/graphql", fixture.url))
+            .bearer_auth(&fixture.token)
+            .json(&query)
+            .send()
+            .await?
+            .json()
+            .await?;
+        answered.push(unix_nanos());
+        anyhow::ensure!(body["errors"].is_null(), "the mutation failed: {body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The child prints, per mutation, the delivery time on every subscription.
+    let mut latencies = Vec::with_capacity(count * mutations);
+    let mut slowest = Vec::new();
+    for answered_at in &answered {
+        let line = lines.next_line().await?.context("the subscribers ended early")?;
+        let mut worst = Duration::ZERO;
+        for at in line.split_whitespace() {
+            let at: u128 = at.parse()?;
+            let latency = Duration::from_nanos(u64::try_from(at.saturating_sub(*answered_at))?);
+            worst = worst.max(latency);
+            latencies.push(latency);
+        }
+        slowest.push(worst);
+    }
+    let _ = child.wait().await;
+    anyhow::ensure!(latencies.len() == count * mutations, "{} of {} deliveries", latencies.len(), count * mutations);
+    let (p50, p99) = percentiles(&mut latencies);
+    println!(
+        "| {count} events subscriptions | server RSS {:.1} MiB before | {:.1} KiB per subscriber; delivery after the mutation's answer p50 {:.1} ms, p99 {:.1} ms (slowest per mutation: {}) | targets ≤ 32 KiB, p99 ≤ 200 ms |",
+        before as f64 / 1_048_576.0,
+        per / 1024.0,
+        ms(p50),
+        ms(p99),
+        slowest.iter().map(|d| format!("{:.0} ms", ms(*d))).collect::<Vec<_>>().join(", ")
+    );
+    let _ = fixture.stop.send(true);
+    Ok(())
+}
+
+/// The subscribing side of [`subscriptions`], in its own process: opens `count` subscriptions,
+/// prints `ready`, then for each of `events` deliveries a line of receive times (Unix ns).
+pub async fn subscribe_clients(url: &str, count: usize, events: usize) -> anyhow::Result<()> {
+    let token = std::env::var("ZPANEL_BENCH_TOKEN").context("ZPANEL_BENCH_TOKEN")?;
+    let ws_url = format!("{}/graphql", url.replacen("http", "ws", 1));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, u128)>();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let connect = Arc::new(tokio::sync::Semaphore::new(64));
+    for _ in 0..count {
+        let (ws_url, token, tx, ready_tx, connect) =
+            (ws_url.clone(), token.clone(), tx.clone(), ready_tx.clone(), Arc::clone(&connect));
+        tokio::spawn(async move {
+            let result: anyhow::Result<()> = async {
+                use tokio_tungstenite::tungstenite::Message;
+                use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+                let permit = connect.acquire().await?;
+                let mut request = ws_url.into_client_request()?;
+                request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse()?);
+                let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+                let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
+                socket.send(Message::text(init.to_string())).await?;
+                socket.next().await.context("no ack")??;
+                let subscribe = json!({ "id": "1", "type": "subscribe", "payload": { "query": "subscription { events { position } }" } });
+                socket.send(Message::text(subscribe.to_string())).await?;
+                drop(permit);
+                let _ = ready_tx.send(());
+                let mut seen = 0;
+                while let Some(message) = socket.next().await {
+                    if let Message::Text(text) = message?
+                        && text.as_str().contains("\"next\"")
+                    {
+                        let _ = tx.send((seen, unix_nanos()));
+                        seen += 1;
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                eprintln!("a subscriber failed: {e:#}");
+            }
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..count {
+        ready_rx.recv().await.context("a subscriber failed to subscribe")?;
+    }
+    // The subscribe messages are sent; give the server a moment to register them all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("ready");
+    let mut per_event: Vec<Vec<u128>> = vec![Vec::with_capacity(count); events];
+    let mut done = 0;
+    while done < events {
+        let (index, at) = rx.recv().await.context("the subscribers stopped")?;
+        if let Some(times) = per_event.get_mut(index) {
+            times.push(at);
+            if times.len() == count {
+                let line: Vec<String> = times.iter().map(u128::to_string).collect();
+                println!("{}", line.join(" "));
+                done += 1;
+            }
+        }
+    }
+    Ok(())
+}

@@ -86,6 +86,12 @@ impl ParsedFilter {
     }
 }
 
+/// Whether the client asked for a connection's `totalCount`: counting costs a scan, so it is
+/// done only then.
+fn counted(ctx: &Context<'_>) -> bool {
+    ctx.look_ahead().field("totalCount").exists()
+}
+
 /// The sort key in an `after` cursor.
 fn after_key<T: std::str::FromStr>(after: Option<String>) -> ApiResult<Option<T>> {
     after
@@ -157,12 +163,16 @@ impl Query {
         let after = after_key::<uuid::Uuid>(after)?;
         let filter =
             "team_id = $1 and ($2::uuid is null or project_id = $2) and ($3::text is null or environment = $3)";
-        let total: i64 = sqlx::query_scalar(&format!("select count(*) from rm_applications where {filter}"))
-            .bind(caller.team_id.as_uuid())
-            .bind(project)
-            .bind(&environment)
-            .fetch_one(&state.pool)
-            .await?;
+        let total: i64 = if counted(ctx) {
+            sqlx::query_scalar(&format!("select count(*) from rm_applications where {filter}"))
+                .bind(caller.team_id.as_uuid())
+                .bind(project)
+                .bind(&environment)
+                .fetch_one(&state.pool)
+                .await?
+        } else {
+            0
+        };
         let rows = sqlx::query(&format!(
             "select application_id, state, version, updated_at from rm_applications
               where {filter} and ($4::uuid is null or application_id > $4)
@@ -217,12 +227,15 @@ impl Query {
             return Err(ApiError::NotFound("application"));
         }
         let after = after_key::<uuid::Uuid>(after)?;
-        let total: i64 =
+        let total: i64 = if counted(ctx) {
             sqlx::query_scalar("select count(*) from rm_deployments where team_id = $1 and application_id = $2")
                 .bind(caller.team_id.as_uuid())
                 .bind(application)
                 .fetch_one(&state.pool)
-                .await?;
+                .await?
+        } else {
+            0
+        };
         let rows = sqlx::query(&format!(
             "select {DEPLOYMENT_COLUMNS} from rm_deployments
               where team_id = $1 and application_id = $2 and ($3::uuid is null or deployment_id < $3)
@@ -305,15 +318,19 @@ impl Query {
              and ($3::text is null or a.actor->>'name' = $3 or a.actor->>'id' = $3)
              and ($4::text is null or a.event_type = $4)
              and ($5::timestamptz is null or a.at >= $5) and ($6::timestamptz is null or a.at < $6)";
-        let total: i64 = sqlx::query_scalar(&format!("select count(*) from rm_audit_log a where {conditions}"))
-            .bind(caller.team_id.as_uuid())
-            .bind(&f.stream_id)
-            .bind(&f.actor)
-            .bind(&f.event_type)
-            .bind(f.since)
-            .bind(f.until)
-            .fetch_one(&state.pool)
-            .await?;
+        let total: i64 = if counted(ctx) {
+            sqlx::query_scalar(&format!("select count(*) from rm_audit_log a where {conditions}"))
+                .bind(caller.team_id.as_uuid())
+                .bind(&f.stream_id)
+                .bind(&f.actor)
+                .bind(&f.event_type)
+                .bind(f.since)
+                .bind(f.until)
+                .fetch_one(&state.pool)
+                .await?
+        } else {
+            0
+        };
         let rows = sqlx::query(&format!(
             "select {AUDIT_COLUMNS} from rm_audit_log a
               where {conditions} and ($7::bigint is null or a.global_position < $7)

@@ -374,3 +374,47 @@ async fn abuse_limits_hold_and_health_endpoints_answer() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../api/schema.graphql")).expect("SDL file")
     );
 }
+
+#[tokio::test]
+async fn application_and_deployment_subscriptions_follow_their_own_objects_only() {
+    let app = App::start().await;
+    let root = app.bootstrap("Acme");
+    let project = project(&app, &root, "Shop").await;
+    let web = application(&app, &root, &project, "web").await;
+    let other = application(&app, &root, &project, "other").await;
+    let mut updated = app
+        .subscribe(
+            &root,
+            "subscription($id: ID!) { applicationUpdated(id: $id) { id version env { key } } }",
+            json!({ "id": web }),
+        )
+        .await;
+    let mut deployments = app
+        .subscribe(
+            &root,
+            "subscription($id: ID!) { deploymentUpdated(applicationId: $id) { id status } }",
+            json!({ "id": web }),
+        )
+        .await;
+
+    // A change to another application is not delivered; the next one to this one is, as the
+    // read model shows it.
+    app.graphql(Some(&root), SET_VAR, json!({ "app": other, "key": "A", "value": "1" })).await.ok();
+    app.graphql(Some(&root), SET_VAR, json!({ "app": web, "key": "B", "value": "2" })).await.ok();
+    let first = updated.next_data().await.expect("an update");
+    assert_eq!(first["applicationUpdated"], json!({ "id": web, "version": 2, "env": [{ "key": "B" }] }));
+
+    let deploy = "mutation($id: ID!) { deployApplication(input: { applicationId: $id }) { id } }";
+    app.graphql(Some(&root), deploy, json!({ "id": other })).await.ok();
+    let queued = app.graphql(Some(&root), deploy, json!({ "id": web })).await.ok();
+    let id = queued["deployApplication"]["id"].clone();
+    // Each delivery shows the deployment as the read model has it then, so wait for the first
+    // before changing it.
+    let seen = deployments.next_data().await.expect("the queued deployment");
+    assert_eq!(seen["deploymentUpdated"], json!({ "id": id, "status": "QUEUED" }));
+    let cancel = "mutation($id: ID!) { cancelDeployment(input: { deploymentId: $id }) { status } }";
+    let cancelled = app.graphql(Some(&root), cancel, json!({ "id": id })).await.ok();
+    assert_eq!(cancelled["cancelDeployment"]["status"], "CANCELLED");
+    let seen = deployments.next_data().await.expect("the cancelled deployment");
+    assert_eq!(seen["deploymentUpdated"], json!({ "id": id, "status": "CANCELLED" }));
+}

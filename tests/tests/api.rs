@@ -164,6 +164,63 @@ async fn another_teams_ids_answer_exactly_like_missing_ones() {
     let listing = app.graphql(Some(&b), "{ projects { id } applications { totalCount } }", json!({})).await.ok();
     assert_eq!(listing, json!({ "projects": [], "applications": { "totalCount": 0 } }));
     let pid = project.clone();
+    let key =
+        app.graphql(Some(&a), "mutation { addPrivateKey(input: { name: \"deploy\" }) { id } }", json!({})).await.ok();
+    let key = key["addPrivateKey"]["id"].as_str().expect("key id").to_owned();
+    let server = app
+        .graphql(
+            Some(&a),
+            "mutation($k: ID!) { createServer(input: { name: \"edge\", host: \"127.0.0.1\", privateKeyId: $k }) { id } }",
+            json!({ "k": key }),
+        )
+        .await
+        .ok();
+    let server = server["createServer"]["id"].as_str().expect("server id").to_owned();
+    let deployed = app
+        .graphql(
+            Some(&a),
+            "mutation($id: ID!) { deployApplication(input: { applicationId: $id }) { id } }",
+            json!({ "id": web }),
+        )
+        .await
+        .ok();
+    let deployment = deployed["deployApplication"]["id"].as_str().expect("deployment id").to_owned();
+    let a_token = app.graphql(Some(&a), "{ apiTokens { id } }", json!({})).await.ok()["apiTokens"][0]["id"]
+        .as_str()
+        .expect("a token id")
+        .to_owned();
+    // B has a key of its own; it lists that one, never A's.
+    app.graphql(Some(&b), "mutation { addPrivateKey(input: { name: \"b\" }) { id } }", json!({})).await.ok();
+    for (mutation, vars) in [
+        ("mutation($id: ID!) { renameProject(input: { id: $id, name: \"Mine\" }) { id } }", json!({ "id": pid })),
+        ("mutation($id: ID!) { archiveProject(input: { id: $id }) { id } }", json!({ "id": pid })),
+        ("mutation($id: ID!) { cancelDeployment(input: { deploymentId: $id }) { id } }", json!({ "id": deployment })),
+        (
+            "mutation($a: ID!, $d: ID!) { rollbackApplication(input: { applicationId: $a, deploymentId: $d }) { id } }",
+            json!({ "a": web, "d": deployment }),
+        ),
+        ("mutation($id: ID!) { validateServer(input: { id: $id }) { id } }", json!({ "id": server })),
+        ("mutation($id: ID!) { revokeApiToken(input: { id: $id }) { id } }", json!({ "id": a_token })),
+    ] {
+        let answer = app.graphql(Some(&b), mutation, vars).await;
+        assert_eq!(answer.code(), "NOT_FOUND", "{mutation}: {:?}", answer.errors);
+    }
+    // Another team's key cannot be used for one's own server: it does not exist for B.
+    let borrowed = app
+        .graphql(
+            Some(&b),
+            "mutation($k: ID!) { createServer(input: { name: \"x\", host: \"127.0.0.1\", privateKeyId: $k }) { id } }",
+            json!({ "k": key }),
+        )
+        .await;
+    assert_eq!(borrowed.code(), "INVALID_INPUT");
+    assert_eq!(borrowed.error()["extensions"]["field"], "privateKeyId");
+    let lists = app
+        .graphql(Some(&b), "{ servers { id } privateKeys { name } deployment(id: \"x\") { id } }", json!({}))
+        .await
+        .ok();
+    assert_eq!(lists["servers"], json!([]));
+    assert_eq!(lists["privateKeys"], json!([{ "name": "b" }]));
     let mutations = [
         ("mutation($id: ID!) { archiveApplication(input: { id: $id }) { id } }", json!({ "id": web })),
         ("mutation($id: ID!) { deployApplication(input: { applicationId: $id }) { id } }", json!({ "id": web })),

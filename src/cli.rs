@@ -141,47 +141,14 @@ async fn serve(config: &Config, shutdown: impl Future<Output = ()> + Send) -> an
     let db = Database::open(config, 32).await?;
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
-    let runner = ProjectionRunner::new(db.pool.clone(), zpanel_projections::all());
-    runner.register().await?;
-    let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
-    let feed = zpanel_api::feed::Feed::new(db.pool.clone(), names, runner.projected());
-    let state = zpanel_api::ApiState {
-        pool: db.pool.clone(),
-        handler: CommandHandler::new(PgEventStore::new(db.pool.clone(), signal.clone())),
-        keyring: Arc::new(keyring),
-        feed: feed.clone(),
-        rate: Arc::new(zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst)),
-        metrics: Arc::default(),
-        token_checks: Arc::default(),
-    };
-    let address = listener.local_addr()?;
-    tracing::info!(%address, projections = ?runner.names(), "zpanel is running");
-    println!("listening on http://{address}");
-
-    // One shutdown signal, seen by every part.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until_stopped = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    };
-    let projections = tokio::spawn({
-        let until = until_stopped();
-        async move { runner.run(signal, until).await }
-    });
-    let feeding = tokio::spawn(feed.run(until_stopped()));
-    let api = tokio::spawn(zpanel_api::serve(listener, zpanel_api::router(state), until_stopped()));
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop.send(true);
-    let results = [projections.await, feeding.await, api.await];
+    let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
+    let app = crate::app::start(db.pool.clone(), signal, keyring, listener, rate)?;
+    tracing::info!(address = %app.address, "zpanel is running");
+    println!("listening on http://{}", app.address);
+    let result = app.run_until(shutdown).await;
     bridge.abort();
     db.close().await;
-    for result in results {
-        result.context("a part of zpanel panicked")??;
-    }
-    Ok(())
+    result
 }
 
 async fn replay(db: Arc<Database>, names: Vec<String>) -> anyhow::Result<()> {

@@ -3,10 +3,13 @@
 //!
 //! - [`config`]: settings from flags and `ZPANEL_*` variables.
 //! - [`database`]: the PostgreSQL Zpanel uses — the configured one, or its private cluster.
+//! - [`app`]: the parts `serve` runs — projections, subscription feed, API — started and
+//!   stopped together.
 //! - [`cli`]: the subcommands (`serve`, `migrate`, `replay`, `events tail`, `bootstrap`, `keys`, `bench`).
 //! - [`bench`]: the benchmarks behind `zpanel bench`.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -1,9 +1,10 @@
 //! Who is calling: API tokens (`Authorization: Bearer zp_…`) resolved to a team and abilities.
 //!
 //! Tokens are stored as SHA-256 hashes in the `api_tokens` read model. A presented token is
-//! hashed, looked up by its hash, and the stored hash compared with the presented one in constant
-//! time. Expiry and revocation are checked on every request — and by open subscriptions before
-//! each delivery — so a revoked token stops working at once.
+//! hashed, candidates are looked up by the hash's first 16 hex digits, and each candidate's full
+//! hash is compared with the presented one in constant time. Expiry and revocation are checked
+//! on every request — and by open subscriptions when the token changes and every few seconds —
+//! so a revoked token stops working at once.
 
 use crate::error::{ApiError, ApiResult};
 use sqlx::{PgPool, Row as _};
@@ -115,18 +116,24 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> ApiResult<Caller> {
 }
 
 async fn lookup(pool: &PgPool, hash: &str) -> ApiResult<Option<Caller>> {
-    let row = sqlx::query(
+    // By prefix, then the whole hash compared in constant time: how long the index takes
+    // depends on the prefix only.
+    let rows = sqlx::query(
         "select token_id, team_id, name, abilities, token_hash, expires_at, revoked
-           from rm_api_tokens where token_hash = $1",
+           from rm_api_tokens where left(token_hash, 16) = $1",
     )
-    .bind(hash)
-    .fetch_optional(pool)
+    .bind(hash.get(..16).unwrap_or(hash))
+    .fetch_all(pool)
     .await?;
-    let Some(row) = row else { return Ok(None) };
-    let stored: String = row.try_get("token_hash")?;
-    if !bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) {
-        return Ok(None);
+    let mut found = None;
+    for row in rows {
+        let stored: String = row.try_get("token_hash")?;
+        if bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) {
+            found = Some(row);
+        }
     }
+    let Some(row) = found else { return Ok(None) };
+    let stored: String = row.try_get("token_hash")?;
     let revoked: bool = row.try_get("revoked")?;
     let expires_at: Option<OffsetDateTime> = row.try_get("expires_at")?;
     if revoked || expires_at.is_some_and(|at| at <= OffsetDateTime::now_utc()) {

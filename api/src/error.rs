@@ -63,6 +63,15 @@ impl ApiError {
         }
     }
 
+    /// As an `anyhow` error, keeping an internal error's chain.
+    #[must_use]
+    pub fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            Self::Internal(e) => anyhow::anyhow!("{e:#}"),
+            other => anyhow::anyhow!(other.message()),
+        }
+    }
+
     /// The stable code clients branch on.
     #[must_use]
     pub fn code(&self) -> &'static str {

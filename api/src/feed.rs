@@ -21,6 +21,8 @@ const CAPACITY: usize = 4096;
 /// How often the horizon is read from the checkpoints when this process's runner signals
 /// nothing (another process may be running the projections).
 const POLL: Duration = Duration::from_millis(250);
+/// How often a mutation waiting for the read models reads the checkpoints.
+const WAIT_POLL: Duration = Duration::from_millis(50);
 /// Entries read per query.
 const PAGE: i64 = 1000;
 
@@ -101,18 +103,22 @@ impl Feed {
     /// # Errors
     /// When it does not get there in time, or the database fails.
     pub async fn wait_for(&self, cursor: Cursor, timeout: Duration) -> anyhow::Result<()> {
-        let mut horizon = self.horizon.subscribe();
+        let (mut horizon, mut local) = (self.horizon.subscribe(), self.local.clone());
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + WAIT_POLL, WAIT_POLL);
         loop {
-            if *horizon.borrow_and_update() >= cursor || *self.local.borrow() >= cursor {
-                return Ok(());
-            }
-            if self.read_horizon().await? >= cursor {
+            if *horizon.borrow_and_update() >= cursor || *local.borrow_and_update() >= cursor {
                 return Ok(());
             }
             tokio::select! {
                 _ = horizon.changed() => {}
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = local.changed() => {}
+                // Another process may be projecting: then only the checkpoints tell.
+                _ = poll.tick() => {
+                    if self.read_horizon().await? >= cursor {
+                        return Ok(());
+                    }
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     anyhow::bail!("the read models did not reach {cursor:?} within {timeout:?}");
                 }
@@ -130,17 +136,18 @@ impl Feed {
         let mut last = self.read_horizon().await.unwrap_or(Cursor::START);
         self.horizon.send_replace(last);
         loop {
-            tokio::select! {
+            // This process's runner says how far it got; only when it is quiet are the
+            // checkpoints read (another process may be projecting).
+            let horizon = tokio::select! {
                 () = &mut shutdown => return Ok(()),
-                _ = local.changed() => {}
-                () = tokio::time::sleep(POLL) => {}
-            }
-            let horizon = match self.read_horizon().await {
-                Ok(h) => h.max(*local.borrow_and_update()),
-                Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "reading the horizon failed");
-                    continue;
-                }
+                _ = local.changed() => *local.borrow_and_update(),
+                () = tokio::time::sleep(POLL) => match self.read_horizon().await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = format!("{e:#}"), "reading the horizon failed");
+                        continue;
+                    }
+                },
             };
             if horizon <= last {
                 continue;
@@ -193,7 +200,7 @@ impl Feed {
             let n = rows.len();
             for row in &rows {
                 let cursor = Cursor { tx_id: row.try_get("tx_id")?, position: row.try_get("global_position")? };
-                let entry = AuditEntry::from_row(row).map_err(|e| anyhow::anyhow!(e.message()))?;
+                let entry = AuditEntry::from_row(row).map_err(crate::error::ApiError::into_anyhow)?;
                 out.push(FeedEntry { cursor, team_id: row.try_get("team_id")?, entry });
                 from = cursor;
             }

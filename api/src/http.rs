@@ -7,6 +7,7 @@ use crate::auth::{self, Caller};
 use crate::error::ApiError;
 use crate::schema::{self, Suggestions, ZpanelSchema};
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
 use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
 use axum::Router;
 use axum::body::Bytes;
@@ -96,7 +97,14 @@ async fn graphql_post(State(schemas): State<Schemas>, headers: HeaderMap, body: 
             return error_response(ApiError::invalid("body", rule)).into_response();
         }
     };
-    let kind = operation_kind(&request.query);
+    // Parsed once, here: the alias count and the metrics label read the document, and the
+    // schema executes the same parsed document.
+    let operation_name = request.operation_name.clone();
+    let (kind, aliases) = match request.parsed_query() {
+        Ok(document) => (operation_kind(document, operation_name.as_deref()), crate::limits::aliases(document)),
+        // The schema reports the syntax error.
+        Err(_) => ("other", 0),
+    };
     let caller = match caller_of(state, &headers).await {
         Ok(caller) => caller,
         Err(e) => return error_response(e).into_response(),
@@ -108,15 +116,9 @@ async fn graphql_post(State(schemas): State<Schemas>, headers: HeaderMap, body: 
         let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         return error_response(ApiError::RateLimited { retry_after_ms }).into_response();
     }
-    if let Ok(document) = async_graphql::parser::parse_query(&request.query) {
-        let n = crate::limits::aliases(&document);
-        if n > crate::limits::MAX_ALIASES {
-            return error_response(ApiError::invalid(
-                "query",
-                format!("uses {n} aliases; at most {} are allowed", crate::limits::MAX_ALIASES),
-            ))
-            .into_response();
-        }
+    if aliases > crate::limits::MAX_ALIASES {
+        let rule = format!("uses {aliases} aliases; at most {} are allowed", crate::limits::MAX_ALIASES);
+        return error_response(ApiError::invalid("query", rule)).into_response();
     }
     let schema = if caller.is_some() { &schemas.open } else { &schemas.closed };
     if let Some(caller) = caller {
@@ -128,17 +130,18 @@ async fn graphql_post(State(schemas): State<Schemas>, headers: HeaderMap, body: 
     GraphQLResponse::from(response).into_response()
 }
 
-/// `query`, `mutation`, `subscription` or `other`, for metrics labels.
-fn operation_kind(query: &str) -> &'static str {
-    let head = query.trim_start();
-    if head.starts_with("mutation") {
-        "mutation"
-    } else if head.starts_with("subscription") {
-        "subscription"
-    } else if head.starts_with('{') || head.starts_with("query") {
-        "query"
-    } else {
-        "other"
+/// `query`, `mutation`, `subscription` or `other` (an unknown operation name), for metrics.
+fn operation_kind(document: &ExecutableDocument, name: Option<&str>) -> &'static str {
+    let operation = match (&document.operations, name) {
+        (DocumentOperations::Single(op), _) => Some(op),
+        (DocumentOperations::Multiple(ops), Some(name)) => ops.get(name),
+        (DocumentOperations::Multiple(ops), None) => ops.values().next(),
+    };
+    match operation.map(|op| op.node.ty) {
+        Some(OperationType::Query) => "query",
+        Some(OperationType::Mutation) => "mutation",
+        Some(OperationType::Subscription) => "subscription",
+        None => "other",
     }
 }
 

@@ -31,6 +31,19 @@ pub enum ActorKind {
     System,
 }
 
+impl ActorKind {
+    /// The wire name (`user`, `token`, `worker`, `system`).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Token => "token",
+            Self::Worker => "worker",
+            Self::System => "system",
+        }
+    }
+}
+
 impl Actor {
     /// Zpanel itself, acting for `what` (e.g. `bootstrap`).
     #[must_use]
@@ -332,5 +345,12 @@ mod tests {
         assert_eq!(event_id_for(command, 0), event_id_for(command, 0));
         assert_ne!(event_id_for(command, 0), event_id_for(command, 1));
         assert_ne!(event_id_for(command, 0), event_id_for(Uuid::now_v7(), 0));
+    }
+
+    #[test]
+    fn an_actor_kind_names_itself_as_it_is_stored() {
+        for kind in [ActorKind::User, ActorKind::Token, ActorKind::Worker, ActorKind::System] {
+            assert_eq!(serde_json::to_value(kind).expect("serializes"), kind.as_str());
+        }
     }
 }

@@ -21,7 +21,9 @@ struct Fixture {
     url: String,
     token: String,
     team: sample::SampleTeam,
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+    http: reqwest::Client,
 }
 
 async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> {
@@ -46,36 +48,34 @@ async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> 
     let ctx = CommandContext::new(team.team_id, Actor::system("bench"), "bench");
     handler.execute::<ApiToken>(&ctx, *id.as_uuid(), &command).await.map_err(|e| anyhow::anyhow!("{e}"))?;
 
+    // The read models show the team before the first request.
     let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
     runner.register().await?;
     runner.catch_up().await?;
-    let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
-    let feed = zpanel_api::feed::Feed::new(pool.clone(), names, runner.projected());
-    let state = zpanel_api::ApiState {
-        pool: pool.clone(),
-        handler,
-        keyring: Arc::new(keyring),
-        feed: feed.clone(),
-        rate: Arc::new(zpanel_api::limits::RateLimiter::new(1_000_000, 1_000_000)),
-        metrics: Arc::default(),
-        token_checks: Arc::default(),
-    };
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let until = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        }
-    };
-    tokio::spawn({
-        let until = until();
-        async move { runner.run(signal, until).await }
-    });
-    tokio::spawn(feed.run(until()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(zpanel_api::serve(listener, zpanel_api::router(state), until()));
-    Ok(Fixture { url, token: generated.token.expose().to_owned(), team, stop })
+    let unlimited = zpanel_api::limits::RateLimiter::new(u32::MAX, u32::MAX);
+    let app = crate::app::start(pool.clone(), signal, keyring, listener, unlimited)?;
+    let url = format!("http://{}", app.address);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    Ok(Fixture { url, token: generated.token.expose().to_owned(), team, stop, running, http: reqwest::Client::new() })
+}
+
+impl Fixture {
+    /// Sends a GraphQL request with the fixture's token.
+    async fn graphql(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let response =
+            self.http.post(format!("{}/graphql", self.url)).bearer_auth(&self.token).json(body).send().await?;
+        Ok(response.json().await?)
+    }
+
+    /// Stops the API and its parts.
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.running.await.context("the API panicked")?
+    }
 }
 
 /// `applications(first: 50)` over HTTP from `clients` connections, beside a trivial handler.
@@ -88,14 +88,7 @@ pub(super) async fn queries(pool: &PgPool, clients: usize, duration: Duration) -
     });
     let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
     let query = json!({ "query": "{ applications(first: 50) { totalCount nodes { id name version env { key value secret } } } }" });
-    let check: serde_json::Value = http
-        .post(format!("{}/graphql", fixture.url))
-        .bearer_auth(&fixture.token)
-        .json(&query)
-        .send()
-        .await?
-        .json()
-        .await?;
+    let check = fixture.graphql(&query).await?;
     anyhow::ensure!(
         check["data"]["applications"]["nodes"].as_array().map(Vec::len) == Some(50),
         "query answered {check}"
@@ -136,8 +129,7 @@ pub(super) async fn queries(pool: &PgPool, clients: usize, duration: Duration) -
         "| applications(first: 50), {clients} connections | trivial axum handler {trivial:.0}/s | zpanel {api:.0}/s | ratio {:.2} (target ≥ 0.30) |",
         api / trivial
     );
-    let _ = fixture.stop.send(true);
-    Ok(())
+    fixture.stop().await
 }
 
 /// The server's resident memory, in bytes.
@@ -179,7 +171,6 @@ pub(super) async fn subscriptions(pool: &PgPool, count: usize, mutations: usize)
     let after = resident_bytes()?;
     let per = after.saturating_sub(before) as f64 / count as f64;
 
-    let http = reqwest::Client::new();
     let app = fixture.team.applications[0];
     let mut answered = Vec::with_capacity(mutations);
     for i in 0..mutations {
@@ -187,14 +178,7 @@ pub(super) async fn subscriptions(pool: &PgPool, count: usize, mutations: usize)
             "query": "mutation($app: ID!, $v: String!) { setEnvironmentVariable(input: { applicationId: $app, key: \"BENCH\", value: $v }) { version } }",
             "variables": { "app": app.to_string(), "v": i.to_string() },
         });
-        let body: serde_json::Value = http
-            .post(format!("{}/graphql", fixture.url))
-            .bearer_auth(&fixture.token)
-            .json(&query)
-            .send()
-            .await?
-            .json()
-            .await?;
+        let body = fixture.graphql(&query).await?;
         answered.push(unix_nanos());
         anyhow::ensure!(body["errors"].is_null(), "the mutation failed: {body}");
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -224,8 +208,7 @@ pub(super) async fn subscriptions(pool: &PgPool, count: usize, mutations: usize)
         ms(p99),
         slowest.iter().map(|d| format!("{:.0} ms", ms(*d))).collect::<Vec<_>>().join(", ")
     );
-    let _ = fixture.stop.send(true);
-    Ok(())
+    fixture.stop().await
 }
 
 /// The subscribing side of [`subscriptions`], in its own process: opens `count` subscriptions,

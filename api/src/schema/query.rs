@@ -424,7 +424,7 @@ impl Query {
                 .await?
                 .ok_or(ApiError::NotFound("application"))?;
         let reveal = caller.sees_secrets().then(|| Arc::clone(&state.keyring));
-        Ok(Application::from_aggregate(&snapshot.state, snapshot.version, snapshot.at, reveal))
+        Ok(Application::from_aggregate(snapshot.state, snapshot.version, snapshot.at, reveal))
     }
 
     /// What changed in an application's configuration between two versions.

@@ -5,10 +5,12 @@ use async_graphql::{ComplexObject, Context, Enum, ID, Json, Object, SimpleObject
 use serde_json::Value;
 use sqlx::Row as _;
 use sqlx::postgres::PgRow;
+use sqlx::types::Json as SqlJson;
 use std::sync::Arc;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
+use zpanel_commands::Actor;
 use zpanel_commands::Keyring;
 use zpanel_domain::application::{Application as AppAggregate, ApplicationState, EnvValue, Source};
 
@@ -18,6 +20,11 @@ use crate::error::ApiResult;
 /// RFC 3339, as every time in the API.
 pub(crate) fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_default()
+}
+
+/// A domain value from its wire name as the read models store it (`running`, `reachable`, …).
+fn wire<T: serde::de::DeserializeOwned>(name: String) -> ApiResult<T> {
+    serde_json::from_value(Value::String(name)).map_err(|e| anyhow::anyhow!("a stored status: {e}").into())
 }
 
 fn id(uuid: Uuid) -> ID {
@@ -193,20 +200,17 @@ pub struct Application {
 impl Application {
     /// The view of a folded aggregate; `None` before it was created.
     pub(crate) fn from_aggregate(
-        aggregate: &AppAggregate,
+        aggregate: AppAggregate,
         version: i64,
         updated_at: Option<OffsetDateTime>,
         reveal: Option<Arc<Keyring>>,
     ) -> Option<Self> {
-        let state = aggregate.state()?;
-        Some(Self {
-            id: *state.id.as_uuid(),
-            state: Arc::new(state.clone()),
-            archived: aggregate.is_archived(),
-            version,
-            updated_at,
-            reveal,
-        })
+        let (state, archived) = match aggregate {
+            AppAggregate::New => return None,
+            AppAggregate::Active(state) => (state, false),
+            AppAggregate::Archived(state) => (state, true),
+        };
+        Some(Self { id: *state.id.as_uuid(), state: Arc::from(state), archived, version, updated_at, reveal })
     }
 
     /// The view of an `rm_applications` row (selected with `state`, `version`, `updated_at`).
@@ -214,7 +218,7 @@ impl Application {
         let state: String = row.try_get("state")?;
         let aggregate: AppAggregate =
             serde_json::from_str(&state).map_err(|e| anyhow::anyhow!("decoding an application's state: {e}"))?;
-        Self::from_aggregate(&aggregate, row.try_get("version")?, Some(row.try_get("updated_at")?), reveal)
+        Self::from_aggregate(aggregate, row.try_get("version")?, Some(row.try_get("updated_at")?), reveal)
             .ok_or_else(|| anyhow::anyhow!("an application row without an application").into())
     }
 
@@ -394,6 +398,7 @@ impl Application {
 
 /// A deployment's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+#[graphql(remote = "zpanel_domain::deployment::DeploymentStatus")]
 pub enum DeploymentStatus {
     /// Waiting for a worker.
     Queued,
@@ -446,19 +451,11 @@ pub struct Deployment {
 
 impl Deployment {
     pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
-        let status: String = row.try_get("status")?;
-        let status = match status.as_str() {
-            "queued" => DeploymentStatus::Queued,
-            "running" => DeploymentStatus::Running,
-            "succeeded" => DeploymentStatus::Succeeded,
-            "failed" => DeploymentStatus::Failed,
-            "cancelled" => DeploymentStatus::Cancelled,
-            other => return Err(anyhow::anyhow!("a deployment with status {other}").into()),
-        };
+        let status: zpanel_domain::deployment::DeploymentStatus = wire(row.try_get("status")?)?;
         Ok(Self {
             id: id(row.try_get("deployment_id")?),
             application_id: id(row.try_get("application_id")?),
-            status,
+            status: status.into(),
             reason: Json(row.try_get("reason")?),
             commit: row.try_get("commit")?,
             image: row.try_get("image")?,
@@ -476,6 +473,7 @@ impl Deployment {
 
 /// A server's reachability.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+#[graphql(remote = "zpanel_domain::server::ServerStatus")]
 pub enum ServerStatus {
     /// Not validated yet.
     Unknown,
@@ -500,6 +498,18 @@ pub struct ServerFacts {
     pub memory_bytes: u64,
     /// Free disk, in bytes.
     pub disk_free_bytes: u64,
+}
+
+impl From<zpanel_domain::server::ServerFacts> for ServerFacts {
+    fn from(f: zpanel_domain::server::ServerFacts) -> Self {
+        Self {
+            os: f.os,
+            docker_version: f.docker_version,
+            cpus: f.cpus,
+            memory_bytes: f.memory_bytes,
+            disk_free_bytes: f.disk_free_bytes,
+        }
+    }
 }
 
 /// A server reached over SSH.
@@ -531,21 +541,9 @@ pub struct Server {
 
 impl Server {
     pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
-        let status: String = row.try_get("status")?;
-        let status = match status.as_str() {
-            "validating" => ServerStatus::Validating,
-            "reachable" => ServerStatus::Reachable,
-            "unreachable" => ServerStatus::Unreachable,
-            _ => ServerStatus::Unknown,
-        };
-        let facts: Option<Value> = row.try_get("facts")?;
-        let facts = facts.filter(|f| !f.is_null()).map(|f| ServerFacts {
-            os: f["os"].as_str().unwrap_or_default().to_owned(),
-            docker_version: f["docker_version"].as_str().unwrap_or_default().to_owned(),
-            cpus: f["cpus"].as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or_default(),
-            memory_bytes: f["memory_bytes"].as_u64().unwrap_or_default(),
-            disk_free_bytes: f["disk_free_bytes"].as_u64().unwrap_or_default(),
-        });
+        let status: zpanel_domain::server::ServerStatus = wire(row.try_get("status")?)?;
+        let facts = row.try_get::<Option<SqlJson<Option<zpanel_domain::server::ServerFacts>>>, _>("facts")?;
+        let facts = facts.and_then(|SqlJson(facts)| facts).map(ServerFacts::from);
         Ok(Self {
             id: id(row.try_get("server_id")?),
             name: row.try_get("name")?,
@@ -553,7 +551,7 @@ impl Server {
             port: row.try_get("port")?,
             user: row.try_get("username")?,
             private_key_id: id(row.try_get("private_key_id")?),
-            status,
+            status: status.into(),
             last_error: row.try_get("last_error")?,
             host_key_fingerprint: row.try_get("host_key_fingerprint")?,
             facts,
@@ -639,13 +637,9 @@ pub struct ActorView {
     pub name: String,
 }
 
-impl ActorView {
-    pub(crate) fn from_json(value: &Value) -> Self {
-        Self {
-            kind: value["kind"].as_str().unwrap_or_default().to_owned(),
-            id: value["id"].as_str().map(str::to_owned),
-            name: value["name"].as_str().unwrap_or_default().to_owned(),
-        }
+impl From<&Actor> for ActorView {
+    fn from(actor: &Actor) -> Self {
+        Self { kind: actor.kind.as_str().to_owned(), id: actor.id.clone(), name: actor.name.clone() }
     }
 }
 
@@ -705,15 +699,13 @@ pub(crate) const AUDIT_COLUMNS: &str =
 
 impl AuditEntry {
     pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
-        let actor: Value = row.try_get("actor")?;
-        let changes: Value = row.try_get("changes")?;
-        let changes: Vec<zpanel_domain::changes::Change> =
-            serde_json::from_value(changes).map_err(|e| anyhow::anyhow!("decoding audit changes: {e}"))?;
+        let SqlJson(actor) = row.try_get::<SqlJson<Actor>, _>("actor")?;
+        let SqlJson(changes) = row.try_get::<SqlJson<Vec<zpanel_domain::changes::Change>>, _>("changes")?;
         Ok(Self {
             position: row.try_get("global_position")?,
             version: row.try_get("version")?,
             at: rfc3339(row.try_get("at")?),
-            actor: ActorView::from_json(&actor),
+            actor: ActorView::from(&actor),
             event_type: row.try_get("event_type")?,
             stream_id: row.try_get("stream_id")?,
             changes: changes.into_iter().map(Change::from).collect(),
@@ -751,14 +743,13 @@ impl Event {
     pub(crate) fn from_recorded(event: &zpanel_commands::RecordedEvent) -> ApiResult<Self> {
         let mut payload = event.payload.to_value().map_err(|e| anyhow::anyhow!("decoding a payload: {e}"))?;
         mask_sealed(&mut payload);
-        let actor = serde_json::to_value(&event.metadata.actor).map_err(anyhow::Error::from)?;
         Ok(Self {
             position: event.global_position,
             version: event.version,
             event_type: event.event_type.clone(),
             schema_version: event.schema_version,
             at: rfc3339(event.recorded_at),
-            actor: ActorView::from_json(&actor),
+            actor: ActorView::from(&event.metadata.actor),
             payload: Json(payload),
             command_id: id(event.metadata.command_id),
             correlation_id: id(event.metadata.correlation_id),

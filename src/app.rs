@@ -1,10 +1,11 @@
 //! The running parts of `zpanel serve`: the projection runner, the subscription feed and the
-//! API server, started together over one pool and stopped together. `serve` and the API
-//! benchmarks run exactly this.
+//! API server, and the workers (with the relay, in distributed mode), started together over one
+//! pool and stopped together. `serve`, `api`, `worker` and the benchmarks run exactly these.
 
 use anyhow::Context as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use zpanel_api::ApiState;
@@ -19,8 +20,127 @@ pub struct App {
     pub state: ApiState,
     /// Where the API listens.
     pub address: SocketAddr,
+    /// The parts, the API's among them.
+    pub parts: Parts,
+}
+
+/// Parts running side by side, stopped together.
+#[derive(Debug)]
+pub struct Parts {
     stop: watch::Sender<bool>,
-    parts: JoinSet<anyhow::Result<()>>,
+    set: JoinSet<anyhow::Result<()>>,
+}
+
+impl Default for Parts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Parts {
+    /// None yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self { stop: watch::Sender::new(false), set: JoinSet::new() }
+    }
+
+    /// Resolves when the parts are told to stop.
+    fn until_stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stop.subscribe();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Runs `part` (given the stop signal) as `what`.
+    pub fn spawn<F, Fut>(&mut self, what: &'static str, part: F)
+    where
+        F: FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let running = part(Box::pin(self.until_stopped()));
+        self.set.spawn(async move { running.await.context(what) });
+    }
+
+    /// Runs until `shutdown` resolves or a part stops on its own (which is a failure), then
+    /// stops the others and waits for them; open requests and events in hand finish first.
+    ///
+    /// # Errors
+    /// The first part's failure.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let early = tokio::select! {
+            () = shutdown => None,
+            Some(ended) = self.set.join_next() => Some(ended),
+        };
+        let _ = self.stop.send(true);
+        let mut result = match early {
+            None => Ok(()),
+            Some(ended) => match ended.context("a part of zpanel panicked") {
+                Ok(Ok(())) => Err(anyhow::anyhow!("a part of zpanel stopped on its own")),
+                Ok(Err(e)) | Err(e) => Err(e),
+            },
+        };
+        while let Some(ended) = self.set.join_next().await {
+            if let Err(e) = ended.context("a part of zpanel panicked").and_then(|r| r) {
+                if result.is_ok() {
+                    result = Err(e);
+                } else {
+                    tracing::error!(error = format!("{e:#}"), "stopping zpanel");
+                }
+            }
+        }
+        result
+    }
+}
+
+/// How the workers of this process run.
+#[derive(Clone, Debug)]
+pub struct WorkerMode {
+    /// The broker (distributed mode); `None` feeds workers from the log in this process.
+    pub kafka: Option<zpanel_workers::KafkaConfig>,
+    /// Whether this process runs a relay (an active one, or a standby).
+    pub relay: bool,
+    /// How often running deployments' leases are checked.
+    pub lease_sweep: Duration,
+}
+
+/// Starts the workers in `parts`: the relay (distributed mode), every worker fed by its
+/// delivery, and the lease supervisor. Handlers report through commands on `pool`; their
+/// counters join `metrics`, when the process serves them.
+pub fn start_workers(
+    parts: &mut Parts,
+    pool: &sqlx::PgPool,
+    signal: &AppendSignal,
+    mode: &WorkerMode,
+    metrics: Option<&zpanel_api::metrics::Metrics>,
+) {
+    let worker_id = zpanel_workers::lease::worker_id();
+    let handler = CommandHandler::new(PgEventStore::new(pool.clone(), signal.clone()));
+    // The deploy pipeline (issue 5) and the server checks (issue 6) join here as handlers;
+    // until then the standing work is the lease supervision below.
+    let workers: Vec<zpanel_workers::Worker> = Vec::new();
+    let stats: Vec<(String, Arc<zpanel_workers::WorkerStats>)> =
+        workers.iter().map(|w| (w.name().to_owned(), w.stats())).collect();
+    let mut relay_stats = None;
+    let delivery = match &mode.kafka {
+        Some(kafka) => {
+            if mode.relay {
+                let relay = zpanel_workers::Relay::new(pool.clone(), kafka.clone(), signal.clone());
+                relay_stats = Some((kafka.topic.clone(), relay.stats()));
+                parts.spawn("the relay", move |until| async move { relay.run(until).await });
+            }
+            zpanel_workers::Delivery::Kafka(kafka.clone())
+        }
+        None => zpanel_workers::Delivery::InProcess(signal.clone()),
+    };
+    if let Some(metrics) = metrics {
+        metrics.add_source(Box::new(move |out| render_worker_metrics(out, &stats, relay_stats.as_ref())));
+    }
+    let pool_for_workers = pool.clone();
+    parts.spawn("the workers", move |until| zpanel_workers::run(pool_for_workers, delivery, workers, until));
+    let supervisor = zpanel_workers::lease::LeaseSupervisor::new(pool.clone(), handler, &worker_id);
+    let every = mode.lease_sweep;
+    parts.spawn("the lease supervisor", move |until| async move { supervisor.run(every, until).await });
 }
 
 /// Starts the projections, the feed and the API on `listener`. Appends through the returned
@@ -48,52 +168,59 @@ pub fn start(
         token_checks: Arc::default(),
     };
     let address = listener.local_addr()?;
-    // One stop signal, seen by every part.
-    let (stop, stopped) = watch::channel(false);
-    let until_stopped = move || {
-        let mut stopped = stopped.clone();
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
+    let mut parts = Parts::new();
+    parts.spawn("the projection runner", move |until| async move { runner.run(signal, until).await });
+    parts.spawn("the subscription feed", move |until| async move { feed.run(until).await });
+    let router = zpanel_api::router(state.clone());
+    parts.spawn("the API server", move |until| zpanel_api::serve(listener, router, until));
+    Ok(App { state, address, parts })
+}
+
+fn render_worker_metrics(
+    out: &mut String,
+    workers: &[(String, Arc<zpanel_workers::WorkerStats>)],
+    relay: Option<&(String, Arc<zpanel_workers::relay::RelayStats>)>,
+) {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    out.push_str("# HELP zpanel_worker_events_total Events a worker processed, by outcome.\n");
+    out.push_str("# TYPE zpanel_worker_events_total counter\n");
+    for (name, s) in workers {
+        for (outcome, n) in [
+            ("handled", &s.handled),
+            ("duplicate", &s.duplicates),
+            ("retried", &s.retries),
+            ("given_up", &s.given_up),
+            ("dead_lettered", &s.dead_letters),
+        ] {
+            let _ = writeln!(
+                out,
+                "zpanel_worker_events_total{{worker=\"{name}\",outcome=\"{outcome}\"}} {}",
+                n.load(Relaxed)
+            );
         }
-    };
-    let mut parts = JoinSet::new();
-    let until = until_stopped();
-    parts.spawn(async move { runner.run(signal, until).await.context("the projection runner") });
-    let until = until_stopped();
-    parts.spawn(async move { feed.run(until).await.context("the subscription feed") });
-    let (router, until) = (zpanel_api::router(state.clone()), until_stopped());
-    parts.spawn(async move { zpanel_api::serve(listener, router, until).await.context("the API server") });
-    Ok(App { state, address, stop, parts })
+    }
+    if let Some((topic, s)) = relay {
+        out.push_str("# HELP zpanel_relay_events_total Events the broker acknowledged from this process's relay.\n");
+        out.push_str("# TYPE zpanel_relay_events_total counter\n");
+        let _ = writeln!(out, "zpanel_relay_events_total{{topic=\"{topic}\"}} {}", s.relayed.load(Relaxed));
+        out.push_str("# HELP zpanel_relay_retries_total Batches the relay produced again after a failure.\n");
+        out.push_str("# TYPE zpanel_relay_retries_total counter\n");
+        let _ = writeln!(out, "zpanel_relay_retries_total{{topic=\"{topic}\"}} {}", s.retries.load(Relaxed));
+        out.push_str(
+            "# HELP zpanel_relay_active 1 while this process's relay is the active one, 0 while it stands by.\n",
+        );
+        out.push_str("# TYPE zpanel_relay_active gauge\n");
+        let _ = writeln!(out, "zpanel_relay_active{{topic=\"{topic}\"}} {}", s.active.load(Relaxed));
+    }
 }
 
 impl App {
-    /// Runs until `shutdown` resolves or a part stops on its own (which is a failure), then
-    /// stops the others and waits for them; open requests finish first.
+    /// Runs until `shutdown` resolves or a part stops on its own; see [`Parts::run_until`].
     ///
     /// # Errors
     /// The first part's failure.
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let early = tokio::select! {
-            () = shutdown => None,
-            Some(ended) = self.parts.join_next() => Some(ended),
-        };
-        let _ = self.stop.send(true);
-        let mut result = match early {
-            None => Ok(()),
-            Some(ended) => match ended.context("a part of zpanel panicked") {
-                Ok(Ok(())) => Err(anyhow::anyhow!("a part of zpanel stopped on its own")),
-                Ok(Err(e)) | Err(e) => Err(e),
-            },
-        };
-        while let Some(ended) = self.parts.join_next().await {
-            if let Err(e) = ended.context("a part of zpanel panicked").and_then(|r| r) {
-                if result.is_ok() {
-                    result = Err(e);
-                } else {
-                    tracing::error!(error = format!("{e:#}"), "stopping zpanel");
-                }
-            }
-        }
-        result
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        self.parts.run_until(shutdown).await
     }
 }

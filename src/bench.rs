@@ -3,6 +3,7 @@
 //! configured server or the private cluster, so real data is never touched.
 
 mod api;
+mod workers;
 
 use crate::config::Config;
 use crate::database::Database;
@@ -71,6 +72,23 @@ pub enum BenchCommand {
         #[arg(long)]
         events: usize,
     },
+    /// The relay's throughput to Kafka (ZPANEL_KAFKA_BROKERS), beside a plain producer sending
+    /// the same messages to the same broker.
+    Relay {
+        /// Events in the log.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+    },
+    /// Command commit → worker handler start at a steady rate: in-process, and through Kafka
+    /// when ZPANEL_KAFKA_BROKERS is set.
+    Workers {
+        /// Commands per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Seconds to run each mode.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Projection lag (command committed → read model shows it) at a steady command rate,
     /// beside the commit latency of the commands themselves.
     Lag {
@@ -105,6 +123,15 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Lag { rate, seconds } => lag(&pool, rate, Duration::from_secs(seconds)).await,
         BenchCommand::Api { clients, seconds } => api::queries(&pool, clients, Duration::from_secs(seconds)).await,
         BenchCommand::Subscriptions { count, events } => api::subscriptions(&pool, count, events).await,
+        BenchCommand::Relay { events } => match config.kafka() {
+            Some(kafka) => workers::relay(&pool, &kafka, events).await,
+            None => Err(anyhow::anyhow!(
+                "bench relay needs a broker: set ZPANEL_KAFKA_BROKERS (e.g. start `tansu broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/`)"
+            )),
+        },
+        BenchCommand::Workers { rate, seconds } => {
+            workers::latency(&pool, config.kafka().as_ref(), rate, Duration::from_secs(seconds)).await
+        }
         BenchCommand::SubscribeClients { .. } => Ok(()),
     };
     pool.close().await;

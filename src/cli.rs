@@ -28,10 +28,13 @@ pub struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
-    /// Run Zpanel: the GraphQL API and the projections (workers join in later releases).
+    /// Run Zpanel: the GraphQL API, the projections and the workers (with the Kafka relay
+    /// when ZPANEL_KAFKA_BROKERS is set; fed from the log in-process otherwise).
     Serve,
     /// Run the GraphQL API and the projections, without workers.
     Api,
+    /// Run the workers (and a relay, active or standing by) without the API.
+    Worker,
     /// Apply pending database migrations and exit.
     Migrate,
     /// Rebuild read models from the event log.
@@ -89,7 +92,9 @@ enum KeysCommand {
 pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let config = cli.config;
     match cli.command {
-        Command::Serve | Command::Api => serve(&config, shutdown).await,
+        Command::Serve => serve(&config, true, shutdown).await,
+        Command::Api => serve(&config, false, shutdown).await,
+        Command::Worker => worker(&config, shutdown).await,
         Command::Migrate => {
             let db = Database::open(&config, 2).await?;
             println!("migrations applied");
@@ -132,7 +137,7 @@ where
     result
 }
 
-async fn serve(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     // Fail early on a bad master key rather than at the first secret.
     let keyring = Keyring::load(config.master_key.as_deref(), &config.data_dir)?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -142,10 +147,29 @@ async fn serve(config: &Config, shutdown: impl Future<Output = ()> + Send) -> an
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
     let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
-    let app = crate::app::start(db.pool.clone(), signal, keyring, listener, rate)?;
+    let mut app = crate::app::start(db.pool.clone(), signal.clone(), keyring, listener, rate)?;
+    if with_workers {
+        let metrics = Arc::clone(&app.state.metrics);
+        crate::app::start_workers(&mut app.parts, &db.pool, &signal, &config.worker_mode(true), Some(&metrics));
+    }
     tracing::info!(address = %app.address, "zpanel is running");
     println!("listening on http://{}", app.address);
     let result = app.run_until(shutdown).await;
+    bridge.abort();
+    db.close().await;
+    result
+}
+
+async fn worker(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let db = Database::open(config, 16).await?;
+    let signal = AppendSignal::new();
+    let bridge = signal.bridge(db.pool.clone()).await?;
+    let mut parts = crate::app::Parts::new();
+    crate::app::start_workers(&mut parts, &db.pool, &signal, &config.worker_mode(true), None);
+    let mode = if config.kafka().is_some() { "from Kafka" } else { "from the log" };
+    tracing::info!(mode, "zpanel worker is running");
+    println!("worker running, fed {mode}");
+    let result = parts.run_until(shutdown).await;
     bridge.abort();
     db.close().await;
     result

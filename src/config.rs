@@ -29,4 +29,43 @@ pub struct Config {
     /// API requests a token may send at once, beyond the sustained rate.
     #[arg(long, env = "ZPANEL_API_BURST", default_value_t = 200, global = true)]
     pub api_burst: u32,
+
+    /// Kafka brokers (`host:port,…`): set, `serve` and `worker` relay the log to Kafka and
+    /// feed workers from consumer groups; unset, workers are fed from the log in-process.
+    #[arg(long, env = "ZPANEL_KAFKA_BROKERS", global = true)]
+    pub kafka_brokers: Option<String>,
+
+    /// The topic events are relayed to.
+    #[arg(long, env = "ZPANEL_KAFKA_TOPIC", default_value = zpanel_workers::kafka::DEFAULT_TOPIC, global = true)]
+    pub kafka_topic: String,
+
+    /// Partitions of the events topic, when Zpanel creates it.
+    #[arg(long, env = "ZPANEL_KAFKA_PARTITIONS", default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=1024), global = true)]
+    pub kafka_partitions: i32,
+
+    /// How often (seconds) running deployments are checked for lapsed leases.
+    #[arg(long, env = "ZPANEL_LEASE_SWEEP_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
+    pub lease_sweep_seconds: u64,
+}
+
+impl Config {
+    /// The broker settings, when Kafka is configured.
+    #[must_use]
+    pub fn kafka(&self) -> Option<zpanel_workers::KafkaConfig> {
+        self.kafka_brokers.as_deref().filter(|b| !b.trim().is_empty()).map(|brokers| zpanel_workers::KafkaConfig {
+            topic: self.kafka_topic.clone(),
+            partitions: self.kafka_partitions,
+            ..zpanel_workers::KafkaConfig::new(brokers)
+        })
+    }
+
+    /// How this process runs workers, relaying when `relay`.
+    #[must_use]
+    pub fn worker_mode(&self, relay: bool) -> crate::app::WorkerMode {
+        crate::app::WorkerMode {
+            kafka: self.kafka(),
+            relay,
+            lease_sweep: std::time::Duration::from_secs(self.lease_sweep_seconds),
+        }
+    }
 }

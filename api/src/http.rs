@@ -229,6 +229,12 @@ async fn metrics(State(schemas): State<Schemas>) -> Response {
         "# HELP zpanel_projection_lag_seconds Age of the oldest event a projection has not applied (0: caught up).\n",
     );
     extra.push_str("# TYPE zpanel_projection_lag_seconds gauge\n");
+    let mut readers = String::from(
+        "# HELP zpanel_relay_lag_seconds Age of the oldest event the relay has not had acknowledged (0: caught up).\n\
+         # TYPE zpanel_relay_lag_seconds gauge\n\
+         # HELP zpanel_worker_lag_seconds Age of the oldest event an in-process worker has not handled (0: caught up).\n\
+         # TYPE zpanel_worker_lag_seconds gauge\n",
+    );
     let lags = sqlx::query_as::<_, (String, f64)>(
         "select c.name, coalesce(extract(epoch from now() - (
                 select e.recorded_at from events e
@@ -241,8 +247,15 @@ async fn metrics(State(schemas): State<Schemas>) -> Response {
     match lags {
         Ok(lags) => {
             for (name, lag) in lags {
-                extra.push_str(&format!("zpanel_projection_lag_seconds{{projection=\"{name}\"}} {lag}\n"));
+                if let Some(topic) = name.strip_prefix("relay:") {
+                    readers.push_str(&format!("zpanel_relay_lag_seconds{{topic=\"{topic}\"}} {lag}\n"));
+                } else if let Some(worker) = name.strip_prefix("worker:") {
+                    readers.push_str(&format!("zpanel_worker_lag_seconds{{worker=\"{worker}\"}} {lag}\n"));
+                } else {
+                    extra.push_str(&format!("zpanel_projection_lag_seconds{{projection=\"{name}\"}} {lag}\n"));
+                }
             }
+            extra.push_str(&readers);
         }
         Err(e) => tracing::warn!(error = %e, "reading projection lag for /metrics"),
     }

@@ -16,11 +16,21 @@ struct Histogram {
     sum: f64,
 }
 
+/// Renders more metrics into the exposition (e.g. the workers' counters, owned elsewhere).
+pub type Source = Box<dyn Fn(&mut String) + Send + Sync>;
+
 /// The process's counters.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
     commands: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    sources: Mutex<Vec<Source>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,6 +58,11 @@ impl Metrics {
         *lock(&self.commands).entry((kind, outcome)).or_default() += 1;
     }
 
+    /// Adds a source of more metrics, rendered at every scrape.
+    pub fn add_source(&self, source: Source) {
+        lock(&self.sources).push(source);
+    }
+
     /// The text exposition, with `extra` lines (gauges read at scrape time) appended.
     #[must_use]
     pub fn render(&self, extra: &str) -> String {
@@ -69,6 +84,9 @@ impl Metrics {
             let _ = writeln!(out, "zpanel_commands_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}");
         }
         out.push_str(extra);
+        for source in lock(&self.sources).iter() {
+            source(&mut out);
+        }
         out
     }
 }

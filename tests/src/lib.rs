@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod kafka;
 
 use std::path::PathBuf;
 use std::process::Command;

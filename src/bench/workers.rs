@@ -1,0 +1,231 @@
+//! Benchmarks of the relay and the worker runtime: relay throughput beside a plain rdkafka
+//! producer sending the same messages to the same broker, and the latency from a command's
+//! commit to the start of the worker handler it triggers, in both delivery modes.
+
+use super::{ms, percentiles};
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+use zpanel_commands::sample::{self, HandlerSink, Shape};
+use zpanel_commands::{Actor, AppendSignal, CommandContext, CommandHandler, Keyring, PgEventStore, RecordedEvent};
+use zpanel_domain::application::{Application, ApplicationCommand, EnvValue};
+use zpanel_domain::values::EnvKey;
+use zpanel_workers::{Delivery, Handler, HandlerError, KafkaConfig, Relay, Worker};
+
+fn fresh_topic(kafka: &KafkaConfig, label: &str) -> KafkaConfig {
+    KafkaConfig { topic: format!("zpanel.bench.{label}.{}", Uuid::now_v7().simple()), ..kafka.clone() }
+}
+
+/// Relays a log of `events` events, beside a plain producer sending the same messages.
+pub(super) async fn relay(pool: &PgPool, kafka: &KafkaConfig, events: u64) -> anyhow::Result<()> {
+    let bar = ProgressBar::new(events);
+    bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")?.progress_chars("=> "));
+    bar.set_message("writing the log");
+    let written = sample::write_log(pool, events, |n| bar.inc(n)).await?;
+    bar.finish_and_clear();
+
+    // The same messages (key, value, headers), encoded beforehand, from one plain producer.
+    let store = PgEventStore::new(pool.clone(), AppendSignal::new());
+    let mut log = Vec::with_capacity(usize::try_from(written)?);
+    let mut after = zpanel_commands::Cursor::START;
+    loop {
+        let batch = zpanel_commands::EventStore::read_all(&store, after, 10_000).await?;
+        let Some(last) = batch.events.last() else { break };
+        after = last.cursor();
+        log.extend(batch.events);
+    }
+    let messages: Vec<(String, Vec<u8>, RecordedEvent)> = log
+        .into_iter()
+        .map(|e| Ok((e.stream_id.clone(), zpanel_workers::kafka::encode(&e)?, e)))
+        .collect::<anyhow::Result<_>>()?;
+    let plain = fresh_topic(kafka, "plain");
+    plain.ensure_topics().await?;
+    let producer = plain.producer()?;
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(messages.len());
+    for (key, value, event) in &messages {
+        let mut record = rdkafka::producer::FutureRecord::to(&plain.topic)
+            .key(key.as_str())
+            .payload(value)
+            .headers(zpanel_workers::kafka::headers(event));
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => break deliveries.push(delivery),
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    for delivery in deliveries {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    let plain_secs = started.elapsed().as_secs_f64();
+
+    let relayed_to = fresh_topic(kafka, "relay");
+    relayed_to.ensure_topics().await?;
+    let relay = Relay::new(pool.clone(), relayed_to, AppendSignal::new());
+    let stats = relay.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let running = tokio::spawn(async move {
+        relay
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let bar = ProgressBar::new(written);
+    bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")?.progress_chars("=> "));
+    bar.set_message("relaying");
+    while stats.relayed.load(Ordering::Relaxed) < written {
+        bar.set_position(stats.relayed.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let relay_secs = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let _ = stop.send(());
+    running.await??;
+    let (plain_rate, relay_rate) = (written as f64 / plain_secs, written as f64 / relay_secs);
+    println!(
+        "| relay of {written} events | plain producer {plain_rate:.0} messages/s ({plain_secs:.1}s) | relay {relay_rate:.0} events/s ({relay_secs:.1}s), ratio {:.2} | target ≥ 0.80 × plain |",
+        relay_rate / plain_rate
+    );
+    Ok(())
+}
+
+/// Records when each wanted event's handler started.
+#[derive(Clone, Default)]
+struct Stopwatch {
+    started: Arc<Mutex<HashMap<Uuid, Instant>>>,
+}
+
+impl Handler for Stopwatch {
+    fn event_types(&self) -> &[&str] {
+        &["EnvironmentVariableSet"]
+    }
+
+    fn handle<'a>(&'a self, event: &'a RecordedEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+        let now = Instant::now();
+        if let Ok(mut started) = self.started.lock() {
+            started.entry(event.event_id).or_insert(now);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn give_up<'a>(&'a self, _: &'a RecordedEvent, _: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Commit → handler start at `rate` commands/s for `duration`, in-process and (with a broker)
+/// through Kafka.
+pub(super) async fn latency(
+    pool: &PgPool,
+    kafka: Option<&KafkaConfig>,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<()> {
+    let signal = AppendSignal::new();
+    let handler = CommandHandler::new(PgEventStore::new(pool.clone(), signal.clone()));
+    let shape = Shape { applications: 100, variables: 0, updates: 0, deployments: 0 };
+    let team = sample::team(&mut HandlerSink(&handler), &Keyring::generate(), shape, "Latency").await?;
+    let mut modes = vec![("in-process", Delivery::InProcess(signal.clone()), None)];
+    if let Some(kafka) = kafka {
+        let kafka = fresh_topic(kafka, "latency");
+        kafka.ensure_topics().await?;
+        modes.push(("kafka", Delivery::Kafka(kafka.clone()), Some(kafka)));
+    }
+    for (label, delivery, relay_to) in modes {
+        let stopwatch = Stopwatch::default();
+        let worker = Worker::new(&format!("bench-latency-{label}"), stopwatch.clone());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        let relay = relay_to.map(|kafka| {
+            let relay = Relay::new(pool.clone(), kafka, signal.clone());
+            let until = until();
+            tokio::spawn(async move { relay.run(until).await })
+        });
+        let workers = tokio::spawn(zpanel_workers::run(pool.clone(), delivery, vec![worker], until()));
+        // Warm up: the consumer joins its group, connections open.
+        let warm = set_variable(&handler, &team, 0, "warm-up").await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stopwatch.started.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.contains_key(&warm.0) {
+            anyhow::ensure!(Instant::now() < deadline, "{label}: the worker did not start within 60 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let total = rate * duration.as_secs();
+        let mut tasks = Vec::with_capacity(usize::try_from(total)?);
+        for i in 0..total {
+            ticker.tick().await;
+            let (handler, team) = (handler.clone(), team.clone());
+            tasks.push(tokio::spawn(async move { set_variable(&handler, &team, i as usize, &i.to_string()).await }));
+        }
+        let mut committed = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            committed.push(task.await??);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut latencies = Vec::with_capacity(committed.len());
+        for (event_id, at) in &committed {
+            let started = loop {
+                let found = stopwatch.started.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.get(event_id).copied();
+                if let Some(found) = found {
+                    break found;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "{label}: an event was not handled within 60 s");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            latencies.push(started.saturating_duration_since(*at));
+        }
+        let _ = stop.send(true);
+        workers.await??;
+        if let Some(relay) = relay {
+            relay.await??;
+        }
+        let (p50, p99) = percentiles(&mut latencies);
+        println!(
+            "| commit → handler start, {label}, {} commands at {rate}/s | p50 {:.1} ms, p99 {:.1} ms | target p99 ≤ 100 ms in-process |",
+            latencies.len(),
+            ms(p50),
+            ms(p99)
+        );
+    }
+    Ok(())
+}
+
+/// Sets a variable on the `i`-th application (round robin); returns the event's id and when
+/// the command returned (just after its commit).
+async fn set_variable(
+    handler: &CommandHandler<PgEventStore>,
+    team: &sample::SampleTeam,
+    i: usize,
+    value: &str,
+) -> anyhow::Result<(Uuid, Instant)> {
+    let app = team.applications[i % team.applications.len()];
+    let ctx = CommandContext::new(team.team_id, Actor::system("bench"), "bench");
+    let command = ApplicationCommand::SetEnvironmentVariable {
+        key: EnvKey::parse("LATENCY").map_err(|e| anyhow::anyhow!("{e}"))?,
+        value: EnvValue::Plain(value.to_owned()),
+        build_time: false,
+    };
+    let outcome =
+        handler.execute::<Application>(&ctx, *app.as_uuid(), &command).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let at = Instant::now();
+    let event = outcome.events.last().context("the command recorded no event")?;
+    Ok((event.event_id, at))
+}

@@ -1,0 +1,143 @@
+//! The Kafka side: where the broker is, the topics, and the clients (rdkafka, bundled
+//! librdkafka) the relay and the consumers use.
+//!
+//! A message is one recorded event: key = stream id (so one aggregate's events share a
+//! partition and keep their order), value = the event's JSON envelope, headers = event type,
+//! event id, team and schema version (so a consumer can route or drop without decoding).
+
+use anyhow::Context as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::Duration;
+use zpanel_commands::RecordedEvent;
+
+/// The topic events are relayed to unless configured otherwise.
+pub const DEFAULT_TOPIC: &str = "zpanel.events";
+
+/// How long a produced message may wait for the broker before its delivery fails. The relay
+/// then starts again from its checkpoint, so this bounds how long an outage goes unnoticed.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the broker is and how the topics are laid out.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    /// The events topic.
+    pub topic: String,
+    /// Partitions of the events topic when Zpanel creates it.
+    pub partitions: i32,
+    /// Replicas of each partition when Zpanel creates a topic.
+    pub replication: i32,
+}
+
+impl KafkaConfig {
+    /// The default layout on `brokers`: `zpanel.events`, 6 partitions, 1 replica.
+    #[must_use]
+    pub fn new(brokers: &str) -> Self {
+        Self { brokers: brokers.to_owned(), topic: DEFAULT_TOPIC.to_owned(), partitions: 6, replication: 1 }
+    }
+
+    /// Where messages that cannot be decoded go: `<topic>.dead-letter`.
+    #[must_use]
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dead-letter", self.topic)
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers).set("client.id", "zpanel").set("log_level", "4");
+        config
+    }
+
+    /// An idempotent producer: `acks=all`, retries without duplicates or reordering within
+    /// a partition.
+    ///
+    /// # Errors
+    /// When librdkafka refuses the configuration.
+    pub fn producer(&self) -> anyhow::Result<FutureProducer> {
+        self.client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())
+            .create()
+            .context("creating the Kafka producer")
+    }
+
+    /// A consumer in `group` that commits offsets only when told (after handling).
+    ///
+    /// # Errors
+    /// When librdkafka refuses the configuration.
+    pub fn consumer(&self, group: &str) -> anyhow::Result<StreamConsumer> {
+        self.client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .context("creating the Kafka consumer")
+    }
+
+    /// Creates the events topic and its dead-letter topic when they are missing (a broker may
+    /// not create topics on first produce).
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or refuses.
+    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client().create().context("creating the Kafka admin client")?;
+        let dead_letter = self.dead_letter_topic();
+        let topics = [
+            NewTopic::new(&self.topic, self.partitions, TopicReplication::Fixed(self.replication)),
+            NewTopic::new(&dead_letter, 1, TopicReplication::Fixed(self.replication)),
+        ];
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        let results = admin.create_topics(&topics, &options).await.context("creating the Kafka topics")?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => anyhow::bail!("the broker refused to create topic {topic}: {code}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The headers of `event`'s message.
+#[must_use]
+pub fn headers(event: &RecordedEvent) -> OwnedHeaders {
+    let event_id = event.event_id.to_string();
+    let team_id = event.team_id.to_string();
+    let schema_version = event.schema_version.to_string();
+    OwnedHeaders::new_with_capacity(4)
+        .insert(Header { key: "event_type", value: Some(event.event_type.as_str()) })
+        .insert(Header { key: "event_id", value: Some(event_id.as_str()) })
+        .insert(Header { key: "team_id", value: Some(team_id.as_str()) })
+        .insert(Header { key: "schema_version", value: Some(schema_version.as_str()) })
+}
+
+/// The value of `event`'s message: its JSON envelope.
+///
+/// # Errors
+/// Never for a recorded event; the payload is JSON already.
+pub fn encode(event: &RecordedEvent) -> anyhow::Result<Vec<u8>> {
+    serde_json::to_vec(event).context("encoding an event for Kafka")
+}
+
+/// An event from a message's value.
+///
+/// # Errors
+/// When the value is not an event envelope.
+pub fn decode(value: &[u8]) -> anyhow::Result<RecordedEvent> {
+    serde_json::from_slice(value).context("decoding an event envelope")
+}

@@ -93,9 +93,14 @@ impl Parts {
     }
 }
 
+/// The workers `zpanel worker --only` can choose from.
+pub const WORKERS: &[&str] = &["deploy"];
+
 /// How the workers of this process run.
 #[derive(Clone, Debug)]
 pub struct WorkerMode {
+    /// Only these workers (names from [`WORKERS`]); `None`: all.
+    pub only: Option<Vec<String>>,
     /// The broker (distributed mode); `None` feeds workers from the log in this process.
     pub kafka: Option<zpanel_workers::KafkaConfig>,
     /// Whether this process runs a relay (an active one, or a standby).
@@ -138,9 +143,12 @@ pub fn start_workers(
     }
     let pool_for_workers = pool.clone();
     parts.spawn("the workers", move |until| zpanel_workers::run(pool_for_workers, delivery, workers, until));
-    let supervisor = zpanel_workers::lease::LeaseSupervisor::new(pool.clone(), handler, &worker_id);
-    let every = mode.lease_sweep;
-    parts.spawn("the lease supervisor", move |until| async move { supervisor.run(every, until).await });
+    let runs = |name: &str| mode.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
+    if runs("deploy") {
+        let supervisor = zpanel_workers::lease::LeaseSupervisor::new(pool.clone(), handler, &worker_id);
+        let every = mode.lease_sweep;
+        parts.spawn("the lease supervisor", move |until| async move { supervisor.run(every, until).await });
+    }
 }
 
 /// Starts the projections, the feed and the API on `listener`. Appends through the returned

@@ -34,7 +34,12 @@ enum Command {
     /// Run the GraphQL API and the projections, without workers.
     Api,
     /// Run the workers (and a relay, active or standing by) without the API.
-    Worker,
+    Worker {
+        /// Only these workers (comma-separated). Known: deploy (deployment leases: lapsed ones
+        /// are taken over). Default: all.
+        #[arg(long, value_delimiter = ',', value_name = "WORKER,…")]
+        only: Vec<String>,
+    },
     /// Apply pending database migrations and exit.
     Migrate,
     /// Rebuild read models from the event log.
@@ -94,7 +99,7 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send) -> anyhow:
     match cli.command {
         Command::Serve => serve(&config, true, shutdown).await,
         Command::Api => serve(&config, false, shutdown).await,
-        Command::Worker => worker(&config, shutdown).await,
+        Command::Worker { only } => worker(&config, &only, shutdown).await,
         Command::Migrate => {
             let db = Database::open(&config, 2).await?;
             println!("migrations applied");
@@ -160,12 +165,23 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
     result
 }
 
-async fn worker(config: &Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+async fn worker(config: &Config, only: &[String], shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let mut mode = config.worker_mode(true);
+    if !only.is_empty() {
+        for name in only {
+            anyhow::ensure!(
+                crate::app::WORKERS.contains(&name.as_str()),
+                "--only {name}: no such worker; known: {}",
+                crate::app::WORKERS.join(", ")
+            );
+        }
+        mode.only = Some(only.to_vec());
+    }
     let db = Database::open(config, 16).await?;
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
     let mut parts = crate::app::Parts::new();
-    crate::app::start_workers(&mut parts, &db.pool, &signal, &config.worker_mode(true), None);
+    crate::app::start_workers(&mut parts, &db.pool, &signal, &mode, None);
     let mode = if config.kafka().is_some() { "from Kafka" } else { "from the log" };
     tracing::info!(mode, "zpanel worker is running");
     println!("worker running, fed {mode}");

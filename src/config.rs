@@ -63,6 +63,7 @@ impl Config {
     #[must_use]
     pub fn worker_mode(&self, relay: bool) -> crate::app::WorkerMode {
         crate::app::WorkerMode {
+            only: None,
             kafka: self.kafka(),
             relay,
             lease_sweep: std::time::Duration::from_secs(self.lease_sweep_seconds),

@@ -63,6 +63,12 @@ async fn bad_input_names_the_flag_and_the_rule_and_writes_nothing() {
     let (ok, _, stderr) = run(zpanel(&db, &data.0).args(["replay", "--projection", "nope"]));
     assert!(!ok);
     assert!(stderr.contains("--projection nope") && stderr.contains("known"), "{stderr}");
+    let (ok, _, stderr) = run(zpanel(&db, &data.0).args(["worker", "--only", "deploy,nope"]));
+    assert!(!ok);
+    assert!(stderr.contains("--only nope") && stderr.contains("known: deploy"), "{stderr}");
+    let (ok, _, stderr) = run(zpanel(&db, &data.0).args(["serve"]).env("ZPANEL_KAFKA_PARTITIONS", "0"));
+    assert!(!ok);
+    assert!(stderr.contains("ZPANEL_KAFKA_PARTITIONS") || stderr.contains("kafka-partitions"), "{stderr}");
     let count: i64 = sqlx::query_scalar("select count(*) from events").fetch_one(&db.pool).await.expect("count");
     assert_eq!(count, 0);
 }

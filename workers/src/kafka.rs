@@ -63,6 +63,9 @@ impl KafkaConfig {
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
         self.client()
             .set("enable.idempotence", "true")
+            // A failure that would leave a gap in a partition is fatal to the producer instead:
+            // the relay then starts over from its checkpoint with a new one.
+            .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
             .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())

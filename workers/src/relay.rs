@@ -16,16 +16,24 @@ use crate::exclusive::Exclusive;
 use crate::kafka::{self, KafkaConfig};
 use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
-use sqlx::PgPool;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
+use std::collections::VecDeque;
+use rdkafka::message::{Header, OwnedHeaders};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row as _};
+use std::io::Write as _;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use zpanel_commands::postgres::read_all_on;
 use zpanel_commands::{AppendSignal, Cursor, RecordedEvent};
 
 /// Events read and produced per batch.
 const BATCH: i64 = 1000;
+/// Batches enqueued ahead of the oldest one still waiting for its acknowledgements.
+const IN_FLIGHT: usize = 8;
 /// How often an idle relay looks at the log without a signal (appends by other processes
 /// whose signal bridge is down).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -114,36 +122,71 @@ impl Relay {
     ) -> anyhow::Result<()> {
         let name = self.checkpoint_name();
         let mut checkpoint = lock.checkpoint().await?;
+        // Batches enqueued on the producer and not yet all acknowledged, oldest first; the
+        // next read starts after the newest of them. Reading the log overlaps producing.
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut read_to = checkpoint;
+        // The batch after `read_to`, read while the one before it was being enqueued.
+        let mut prefetched: Option<MessageBatch> = None;
         let mut producer: Option<FutureProducer> = None;
         let mut appended = self.signal.subscribe();
         let mut backoff = Backoff::new();
         loop {
             appended.mark_unchanged();
-            let wait = match self.step(&mut producer, checkpoint).await {
-                Ok(Step::Relayed(last)) => {
-                    // Written through the lock's connection: if it is gone, so may be the lock.
-                    Exclusive::store(&name, lock.connection(), last).await?;
-                    checkpoint = last;
+            let mut wait = IDLE_POLL;
+            let step = async {
+                if in_flight.len() < IN_FLIGHT {
+                    match self.enqueue_next(&mut producer, read_to, &mut prefetched).await? {
+                        Read::Enqueued(batch) => {
+                            read_to = batch.last;
+                            in_flight.push_back(batch);
+                            return anyhow::Ok(true);
+                        }
+                        Read::HeldBack => wait = HELD_BACK_RETRY,
+                        Read::Nothing => {}
+                    }
+                }
+                let Some(oldest) = in_flight.pop_front() else { return Ok(false) };
+                for delivery in oldest.deliveries {
+                    match delivery.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err((e, _))) => return Err(e).context("the broker did not acknowledge an event"),
+                        Err(_) => anyhow::bail!("the producer dropped a delivery"),
+                    }
+                }
+                // Written through the lock's connection: if it is gone, so may be the lock.
+                Exclusive::store(&name, lock.connection(), oldest.last).await?;
+                checkpoint = oldest.last;
+                self.stats.relayed.fetch_add(oldest.count, Ordering::Relaxed);
+                Ok(true)
+            };
+            match step.await {
+                Ok(true) => {
                     backoff.reset();
                     continue;
                 }
-                Ok(Step::HeldBack) => HELD_BACK_RETRY,
-                Ok(Step::Idle) => IDLE_POLL,
+                Ok(false) => {}
                 Err(e) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         error = format!("{e:#}"),
                         retry_in_ms = backoff.next().as_millis(),
-                        "relaying failed; retrying from the checkpoint"
+                        "relaying failed; producing again from the checkpoint"
                     );
-                    // A new producer: the old one may hold messages of the failed batch.
-                    producer = None;
+                    // A new producer: the old one's queued and in-flight messages are purged
+                    // first, so none of them lands after the new one starts over.
+                    in_flight.clear();
+                    prefetched = None;
+                    if let Some(old) = producer.take() {
+                        old.purge(PurgeConfig::default().queue().inflight());
+                    }
+                    read_to = checkpoint;
                     if backoff.wait(shutdown).await {
                         return Ok(());
                     }
                     continue;
                 }
-            };
+            }
             tokio::select! {
                 () = &mut *shutdown => {
                     if let Some(producer) = &producer {
@@ -157,31 +200,154 @@ impl Relay {
         }
     }
 
-    /// Reads the next batch after `checkpoint` and produces it, waiting for every
-    /// acknowledgement.
-    async fn step(&self, producer: &mut Option<FutureProducer>, checkpoint: Cursor) -> anyhow::Result<Step> {
-        let batch = read_all_on(&self.pool, checkpoint, BATCH).await?;
-        let Some(last) = batch.events.last().map(RecordedEvent::cursor) else {
-            return Ok(if batch.held_back { Step::HeldBack } else { Step::Idle });
+    /// Enqueues the next batch after `after` on the producer, in log order, reading the batch
+    /// after it meanwhile (PostgreSQL works on that read while this process enqueues).
+    async fn enqueue_next(
+        &self,
+        producer: &mut Option<FutureProducer>,
+        after: Cursor,
+        prefetched: &mut Option<MessageBatch>,
+    ) -> anyhow::Result<Read> {
+        let batch = match prefetched.take() {
+            Some(batch) => batch,
+            None => read_messages(&self.pool, after, BATCH).await?,
+        };
+        let Some(last) = batch.messages.last().map(|m| m.cursor) else {
+            return Ok(if batch.held_back { Read::HeldBack } else { Read::Nothing });
         };
         if producer.is_none() {
             self.kafka.ensure_topics().await?;
             *producer = Some(self.kafka.producer()?);
         }
         let producer = producer.as_ref().context("no producer")?;
-        produce_in_order(producer, &self.kafka.topic, &batch.events).await?;
-        self.stats.relayed.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-        Ok(Step::Relayed(last))
+        let enqueueing = async {
+            let mut deliveries = Vec::with_capacity(batch.messages.len());
+            for message in &batch.messages {
+                let record = FutureRecord::to(&self.kafka.topic)
+                    .key(message.stream_id.as_str())
+                    .payload(message.envelope.as_slice())
+                    .headers(message.headers());
+                deliveries.push(enqueue(producer, record).await?);
+            }
+            anyhow::Ok(deliveries)
+        };
+        let (deliveries, following) = tokio::join!(enqueueing, read_messages(&self.pool, last, BATCH));
+        // A failed read ahead is simply read again.
+        *prefetched = following.ok().filter(|b| !b.messages.is_empty());
+        Ok(Read::Enqueued(InFlight { last, count: batch.messages.len() as u64, deliveries: deliveries? }))
     }
 }
 
-enum Step {
-    Relayed(Cursor),
-    HeldBack,
-    Idle,
+/// One event as the relay produces it. The envelope — the JSON of a [`RecordedEvent`] (a
+/// test holds the two to each other) — is written from the row's text, without decoding the
+/// event's payload or metadata and encoding them again.
+struct Message {
+    cursor: Cursor,
+    stream_id: String,
+    event_type: String,
+    event_id: Uuid,
+    team_id: Uuid,
+    schema_version: i32,
+    envelope: Vec<u8>,
 }
 
-/// Enqueues `events` on `producer` in order, then waits until the broker acknowledged them all.
+impl Message {
+    fn from_row(row: &PgRow) -> anyhow::Result<Self> {
+        let cursor = Cursor { tx_id: row.try_get("tx_id")?, position: row.try_get("global_position")? };
+        let stream_id: String = row.try_get("stream_id")?;
+        let event_type: String = row.try_get("event_type")?;
+        let event_id: Uuid = row.try_get("event_id")?;
+        let team_id: Uuid = row.try_get("team_id")?;
+        let schema_version: i32 = row.try_get("schema_version")?;
+        let version: i64 = row.try_get("stream_position")?;
+        let payload: &str = row.try_get("payload")?;
+        let metadata: &str = row.try_get("metadata")?;
+        let recorded_at: OffsetDateTime = row.try_get("recorded_at")?;
+        let mut envelope = Vec::with_capacity(payload.len() + metadata.len() + 320);
+        write!(envelope, r#"{{"global_position":{},"tx_id":{},"stream_id":"#, cursor.position, cursor.tx_id)?;
+        serde_json::to_writer(&mut envelope, &stream_id)?;
+        write!(envelope, r#","version":{version},"event_id":"{event_id}","event_type":"#)?;
+        serde_json::to_writer(&mut envelope, &event_type)?;
+        write!(envelope, r#","schema_version":{schema_version},"team_id":"{team_id}","payload":{payload},"metadata":{metadata},"recorded_at":""#)?;
+        envelope.extend_from_slice(recorded_at.format(&Rfc3339)?.as_bytes());
+        envelope.extend_from_slice(b"\"}");
+        Ok(Self { cursor, stream_id, event_type, event_id, team_id, schema_version, envelope })
+    }
+
+    fn headers(&self) -> OwnedHeaders {
+        let (event_id, team_id) = (self.event_id.to_string(), self.team_id.to_string());
+        let schema_version = self.schema_version.to_string();
+        OwnedHeaders::new_with_capacity(4)
+            .insert(Header { key: "event_type", value: Some(self.event_type.as_str()) })
+            .insert(Header { key: "event_id", value: Some(event_id.as_str()) })
+            .insert(Header { key: "team_id", value: Some(team_id.as_str()) })
+            .insert(Header { key: "schema_version", value: Some(schema_version.as_str()) })
+    }
+}
+
+struct MessageBatch {
+    messages: Vec<Message>,
+    held_back: bool,
+}
+
+/// Like [`zpanel_commands::postgres::read_all_on`], the log after `after` in gap-safe order, as
+/// messages.
+async fn read_messages(pool: &PgPool, after: Cursor, limit: i64) -> anyhow::Result<MessageBatch> {
+    let rows = sqlx::query(
+        "select global_position, tx_id::text::bigint as tx_id, stream_id, stream_position, event_id, event_type,
+                schema_version, team_id, payload::text as payload, metadata::text as metadata, recorded_at,
+                tx_id < pg_snapshot_xmin(pg_current_snapshot()) as safe
+           from events
+          where (tx_id, global_position) > ($1::text::xid8, $2)
+          order by events.tx_id, events.global_position
+          limit $3",
+    )
+    .bind(after.tx_id.to_string())
+    .bind(after.position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading the log")?;
+    let mut batch = MessageBatch { messages: Vec::with_capacity(rows.len()), held_back: false };
+    for row in &rows {
+        if !row.try_get::<bool, _>("safe")? {
+            batch.held_back = true;
+            break;
+        }
+        batch.messages.push(Message::from_row(row)?);
+    }
+    Ok(batch)
+}
+
+/// A batch on its way to the broker.
+struct InFlight {
+    last: Cursor,
+    count: u64,
+    deliveries: Vec<DeliveryFuture>,
+}
+
+enum Read {
+    Enqueued(InFlight),
+    HeldBack,
+    Nothing,
+}
+
+/// Enqueues one record; a full queue is drained by waiting a little.
+async fn enqueue(producer: &FutureProducer, mut record: FutureRecord<'_, str, [u8]>) -> anyhow::Result<DeliveryFuture> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => return Err(e).context("enqueueing an event for Kafka"),
+        }
+    }
+}
+
+/// Enqueues `events` on `producer` in order (encoded as [`kafka::encode`] does), then waits
+/// until the broker acknowledged them all.
 ///
 /// # Errors
 /// The first delivery that failed.
@@ -189,22 +355,8 @@ pub async fn produce_in_order(producer: &FutureProducer, topic: &str, events: &[
     let mut deliveries = Vec::with_capacity(events.len());
     for event in events {
         let value = kafka::encode(event)?;
-        let mut record =
-            FutureRecord::to(topic).key(event.stream_id.as_str()).payload(&value).headers(kafka::headers(event));
-        // Enqueueing is synchronous and ordered; a full queue is drained by waiting a little.
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err((e, _)) => return Err(e).context("enqueueing an event for Kafka"),
-            }
-        }
+        let record = FutureRecord::to(topic).key(event.stream_id.as_str()).payload(value.as_slice()).headers(kafka::headers(event));
+        deliveries.push(enqueue(producer, record).await?);
     }
     for delivery in deliveries {
         match delivery.await {

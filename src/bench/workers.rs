@@ -153,6 +153,16 @@ pub(super) async fn latency(
                 let _ = stopped.wait_for(|s| *s).await;
             }
         };
+        if let Some(kafka) = &relay_to {
+            // The topic starts with this mode's load, not with the log the mode before it wrote.
+            sqlx::query(
+                "insert into checkpoints (name, tx_id, position)
+                 select $1, tx_id, global_position from events order by tx_id desc, global_position desc limit 1",
+            )
+            .bind(Relay::new(pool.clone(), kafka.clone(), signal.clone()).checkpoint_name())
+            .execute(pool)
+            .await?;
+        }
         let relay = relay_to.map(|kafka| {
             let relay = Relay::new(pool.clone(), kafka, signal.clone());
             let until = until();
@@ -168,7 +178,10 @@ pub(super) async fn latency(
         }
         let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let total = rate * duration.as_secs();
+        // The first seconds of load warm up (the consumer group settles, connections open) and
+        // are not counted, as in `bench lag`.
+        let warm_up = rate * super::WARM_UP.as_secs();
+        let total = warm_up + rate * duration.as_secs();
         let mut tasks = Vec::with_capacity(usize::try_from(total)?);
         for i in 0..total {
             ticker.tick().await;
@@ -176,8 +189,11 @@ pub(super) async fn latency(
             tasks.push(tokio::spawn(async move { set_variable(&handler, &team, i as usize, &i.to_string()).await }));
         }
         let mut committed = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            committed.push(task.await??);
+        for (i, task) in tasks.into_iter().enumerate() {
+            let done = task.await??;
+            if i as u64 >= warm_up {
+                committed.push(done);
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut latencies = Vec::with_capacity(committed.len());
@@ -199,8 +215,9 @@ pub(super) async fn latency(
         }
         let (p50, p99) = percentiles(&mut latencies);
         println!(
-            "| commit → handler start, {label}, {} commands at {rate}/s | p50 {:.1} ms, p99 {:.1} ms | target p99 ≤ 100 ms in-process |",
+            "| commit → handler start, {label}, {} commands at {rate}/s after {}s of warm-up | p50 {:.1} ms, p99 {:.1} ms | target p99 ≤ 100 ms in-process |",
             latencies.len(),
+            super::WARM_UP.as_secs(),
             ms(p50),
             ms(p99)
         );

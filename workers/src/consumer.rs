@@ -2,8 +2,9 @@
 //! processes running the same worker share the topic's partitions through the group.
 //!
 //! Each message is handled (or found in the inbox), recorded in the inbox, and only then is its
-//! offset committed; a process that dies before the commit has its messages delivered again to
-//! another member, and the inbox makes that harmless. A message that is not an event envelope
+//! offset stored for commit (the consumer commits stored offsets every second, and at shutdown);
+//! a process that dies before the commit has its messages delivered again to another member, and
+//! the inbox makes that harmless. A message that is not an event envelope
 //! (a poison message) is produced to the dead-letter topic with the reason, counted, and
 //! committed, so it cannot block its partition.
 
@@ -61,7 +62,7 @@ async fn consume(
     loop {
         let message = tokio::select! {
             () = &mut *shutdown => {
-                // Every message received so far is handled: make their offsets durable.
+                // Every message received so far is handled: commit their offsets now.
                 match consumer.commit_consumer_state(CommitMode::Sync) {
                     Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
                     Err(e) => tracing::warn!(worker = worker.name(), error = %e, "committing offsets at shutdown"),
@@ -76,7 +77,8 @@ async fn consume(
             consumer.unsubscribe();
             return Ok(());
         }
-        consumer.commit_message(&message, CommitMode::Async).context("committing an offset")?;
+        // Handled: its offset may be committed (in the background, with the others').
+        consumer.store_offset_from_message(&message).context("storing an offset")?;
     }
 }
 

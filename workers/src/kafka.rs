@@ -63,9 +63,6 @@ impl KafkaConfig {
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
         self.client()
             .set("enable.idempotence", "true")
-            // A failure that would leave a gap in a partition is fatal to the producer instead:
-            // the relay then starts over from its checkpoint with a new one.
-            .set("enable.gapless.guarantee", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
             .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())
@@ -73,14 +70,17 @@ impl KafkaConfig {
             .context("creating the Kafka producer")
     }
 
-    /// A consumer in `group` that commits offsets only when told (after handling).
+    /// A consumer in `group` that commits only the offsets it was given (after handling), in
+    /// the background every second — not a request to the broker per message.
     ///
     /// # Errors
     /// When librdkafka refuses the configuration.
     pub fn consumer(&self, group: &str) -> anyhow::Result<StreamConsumer> {
         self.client()
             .set("group.id", group)
-            .set("enable.auto.commit", "false")
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")

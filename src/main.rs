@@ -3,6 +3,11 @@
 
 use clap::Parser as _;
 
+// Many short-lived allocations (rows, envelopes, JSON) on several threads: glibc's malloc spent
+// close to half of the relay's CPU consolidating its free lists (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = zpanel::cli::Cli::parse();

@@ -35,7 +35,7 @@ macro_rules! append_sql {
 insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
 select bump.stream_id, $2 + e.ord, e.event_id, e.event_type, e.schema_version, $4, e.payload, e.metadata
   from bump,
-       unnest($5::uuid[], $6::text[], $7::int[], $8::jsonb[], $9::jsonb[])
+       unnest($5::uuid[], $6::text[], $7::int[], $8::text[]::json[], $9::text[]::json[])
        with ordinality as e(event_id, event_type, schema_version, payload, metadata, ord)
 returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at"
         )
@@ -51,7 +51,7 @@ macro_rules! append_one_sql {
             $bump,
             ")
 insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
-select bump.stream_id, $3, $5, $6, $7, $4, $8, $9
+select bump.stream_id, $3, $5, $6, $7, $4, $8::text::json, $9::text::json
   from bump
 returning global_position, tx_id::text::bigint as tx_id, stream_position, recorded_at"
         )
@@ -151,8 +151,9 @@ impl EventStore for PgEventStore {
             ids.push(event.event_id);
             types.push(event.event_type.clone());
             versions.push(i32::try_from(event.schema_version).map_err(anyhow::Error::from)?);
-            payloads.push(Json(event.payload.as_raw()));
-            metadata.push(Json(&event.metadata));
+            // JSON text, stored as given (the columns are `json`: validated, never re-rendered).
+            payloads.push(event.payload.as_str());
+            metadata.push(serde_json::to_string(&event.metadata).map_err(anyhow::Error::from)?);
         }
         let new_version = append.expected_version + i64::try_from(n).map_err(anyhow::Error::from)?;
         let new = append.expected_version == 0;
@@ -168,7 +169,7 @@ impl EventStore for PgEventStore {
         .bind(new_version)
         .bind(team);
         let query = if n == 1 {
-            query.bind(ids[0]).bind(&types[0]).bind(versions[0]).bind(payloads[0]).bind(metadata[0])
+            query.bind(ids[0]).bind(&types[0]).bind(versions[0]).bind(payloads[0]).bind(&metadata[0])
         } else {
             query.bind(&ids).bind(&types).bind(&versions).bind(&payloads).bind(&metadata)
         };

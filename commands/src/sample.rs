@@ -8,7 +8,6 @@ use crate::store::{Actor, EventStore, Metadata, NewEvent, event_id_for};
 use crate::{Keyring, Plaintext};
 use anyhow::Context as _;
 use sqlx::PgPool;
-use sqlx::types::Json;
 use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
 use time::{Duration, OffsetDateTime};
@@ -203,12 +202,12 @@ impl MemorySink {
             columns.3.push(e.event.event_type);
             columns.4.push(i32::try_from(e.event.schema_version)?);
             columns.5.push(e.team_id);
-            columns.6.push(Json(e.event.payload));
-            columns.7.push(Json(e.event.metadata));
+            columns.6.push(e.event.payload.as_str().to_owned());
+            columns.7.push(serde_json::to_string(&e.event.metadata)?);
         }
         sqlx::query(
             "insert into events (stream_id, stream_position, event_id, event_type, schema_version, team_id, payload, metadata)
-             select * from unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::uuid[], $7::jsonb[], $8::jsonb[])",
+             select * from unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::int[], $6::uuid[], $7::text[]::json[], $8::text[]::json[])",
         )
         .bind(&columns.0)
         .bind(&columns.1)

@@ -55,7 +55,7 @@ async fn an_event_stored_in_an_old_shape_is_upcast_on_read() {
     let updated = sqlx::query(
         "update events
             set schema_version = 1,
-                payload = (payload - 'domains') || jsonb_build_object('domain', payload->'domains'->0)
+                payload = ((payload::jsonb - 'domains') || jsonb_build_object('domain', payload->'domains'->0))::json
           where stream_id = $1 and event_type = 'ApplicationCreated'",
     )
     .bind(format!("application-{app}"))

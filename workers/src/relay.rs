@@ -16,22 +16,22 @@ use crate::exclusive::Exclusive;
 use crate::kafka::{self, KafkaConfig};
 use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
-use std::collections::VecDeque;
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
+use std::collections::VecDeque;
 use std::io::Write as _;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-use uuid::Uuid;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
 use zpanel_commands::{AppendSignal, Cursor, RecordedEvent};
 
 /// Events read and produced per batch.
-const BATCH: i64 = 1000;
+const BATCH: i64 = 4000;
 /// Batches enqueued ahead of the oldest one still waiting for its acknowledgements.
 const IN_FLIGHT: usize = 8;
 /// How often an idle relay looks at the log without a signal (appends by other processes
@@ -268,7 +268,10 @@ impl Message {
         serde_json::to_writer(&mut envelope, &stream_id)?;
         write!(envelope, r#","version":{version},"event_id":"{event_id}","event_type":"#)?;
         serde_json::to_writer(&mut envelope, &event_type)?;
-        write!(envelope, r#","schema_version":{schema_version},"team_id":"{team_id}","payload":{payload},"metadata":{metadata},"recorded_at":""#)?;
+        write!(
+            envelope,
+            r#","schema_version":{schema_version},"team_id":"{team_id}","payload":{payload},"metadata":{metadata},"recorded_at":""#
+        )?;
         envelope.extend_from_slice(recorded_at.format(&Rfc3339)?.as_bytes());
         envelope.extend_from_slice(b"\"}");
         Ok(Self { cursor, stream_id, event_type, event_id, team_id, schema_version, envelope })
@@ -355,7 +358,10 @@ pub async fn produce_in_order(producer: &FutureProducer, topic: &str, events: &[
     let mut deliveries = Vec::with_capacity(events.len());
     for event in events {
         let value = kafka::encode(event)?;
-        let record = FutureRecord::to(topic).key(event.stream_id.as_str()).payload(value.as_slice()).headers(kafka::headers(event));
+        let record = FutureRecord::to(topic)
+            .key(event.stream_id.as_str())
+            .payload(value.as_slice())
+            .headers(kafka::headers(event));
         deliveries.push(enqueue(producer, record).await?);
     }
     for delivery in deliveries {

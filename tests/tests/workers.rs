@@ -659,6 +659,16 @@ async fn a_dead_workers_lease_is_taken_over_and_the_deployment_ends_in_both_mode
         let log = env.log().await;
         let taken = log.iter().find(|e| e.event_type == "DeploymentTakenOver").expect("a takeover event");
         assert_eq!(taken.metadata.actor.id.as_deref(), Some(format!("rescuer-{label}").as_str()));
+        // A job still running for the dead worker learns at its next renewal that it lost the lease.
+        let team = env.team.team_id;
+        let mut late = LeaseKeeper::start(
+            env.handler.clone(),
+            team,
+            deployment,
+            format!("doomed-{label}"),
+            Duration::from_millis(300),
+        );
+        tokio::time::timeout(DEADLINE, late.lost()).await.expect("the keeper tells its job the lease is lost");
         sweeping.stop().await;
         projections.stop().await;
     }

@@ -92,6 +92,15 @@ async fn handle(
     dead_letters: &mut Option<FutureProducer>,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<bool> {
+    // Not this worker's event type (the relay names it in a header): acknowledged undecoded.
+    let event_type = message
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == kafka::EVENT_TYPE_HEADER))
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok());
+    if event_type.is_some_and(|t| !worker.wants(t)) {
+        return Ok(true);
+    }
     let event = match message.payload().context("the message has no value").and_then(kafka::decode) {
         Ok(event) => event,
         Err(e) => {

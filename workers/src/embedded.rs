@@ -10,8 +10,8 @@ use crate::exclusive::Exclusive;
 use crate::runtime::Worker;
 use sqlx::PgPool;
 use std::time::Duration;
+use zpanel_commands::AppendSignal;
 use zpanel_commands::postgres::read_all_on;
-use zpanel_commands::{AppendSignal, Cursor};
 
 /// Events read per batch.
 const BATCH: i64 = 500;
@@ -103,17 +103,4 @@ async fn feed(
             () = tokio::time::sleep(wait) => {}
         }
     }
-}
-
-/// Where `worker`'s embedded feed has got to.
-///
-/// # Errors
-/// When the database fails.
-pub async fn position(pool: &PgPool, worker: &Worker) -> anyhow::Result<Option<Cursor>> {
-    let row: Option<(i64, i64)> =
-        sqlx::query_as("select tx_id::text::bigint, position from checkpoints where name = $1")
-            .bind(checkpoint_name(worker))
-            .fetch_optional(pool)
-            .await?;
-    Ok(row.map(|(tx_id, position)| Cursor { tx_id, position }))
 }

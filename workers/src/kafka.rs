@@ -14,7 +14,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
 use rdkafka::types::RDKafkaErrorCode;
 use std::time::Duration;
+use uuid::Uuid;
 use zpanel_commands::RecordedEvent;
+
+/// The header naming a message's event type.
+pub const EVENT_TYPE_HEADER: &str = "event_type";
 
 /// The topic events are relayed to unless configured otherwise.
 pub const DEFAULT_TOPIC: &str = "zpanel.events";
@@ -119,11 +123,15 @@ impl KafkaConfig {
 /// The headers of `event`'s message.
 #[must_use]
 pub fn headers(event: &RecordedEvent) -> OwnedHeaders {
-    let event_id = event.event_id.to_string();
-    let team_id = event.team_id.to_string();
-    let schema_version = event.schema_version.to_string();
+    headers_of(&event.event_type, event.event_id, event.team_id, event.schema_version)
+}
+
+/// The headers of an event's message, from its parts.
+#[must_use]
+pub fn headers_of(event_type: &str, event_id: Uuid, team_id: Uuid, schema_version: u32) -> OwnedHeaders {
+    let (event_id, team_id, schema_version) = (event_id.to_string(), team_id.to_string(), schema_version.to_string());
     OwnedHeaders::new_with_capacity(4)
-        .insert(Header { key: "event_type", value: Some(event.event_type.as_str()) })
+        .insert(Header { key: EVENT_TYPE_HEADER, value: Some(event_type) })
         .insert(Header { key: "event_id", value: Some(event_id.as_str()) })
         .insert(Header { key: "team_id", value: Some(team_id.as_str()) })
         .insert(Header { key: "schema_version", value: Some(schema_version.as_str()) })

@@ -78,13 +78,8 @@ impl LeaseKeeper {
         Self { renewing, lost }
     }
 
-    /// Whether the lease was lost: the job must stop without reporting success.
-    #[must_use]
-    pub fn is_lost(&self) -> bool {
-        *self.lost.borrow()
-    }
-
-    /// Resolves when the lease is lost.
+    /// Resolves when the lease is lost (taken over, or the deployment ended): the job must
+    /// stop without reporting success.
     pub async fn lost(&mut self) {
         let _ = self.lost.wait_for(|lost| *lost).await;
     }

@@ -16,7 +16,7 @@ use crate::exclusive::Exclusive;
 use crate::kafka::{self, KafkaConfig};
 use anyhow::Context as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row as _};
@@ -247,7 +247,7 @@ struct Message {
     event_type: String,
     event_id: Uuid,
     team_id: Uuid,
-    schema_version: i32,
+    schema_version: u32,
     envelope: Vec<u8>,
 }
 
@@ -258,7 +258,7 @@ impl Message {
         let event_type: String = row.try_get("event_type")?;
         let event_id: Uuid = row.try_get("event_id")?;
         let team_id: Uuid = row.try_get("team_id")?;
-        let schema_version: i32 = row.try_get("schema_version")?;
+        let schema_version = u32::try_from(row.try_get::<i32, _>("schema_version")?)?;
         let version: i64 = row.try_get("stream_position")?;
         let payload: &str = row.try_get("payload")?;
         let metadata: &str = row.try_get("metadata")?;
@@ -278,13 +278,7 @@ impl Message {
     }
 
     fn headers(&self) -> OwnedHeaders {
-        let (event_id, team_id) = (self.event_id.to_string(), self.team_id.to_string());
-        let schema_version = self.schema_version.to_string();
-        OwnedHeaders::new_with_capacity(4)
-            .insert(Header { key: "event_type", value: Some(self.event_type.as_str()) })
-            .insert(Header { key: "event_id", value: Some(event_id.as_str()) })
-            .insert(Header { key: "team_id", value: Some(team_id.as_str()) })
-            .insert(Header { key: "schema_version", value: Some(schema_version.as_str()) })
+        kafka::headers_of(&self.event_type, self.event_id, self.team_id, self.schema_version)
     }
 }
 

@@ -107,6 +107,7 @@ pub struct WorkerMode {
     pub relay: bool,
     /// How often running deployments' leases are checked.
     pub lease_sweep: Duration,
+    pub deploy: zpanel_workers::deploy::DeployConfig,
 }
 
 /// Starts the workers in `parts`: the relay (distributed mode), every worker fed by its
@@ -116,14 +117,27 @@ pub fn start_workers(
     parts: &mut Parts,
     pool: &sqlx::PgPool,
     signal: &AppendSignal,
+    keyring: &Arc<Keyring>,
     mode: &WorkerMode,
     metrics: Option<&zpanel_api::metrics::Metrics>,
-) {
+) -> anyhow::Result<()> {
     let worker_id = zpanel_workers::lease::worker_id();
     let handler = CommandHandler::new(PgEventStore::new(pool.clone(), signal.clone()));
-    // The deploy pipeline (issue 5) and the server checks (issue 6) join here as handlers;
-    // until then the standing work is the lease supervision below.
-    let workers: Vec<zpanel_workers::Worker> = Vec::new();
+    let runs = |name: &str| mode.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
+    let mut workers: Vec<zpanel_workers::Worker> = Vec::new();
+    let deployer = if runs("deploy") {
+        let deployer = zpanel_workers::deploy::Deployer::new(
+            pool.clone(),
+            handler.clone(),
+            Arc::clone(keyring),
+            &worker_id,
+            mode.deploy.clone(),
+        )?;
+        workers.push(zpanel_workers::Worker::new("deploy", deployer.clone()));
+        Some(deployer)
+    } else {
+        None
+    };
     let stats: Vec<(String, Arc<zpanel_workers::WorkerStats>)> =
         workers.iter().map(|w| (w.name().to_owned(), w.stats())).collect();
     let mut relay_stats = None;
@@ -143,16 +157,29 @@ pub fn start_workers(
     }
     let pool_for_workers = pool.clone();
     parts.spawn("the workers", move |until| zpanel_workers::run(pool_for_workers, delivery, workers, until));
-    let runs = |name: &str| mode.only.as_ref().is_none_or(|only| only.iter().any(|o| o == name));
-    if runs("deploy") {
-        let supervisor = zpanel_workers::lease::LeaseSupervisor::new(pool.clone(), handler, &worker_id);
+    if let Some(deployer) = deployer {
+        let supervisor = zpanel_workers::lease::LeaseSupervisor::new(pool.clone(), handler, &worker_id)
+            .with_lease(mode.deploy.lease)
+            .with_resume(Arc::new(deployer.clone()));
         let every = mode.lease_sweep;
         parts.spawn("the lease supervisor", move |until| async move { supervisor.run(every, until).await });
+        let syncing = deployer.clone();
+        parts.spawn("the route sync", move |until| async move { syncing.sync_routes(until).await });
+        // At shutdown, running deployments stop at their next step and are handed back.
+        parts.spawn("the deploy jobs", move |until| async move {
+            until.await;
+            deployer.shutdown(DEPLOY_SHUTDOWN_PATIENCE).await;
+            Ok(())
+        });
     }
+    Ok(())
 }
 
-/// Starts the projections, the feed and the API on `listener`. Appends through the returned
-/// state raise `signal`, which wakes the projections at once.
+/// How long a stopping process waits for its deploy jobs to hand their deployments back.
+const DEPLOY_SHUTDOWN_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Starts the projections, the feed, the deployment log listener and the API on `listener`.
+/// Appends through the returned state raise `signal`, which wakes the projections at once.
 ///
 /// # Errors
 /// When the listener has no address.
@@ -162,10 +189,12 @@ pub fn start(
     keyring: Keyring,
     listener: tokio::net::TcpListener,
     rate: RateLimiter,
+    container_logs: Option<Arc<dyn zpanel_api::logs::ContainerLogs>>,
 ) -> anyhow::Result<App> {
     let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
     let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
     let feed = zpanel_api::feed::Feed::new(pool.clone(), names, runner.projected());
+    let logs = zpanel_api::logs::LogNotifier::new(pool.clone());
     let state = ApiState {
         handler: CommandHandler::new(PgEventStore::new(pool.clone(), signal.clone())),
         pool,
@@ -174,14 +203,79 @@ pub fn start(
         rate: Arc::new(rate),
         metrics: Arc::default(),
         token_checks: Arc::default(),
+        logs: logs.clone(),
+        container_logs,
     };
     let address = listener.local_addr()?;
     let mut parts = Parts::new();
     parts.spawn("the projection runner", move |until| async move { runner.run(signal, until).await });
     parts.spawn("the subscription feed", move |until| async move { feed.run(until).await });
+    parts.spawn("the deployment log listener", move |until| logs.run(until));
     let router = zpanel_api::router(state.clone());
     parts.spawn("the API server", move |until| zpanel_api::serve(listener, router, until));
     Ok(App { state, address, parts })
+}
+
+/// The running release's output, straight from the Docker Engine, for `containerLogs`.
+#[derive(Debug)]
+pub struct EngineLogs {
+    pool: sqlx::PgPool,
+    docker_host: String,
+    engine: Arc<tokio::sync::OnceCell<zpanel_workers::docker::Engine>>,
+}
+
+impl EngineLogs {
+    /// Logs of containers on the engine at `docker_host`, connected on first use.
+    #[must_use]
+    pub fn new(pool: sqlx::PgPool, docker_host: &str) -> Arc<Self> {
+        Arc::new(Self { pool, docker_host: docker_host.to_owned(), engine: Arc::default() })
+    }
+
+    async fn lines(
+        self,
+        application_id: uuid::Uuid,
+        tail: u32,
+    ) -> anyhow::Result<futures::stream::BoxStream<'static, anyhow::Result<zpanel_api::logs::ContainerLogLine>>> {
+        use futures::StreamExt as _;
+        // The current release: the application's latest successful deployment.
+        let current: Option<uuid::Uuid> = sqlx::query_scalar(
+            "select deployment_id from rm_deployments
+              where application_id = $1 and status = 'succeeded' order by finished_at desc limit 1",
+        )
+        .bind(application_id)
+        .fetch_optional(&self.pool)
+        .await
+        .context("finding the current release")?;
+        let Some(current) = current else {
+            return Ok(futures::stream::empty().boxed());
+        };
+        let engine = self.engine.get_or_try_init(|| zpanel_workers::docker::Engine::connect(&self.docker_host)).await?;
+        let lines = engine.logs(&format!("zpanel-{current}"), tail, true).map(|line| {
+            line.map(|l| zpanel_api::logs::ContainerLogLine {
+                at: time::OffsetDateTime::now_utc(),
+                stream: if l.is_error {
+                    zpanel_api::logs::ContainerStream::Stderr
+                } else {
+                    zpanel_api::logs::ContainerStream::Stdout
+                },
+                text: l.text,
+            })
+        });
+        Ok(lines.boxed())
+    }
+}
+
+impl zpanel_api::logs::ContainerLogs for EngineLogs {
+    fn follow(
+        &self,
+        application_id: uuid::Uuid,
+        tail: u32,
+    ) -> futures::stream::BoxStream<'static, anyhow::Result<zpanel_api::logs::ContainerLogLine>> {
+        use futures::{StreamExt as _, TryFutureExt as _};
+        let this =
+            Self { pool: self.pool.clone(), docker_host: self.docker_host.clone(), engine: Arc::clone(&self.engine) };
+        this.lines(application_id, tail).try_flatten_stream().boxed()
+    }
 }
 
 fn render_worker_metrics(

@@ -152,10 +152,13 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
     let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
-    let mut app = crate::app::start(db.pool.clone(), signal.clone(), keyring, listener, rate)?;
+    let container_logs = crate::app::EngineLogs::new(db.pool.clone(), &config.docker_host);
+    let mut app = crate::app::start(db.pool.clone(), signal.clone(), keyring, listener, rate, Some(container_logs))?;
     if with_workers {
         let metrics = Arc::clone(&app.state.metrics);
-        crate::app::start_workers(&mut app.parts, &db.pool, &signal, &config.worker_mode(true), Some(&metrics));
+        let keyring = Arc::clone(&app.state.keyring);
+        let mode = config.worker_mode(true);
+        crate::app::start_workers(&mut app.parts, &db.pool, &signal, &keyring, &mode, Some(&metrics))?;
     }
     tracing::info!(address = %app.address, "zpanel is running");
     println!("listening on http://{}", app.address);
@@ -177,11 +180,12 @@ async fn worker(config: &Config, only: &[String], shutdown: impl Future<Output =
         }
         mode.only = Some(only.to_vec());
     }
+    let keyring = Arc::new(Keyring::load(config.master_key.as_deref(), &config.data_dir)?);
     let db = Database::open(config, 16).await?;
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
     let mut parts = crate::app::Parts::new();
-    crate::app::start_workers(&mut parts, &db.pool, &signal, &mode, None);
+    crate::app::start_workers(&mut parts, &db.pool, &signal, &keyring, &mode, None)?;
     let mode = if config.kafka().is_some() { "from Kafka" } else { "from the log" };
     tracing::info!(mode, "zpanel worker is running");
     println!("worker running, fed {mode}");

@@ -46,6 +46,48 @@ pub struct Config {
     /// How often (seconds) running deployments are checked for lapsed leases.
     #[arg(long, env = "ZPANEL_LEASE_SWEEP_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), global = true)]
     pub lease_sweep_seconds: u64,
+
+    /// How long (seconds) a worker's lease on a deployment lasts unless renewed (renewed every
+    /// third of it); a dead worker's deployment is taken over this long after it died.
+    #[arg(long, env = "ZPANEL_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600), global = true)]
+    pub lease_seconds: u64,
+
+    /// The Docker Engine deployments run on (`unix:///path` or `tcp://host:port`).
+    #[arg(long, env = "ZPANEL_DOCKER_HOST", default_value = zpanel_workers::docker::DEFAULT_HOST, global = true)]
+    pub docker_host: String,
+
+    /// The admin API of the Caddy that routes domains to applications.
+    #[arg(long, env = "ZPANEL_CADDY_ADMIN", default_value = zpanel_workers::proxy::DEFAULT_ADMIN, global = true)]
+    pub caddy_admin: String,
+
+    /// Address of the HTTP server Zpanel creates in Caddy for applications.
+    #[arg(long, env = "ZPANEL_PROXY_LISTEN", default_value = zpanel_workers::proxy::DEFAULT_LISTEN, global = true)]
+    pub proxy_listen: String,
+
+    /// How long a deployment may take in all (seconds) before it fails.
+    #[arg(long, env = "ZPANEL_DEPLOY_TIMEOUT_SECONDS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(10..=86_400), global = true)]
+    pub deploy_timeout_seconds: u64,
+
+    /// How long (seconds) the previous release keeps finishing its requests after the switch.
+    #[arg(long, env = "ZPANEL_DEPLOY_GRACE_SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=600), global = true)]
+    pub deploy_grace_seconds: u64,
+
+    /// Images kept per application for rollbacks.
+    #[arg(long, env = "ZPANEL_DEPLOY_KEEP_IMAGES", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100), global = true)]
+    pub deploy_keep_images: u64,
+
+    /// A new deployment cancels the application's deployments still waiting (instead of
+    /// queueing behind them).
+    #[arg(long, env = "ZPANEL_DEPLOY_SUPERSEDE", default_value_t = false, global = true)]
+    pub deploy_supersede: bool,
+
+    /// How often (seconds) routes are checked against the running releases and repaired.
+    #[arg(long, env = "ZPANEL_ROUTE_SYNC_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
+    pub route_sync_seconds: u64,
+
+    /// Image builds a worker runs at once.
+    #[arg(long, env = "ZPANEL_DEPLOY_BUILDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64), global = true)]
+    pub deploy_builds: u64,
 }
 
 impl Config {
@@ -67,6 +109,26 @@ impl Config {
             kafka: self.kafka(),
             relay,
             lease_sweep: std::time::Duration::from_secs(self.lease_sweep_seconds),
+            deploy: self.deploy(),
+        }
+    }
+
+    /// How the deploy worker works.
+    #[must_use]
+    pub fn deploy(&self) -> zpanel_workers::deploy::DeployConfig {
+        use std::time::Duration;
+        zpanel_workers::deploy::DeployConfig {
+            docker_host: self.docker_host.clone(),
+            caddy_admin: self.caddy_admin.clone(),
+            proxy_listen: self.proxy_listen.clone(),
+            work_dir: self.data_dir.join("builds"),
+            keep_images: usize::try_from(self.deploy_keep_images).unwrap_or(5),
+            grace: Duration::from_secs(self.deploy_grace_seconds),
+            timeout: Duration::from_secs(self.deploy_timeout_seconds),
+            supersede: self.deploy_supersede,
+            concurrent_builds: usize::try_from(self.deploy_builds).unwrap_or(2),
+            lease: Duration::from_secs(self.lease_seconds),
+            route_sync: Duration::from_secs(self.route_sync_seconds),
         }
     }
 }

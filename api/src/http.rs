@@ -1,6 +1,6 @@
 //! The HTTP surface: `/graphql` (POST for queries and mutations; GET for GraphiQL in a browser
 //! or a `graphql-transport-ws` WebSocket), `/graphql/schema.graphql`, `/healthz`, `/readyz`,
-//! `/metrics`.
+//! `/metrics`, and git hosts' push webhooks, `/webhooks/{provider}/{applicationId}`.
 
 use crate::ApiState;
 use crate::auth::{self, Caller};
@@ -11,10 +11,10 @@ use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Opera
 use async_graphql_axum::{GraphQLProtocol, GraphQLResponse, GraphQLWebSocket};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use std::time::Instant;
 use zpanel_commands::Cursor;
 
@@ -48,6 +48,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        .route("/webhooks/{provider}/{application}", post(webhook))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(schemas)
 }
@@ -188,6 +189,17 @@ async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Respon
                 .serve()
         })
         .into_response()
+}
+
+/// A git host's push webhook (see [`crate::webhooks`]). The body is read through `Bytes`, so
+/// [`MAX_BODY`] applies (`413` beyond it).
+async fn webhook(
+    State(schemas): State<Schemas>,
+    Path((provider, application)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    crate::webhooks::receive(&schemas.state, &provider, &application, &headers, &body).await
 }
 
 async fn sdl() -> impl IntoResponse {

@@ -4,7 +4,12 @@
 //! - [`auth`]: API tokens resolved to a team and abilities; every resolver is team-scoped.
 //! - [`feed`]: the horizon every read model has reached, and the fan-out of new audit entries
 //!   to subscribers.
-//! - [`http`]: the routes — `/graphql` (POST, GraphiQL, WebSocket), the SDL, health, metrics.
+//! - [`http`]: the routes — `/graphql` (POST, GraphiQL, WebSocket), the SDL, health, metrics,
+//!   webhooks.
+//! - [`webhooks`]: git hosts' push webhooks — signature checks, payload parsing, and the
+//!   deployment a push to an application's branch queues.
+//! - [`logs`]: deployments' logs, read from their table and followed live through one
+//!   `LISTEN` per process; containers' logs, from a [`logs::ContainerLogs`] source.
 //! - [`error`]: the one error type, with stable `extensions.code`s.
 //! - [`limits`]: abuse limits — aliases, per-token rate.
 #![forbid(unsafe_code)]
@@ -14,8 +19,10 @@ pub mod error;
 pub mod feed;
 pub mod http;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
 pub mod schema;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +50,11 @@ pub struct ApiState {
     pub metrics: Arc<metrics::Metrics>,
     /// Shared re-checks of subscriptions' tokens.
     pub token_checks: Arc<auth::TokenChecks>,
+    /// Wake-ups for the followers of deployments' logs.
+    pub logs: logs::LogNotifier,
+    /// Where containers' logs come from; `None` in a process that cannot reach the engines
+    /// (then `containerLogs` says so).
+    pub container_logs: Option<Arc<dyn logs::ContainerLogs>>,
 }
 
 impl ApiState {

@@ -24,6 +24,7 @@ pub type Source = Box<dyn Fn(&mut String) + Send + Sync>;
 pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str), Histogram>>,
     commands: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    webhooks: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     sources: Mutex<Vec<Source>>,
 }
 
@@ -58,6 +59,12 @@ impl Metrics {
         *lock(&self.commands).entry((kind, outcome)).or_default() += 1;
     }
 
+    /// Records a git webhook delivery: its provider (`github`, …) and outcome (`queued`,
+    /// `repeated`, `ignored`, `unauthorized`, …).
+    pub fn webhook(&self, provider: &'static str, outcome: &'static str) {
+        *lock(&self.webhooks).entry((provider, outcome)).or_default() += 1;
+    }
+
     /// Adds a source of more metrics, rendered at every scrape.
     pub fn add_source(&self, source: Source) {
         lock(&self.sources).push(source);
@@ -82,6 +89,12 @@ impl Metrics {
         out.push_str("# TYPE zpanel_commands_total counter\n");
         for ((kind, outcome), n) in lock(&self.commands).iter() {
             let _ = writeln!(out, "zpanel_commands_total{{kind=\"{kind}\",outcome=\"{outcome}\"}} {n}");
+        }
+        out.push_str("# HELP zpanel_webhook_deliveries_total Git webhook deliveries, by provider and outcome.\n");
+        out.push_str("# TYPE zpanel_webhook_deliveries_total counter\n");
+        for ((provider, outcome), n) in lock(&self.webhooks).iter() {
+            let _ =
+                writeln!(out, "zpanel_webhook_deliveries_total{{provider=\"{provider}\",outcome=\"{outcome}\"}} {n}");
         }
         out.push_str(extra);
         for source in lock(&self.sources).iter() {

@@ -62,6 +62,14 @@ impl Actor {
     pub fn worker(worker_id: &str) -> Self {
         Self { kind: ActorKind::Worker, id: Some(worker_id.to_owned()), name: worker_id.to_owned() }
     }
+
+    /// A git host's push webhook (`github`, `gitlab`, …): Zpanel itself, acting on a push that
+    /// the host signed with the application's webhook secret. There is no token behind it, so
+    /// it is a `system` actor, named after the host.
+    #[must_use]
+    pub fn webhook(provider: &str) -> Self {
+        Self { kind: ActorKind::System, id: None, name: format!("webhook:{provider}") }
+    }
 }
 
 /// Facts about an event that are not part of the domain: who, why, and where from.
@@ -345,6 +353,14 @@ mod tests {
         assert_eq!(event_id_for(command, 0), event_id_for(command, 0));
         assert_ne!(event_id_for(command, 0), event_id_for(command, 1));
         assert_ne!(event_id_for(command, 0), event_id_for(Uuid::now_v7(), 0));
+    }
+
+    #[test]
+    fn a_webhook_is_a_system_actor_named_after_its_host() {
+        let actor = Actor::webhook("github");
+        assert_eq!(actor.kind, ActorKind::System);
+        assert_eq!(actor.id, None);
+        assert_eq!(actor.name, "webhook:github");
     }
 
     #[test]

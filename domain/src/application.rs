@@ -425,6 +425,23 @@ pub enum ApplicationCommand {
     },
     /// Archive it: it keeps its history but can no longer change or be deployed.
     ArchiveApplication,
+    /// Stop, start or restart its current release (the deploy worker acts on it).
+    ControlApplication {
+        /// What to do.
+        action: LifecycleAction,
+    },
+}
+
+/// What can be done to an application's running release without deploying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleAction {
+    /// Stop its container.
+    Stop,
+    /// Start its stopped container.
+    Start,
+    /// Stop and start its container.
+    Restart,
 }
 
 /// What happened to an application.
@@ -479,6 +496,12 @@ pub enum ApplicationEvent {
     },
     /// The application was archived.
     ApplicationArchived,
+    /// Someone asked for its current release to be stopped.
+    ApplicationStopRequested,
+    /// Someone asked for its current release to be started.
+    ApplicationStartRequested,
+    /// Someone asked for its current release to be restarted.
+    ApplicationRestartRequested,
 }
 
 impl DomainEvent for ApplicationEvent {
@@ -489,6 +512,9 @@ impl DomainEvent for ApplicationEvent {
             Self::EnvironmentVariableSet { .. } => "EnvironmentVariableSet",
             Self::EnvironmentVariableUnset { .. } => "EnvironmentVariableUnset",
             Self::ApplicationArchived => "ApplicationArchived",
+            Self::ApplicationStopRequested => "ApplicationStopRequested",
+            Self::ApplicationStartRequested => "ApplicationStartRequested",
+            Self::ApplicationRestartRequested => "ApplicationRestartRequested",
         }
     }
 
@@ -602,6 +628,11 @@ impl Aggregate for Application {
                 Ok(vec![ApplicationEvent::EnvironmentVariableUnset { key: key.clone() }])
             }
             ApplicationCommand::ArchiveApplication => Ok(vec![ApplicationEvent::ApplicationArchived]),
+            ApplicationCommand::ControlApplication { action } => Ok(vec![match action {
+                LifecycleAction::Stop => ApplicationEvent::ApplicationStopRequested,
+                LifecycleAction::Start => ApplicationEvent::ApplicationStartRequested,
+                LifecycleAction::Restart => ApplicationEvent::ApplicationRestartRequested,
+            }]),
         }
     }
 
@@ -1086,6 +1117,12 @@ pub(crate) mod tests {
 
     #[test]
     fn an_application_is_archived() {
+        let stop = ApplicationCommand::ControlApplication { action: LifecycleAction::Stop };
+        assert_eq!(active_application().decide(&stop), Ok(vec![ApplicationEvent::ApplicationStopRequested]));
+        assert_eq!(given(&archived()).decide(&stop), Err(ApplicationError::ApplicationArchived));
+        let app = active_application();
+        let restarted = app.clone().evolve(&ApplicationEvent::ApplicationRestartRequested);
+        assert_eq!(restarted, app, "a lifecycle request changes no configuration");
         let events = active_application().decide(&ApplicationCommand::ArchiveApplication);
         assert_eq!(events, Ok(vec![ApplicationEvent::ApplicationArchived]));
         assert!(given(&archived()).is_archived());

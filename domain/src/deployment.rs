@@ -251,6 +251,12 @@ pub enum DeploymentCommand {
         /// The time now.
         now: OffsetDateTime,
     },
+    /// The holding worker hands the deployment back (it is shutting down): the lease ends now,
+    /// and another worker may take the deployment over at once.
+    ReleaseLease {
+        /// The worker.
+        worker_id: String,
+    },
     /// A worker takes over a running deployment whose lease has lapsed.
     TakeOverDeployment {
         /// The new worker.
@@ -342,6 +348,11 @@ pub enum DeploymentEvent {
         #[serde(with = "time::serde::rfc3339")]
         lease_expires_at: OffsetDateTime,
     },
+    /// The holding worker handed the deployment back; any worker may take it over.
+    DeploymentLeaseReleased {
+        /// The worker that held it.
+        worker_id: String,
+    },
     /// Another worker took over after the lease lapsed.
     DeploymentTakenOver {
         /// The new worker.
@@ -396,6 +407,7 @@ impl DomainEvent for DeploymentEvent {
             Self::DeploymentQueued { .. } => "DeploymentQueued",
             Self::DeploymentStarted { .. } => "DeploymentStarted",
             Self::DeploymentLeaseRenewed { .. } => "DeploymentLeaseRenewed",
+            Self::DeploymentLeaseReleased { .. } => "DeploymentLeaseReleased",
             Self::DeploymentTakenOver { .. } => "DeploymentTakenOver",
             Self::DeploymentCommitResolved { .. } => "DeploymentCommitResolved",
             Self::DeploymentStepCompleted { .. } => "DeploymentStepCompleted",
@@ -440,6 +452,9 @@ pub enum DeploymentError {
     /// Succeeding while a cancellation is requested: the worker must stop and confirm it.
     #[error("the deployment's cancellation was requested, so it can't succeed")]
     CancellationRequested,
+    /// Cancelling once the proxy routes to the new release: it is as good as released.
+    #[error("the deployment already switched its route to the new release; it can't be cancelled any more")]
+    PastPointOfNoReturn,
     /// Confirming a cancellation nobody asked for.
     #[error("no cancellation of the deployment was requested")]
     CancellationNotRequested,
@@ -533,6 +548,13 @@ impl Aggregate for Deployment {
                 require_future(*lease_until, *now)?;
                 Ok(vec![E::DeploymentLeaseRenewed { lease_expires_at: *lease_until }])
             }
+            C::ReleaseLease { worker_id } => {
+                require_running(status)?;
+                if state.lease.as_ref().is_none_or(|l| l.worker_id != *worker_id) {
+                    return Err(DeploymentError::NotTheLeaseHolder);
+                }
+                Ok(vec![E::DeploymentLeaseReleased { worker_id: worker_id.clone() }])
+            }
             C::TakeOverDeployment { worker_id, lease_until, now } => {
                 require_running(status)?;
                 if let Some(lease) = &state.lease
@@ -592,6 +614,9 @@ impl Aggregate for Deployment {
             C::CancelDeployment { now } => match status {
                 S::Queued => Ok(vec![E::DeploymentCancelled { finished_at: *now }]),
                 S::Running if state.cancel_requested => Ok(vec![]),
+                S::Running if state.last_step >= Some(DeploymentStep::Route) => {
+                    Err(DeploymentError::PastPointOfNoReturn)
+                }
                 S::Running => Ok(vec![E::DeploymentCancellationRequested]),
                 _ => Err(DeploymentError::DeploymentFinished),
             },
@@ -648,6 +673,10 @@ impl Aggregate for Deployment {
                 if let Some(lease) = &mut state.lease {
                     lease.expires_at = *lease_expires_at;
                 }
+                S::Running
+            }
+            (S::Running, E::DeploymentLeaseReleased { .. }) => {
+                state.lease = None;
                 S::Running
             }
             (S::Running, E::DeploymentTakenOver { worker_id, lease_expires_at, .. }) => {
@@ -1191,6 +1220,36 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_hands_back_its_lease_and_another_takes_over_at_once() {
+        let release = |w: &str| DeploymentCommand::ReleaseLease { worker_id: w.into() };
+        assert_eq!(given(&running()).decide(&release("w2")), Err(DeploymentError::NotTheLeaseHolder));
+        assert_eq!(given(&queued()).decide(&release("w1")), Err(DeploymentError::DeploymentNotStarted));
+        let released = given(&running()).decide(&release("w1")).expect("the holder may release");
+        assert_eq!(released, vec![DeploymentEvent::DeploymentLeaseReleased { worker_id: "w1".into() }]);
+        let history = with(running(), released[0].clone());
+        let deployment = given(&history);
+        assert_eq!(deployment.status(), Some(DeploymentStatus::Running));
+        assert_eq!(deployment.state().and_then(|s| s.lease.clone()), None);
+        // Long before the old lease would have lapsed.
+        let take =
+            DeploymentCommand::TakeOverDeployment { worker_id: "w2".into(), lease_until: secs(12), now: secs(2) };
+        let taken = deployment.decide(&take).expect("a released lease is free at once");
+        assert!(matches!(
+            taken.as_slice(),
+            [DeploymentEvent::DeploymentTakenOver { previous_worker_id, .. }] if previous_worker_id.is_empty()
+        ));
+    }
+
+    #[test]
+    fn a_deployment_that_switched_its_route_cannot_be_cancelled() {
+        let cancel = DeploymentCommand::CancelDeployment { now: secs(9) };
+        let health = with(running(), DeploymentEvent::DeploymentStepCompleted { step: DeploymentStep::HealthCheck });
+        assert_eq!(given(&health).decide(&cancel), Ok(vec![DeploymentEvent::DeploymentCancellationRequested]));
+        let routed = with(health, DeploymentEvent::DeploymentStepCompleted { step: DeploymentStep::Route });
+        assert_eq!(given(&routed).decide(&cancel), Err(DeploymentError::PastPointOfNoReturn));
+    }
+
+    #[test]
     fn a_finished_deployment_cannot_be_cancelled() {
         for history in finished() {
             assert_eq!(
@@ -1221,6 +1280,7 @@ mod tests {
         let mut events = running();
         events.extend([
             DeploymentEvent::DeploymentLeaseRenewed { lease_expires_at: secs(90) },
+            DeploymentEvent::DeploymentLeaseReleased { worker_id: "w1".into() },
             DeploymentEvent::DeploymentTakenOver {
                 worker_id: "w2".into(),
                 previous_worker_id: "w1".into(),
@@ -1332,6 +1392,7 @@ mod tests {
                 started_at: secs(t),
             }),
             (0..100_i64).prop_map(|t| DeploymentEvent::DeploymentLeaseRenewed { lease_expires_at: secs(t) }),
+            arb_worker().prop_map(|worker_id| DeploymentEvent::DeploymentLeaseReleased { worker_id }),
             (arb_worker(), 0..100_i64).prop_map(|(w, t)| DeploymentEvent::DeploymentTakenOver {
                 worker_id: w,
                 previous_worker_id: "w1".into(),

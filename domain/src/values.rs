@@ -592,7 +592,8 @@ impl HealthPath {
     /// Parses a health-check path.
     ///
     /// # Errors
-    /// When it does not start with `/` or contains spaces, `#` or non-printable characters.
+    /// When it does not start with `/`, contains spaces, `#`, a `..` segment, shell
+    /// metacharacters (`` $ ` ; | < > ( ) \ ' " ``) or non-printable characters.
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         check_length(s, 1, 1024)?;
         if !s.starts_with('/') {
@@ -603,6 +604,12 @@ impl HealthPath {
         }
         if s.contains('#') {
             return reject("must not contain a fragment ('#')");
+        }
+        if s.chars().any(|c| "$`;|<>()\\'\"".contains(c)) {
+            return reject("must not contain shell metacharacters ($ ` ; | < > ( ) \\ ' \")");
+        }
+        if s.split(['/', '?']).any(|segment| segment == "..") {
+            return reject("must not contain '..' segments");
         }
         Ok(Self(s.to_owned()))
     }
@@ -625,10 +632,14 @@ impl RepoPath {
     /// Parses a path inside a repository.
     ///
     /// # Errors
-    /// When it is absolute, climbs out with `..`, starts with `-` or has control characters.
+    /// When it is absolute, climbs out with `..`, starts with `-`, or has a character other
+    /// than letters, digits and `. _ - / @ + = , :` (no spaces, no shell metacharacters).
     pub fn parse(s: &str) -> Result<Self, ValueError> {
         check_length(s, 1, 1024)?;
         check_no_control(s)?;
+        if !s.chars().all(|c| c.is_ascii_alphanumeric() || "._-/@+=,:".contains(c)) {
+            return reject("may contain only letters, digits and . _ - / @ + = , :");
+        }
         if s.starts_with('/') {
             return reject("must be relative to the repository root");
         }

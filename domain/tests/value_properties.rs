@@ -190,12 +190,13 @@ fn env_key() -> impl Strategy<Value = String> {
 }
 
 fn health_path() -> impl Strategy<Value = String> {
-    // Printable ASCII without space and '#'.
-    "/[!-\"$-~]{0,200}"
+    // Printable ASCII without space, '#' and shell metacharacters; no '..' segment.
+    "/[A-Za-z0-9._~!*+,=:@%&?/-]{0,200}"
+        .prop_filter("no '..' segment", |p| !p.split(['/', '?']).any(|segment| segment == ".."))
 }
 
 fn repo_path() -> impl Strategy<Value = String> {
-    prop::collection::vec("[^\\p{Cc}/]{1,10}", 1..5)
+    prop::collection::vec("[A-Za-z0-9._@+=,:-]{1,10}", 1..5)
         .prop_filter("relative, no '..', no leading '-'", |segments| {
             segments.iter().all(|s| s != "..") && !segments[0].starts_with('-')
         })
@@ -395,15 +396,19 @@ proptest! {
     #[test]
     fn health_paths_refuse_whitespace_and_control_characters(
         raw in health_path(), c in prop_oneof![control(), whitespace()], at in any::<Index>(),
+        meta in prop::sample::select(&['$', '`', ';', '|', '<', '>', '(', ')', '\\', '\'', '"'][..]),
     ) {
         refused::<HealthPath>(&insert(&raw, at, c))?;
+        refused::<HealthPath>(&format!("{raw}{meta}"))?;
     }
 
     #[test]
     fn repo_paths_refuse_control_characters_a_leading_dash_and_climbing_out(
-        raw in repo_path(), c in control(), at in any::<Index>(),
+        raw in repo_path(), c in control(), at in any::<Index>(), meta in metacharacter(),
     ) {
         refused::<RepoPath>(&insert(&raw, at, c))?;
+        refused::<RepoPath>(&insert(&raw, at, meta))?;
+        refused::<RepoPath>(&insert(&raw, at, ' '))?;
         refused::<RepoPath>(&format!("-{raw}"))?;
         refused::<RepoPath>(&format!("{raw}/../x"))?;
         refused::<RepoPath>(&format!("../{raw}"))?;

@@ -69,10 +69,27 @@ impl App {
     /// # Panics
     /// When it does not start.
     pub async fn start_with(env: &[(&str, &str)]) -> Self {
+        Self::start_subcommand("serve", env).await
+    }
+
+    /// Starts `zpanel api`: the API without workers, so nothing acts on queued deployments but
+    /// the test.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub async fn start_api() -> Self {
+        Self::start_subcommand("api", &[]).await
+    }
+
+    /// Starts `zpanel <subcommand>` (`serve` or `api`) with `env` added.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub async fn start_subcommand(subcommand: &str, env: &[(&str, &str)]) -> Self {
         let db = TestDatabase::create().await.expect("a test database");
         let data = TempDir::new();
         let mut command = zpanel(&db, &data.0);
-        command.arg("serve").stdin(Stdio::null()).stdout(Stdio::piped());
+        command.arg(subcommand).stdin(Stdio::null()).stdout(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
         }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod deploy;
 pub mod kafka;
 
 use std::path::PathBuf;

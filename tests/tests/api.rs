@@ -34,7 +34,7 @@ async fn token(app: &App, root: &str, abilities: &[&str]) -> String {
 
 #[tokio::test]
 async fn the_full_flow_from_project_to_time_travel_with_a_live_audit_stream() {
-    let app = App::start().await;
+    let app = App::start_api().await;
     let root = app.bootstrap("Acme");
     let mut events = app
         .subscribe(
@@ -140,7 +140,7 @@ async fn the_full_flow_from_project_to_time_travel_with_a_live_audit_stream() {
 
 #[tokio::test]
 async fn another_teams_ids_answer_exactly_like_missing_ones() {
-    let app = App::start().await;
+    let app = App::start_api().await;
     let a = app.bootstrap("Team A");
     let b = app.bootstrap("Team B");
     let project = project(&app, &a, "Shop").await;
@@ -265,7 +265,7 @@ async fn another_teams_ids_answer_exactly_like_missing_ones() {
 
 #[tokio::test]
 async fn abilities_gate_each_kind_of_operation() {
-    let app = App::start().await;
+    let app = App::start_api().await;
     let root = app.bootstrap("Acme");
     let project = project(&app, &root, "Shop").await;
     let web = application(&app, &root, &project, "web").await;
@@ -298,7 +298,7 @@ async fn abilities_gate_each_kind_of_operation() {
 
 #[tokio::test]
 async fn a_revoked_token_stops_working_at_once_even_on_an_open_subscription() {
-    let app = App::start().await;
+    let app = App::start_api().await;
     let root = app.bootstrap("Acme");
     let reader = app.graphql(Some(&root), CREATE_TOKEN, json!({ "name": "ci", "abilities": ["read"] })).await.ok();
     let secret = reader["createApiToken"]["token"].as_str().expect("token").to_owned();
@@ -324,7 +324,7 @@ async fn a_revoked_token_stops_working_at_once_even_on_an_open_subscription() {
 
 #[tokio::test]
 async fn bad_input_names_the_field_and_writes_nothing() {
-    let app = App::start().await;
+    let app = App::start_api().await;
     let root = app.bootstrap("Acme");
     let project = project(&app, &root, "Shop").await;
     let before = app.graphql(Some(&root), "{ auditLog { totalCount } }", json!({})).await.ok();
@@ -434,7 +434,8 @@ async fn abuse_limits_hold_and_health_endpoints_answer() {
 
 #[tokio::test]
 async fn application_and_deployment_subscriptions_follow_their_own_objects_only() {
-    let app = App::start().await;
+    // No workers: the test's deployments stay queued until it cancels them.
+    let app = App::start_api().await;
     let root = app.bootstrap("Acme");
     let project = project(&app, &root, "Shop").await;
     let web = application(&app, &root, &project, "web").await;

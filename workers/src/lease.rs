@@ -91,13 +91,21 @@ impl Drop for LeaseKeeper {
     }
 }
 
-/// Takes over running deployments whose lease lapsed, and ends them cleanly.
+/// What runs a deployment's job again in this process after a takeover.
+pub trait Resume: Send + Sync + std::fmt::Debug {
+    /// Starts `deployment_id`'s job here; `false` when it cannot (e.g. shutting down).
+    fn resume(&self, team_id: TeamId, deployment_id: Uuid) -> futures::future::BoxFuture<'_, bool>;
+}
+
+/// Takes over running deployments whose lease lapsed (or was handed back), and resumes them in
+/// this process — or, where nothing can resume them, ends them cleanly.
 #[derive(Clone, Debug)]
 pub struct LeaseSupervisor {
     pool: PgPool,
     handler: CommandHandler<PgEventStore>,
     worker_id: Arc<str>,
     lease: Duration,
+    resume: Option<Arc<dyn Resume>>,
 }
 
 /// What one sweep did.
@@ -111,24 +119,36 @@ impl LeaseSupervisor {
     /// A supervisor acting as `worker_id`.
     #[must_use]
     pub fn new(pool: PgPool, handler: CommandHandler<PgEventStore>, worker_id: &str) -> Self {
-        Self { pool, handler, worker_id: worker_id.into(), lease: LEASE }
+        Self { pool, handler, worker_id: worker_id.into(), lease: LEASE, resume: None }
     }
 
-    /// Finds running deployments whose lease has lapsed (in the read model), takes each over
-    /// (the command re-checks the lease on the deployment's own stream, so a renewal that the
-    /// read model has not shown yet wins), and fails it with the reason.
-    ///
-    /// The deploy pipeline's steps cannot be resumed half-way from another process yet, so a
-    /// deployment taken over is failed: the previous release keeps serving, and the user
-    /// sees why.
+    /// The same supervisor, taking leases of `lease` instead of [`LEASE`].
+    #[must_use]
+    pub const fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// The same supervisor, resuming the deployments it takes over with `resume`.
+    #[must_use]
+    pub fn with_resume(mut self, resume: Arc<dyn Resume>) -> Self {
+        self.resume = Some(resume);
+        self
+    }
+
+    /// Finds running deployments whose lease has lapsed or was handed back (in the read
+    /// model), takes each over (the command re-checks the lease on the deployment's own
+    /// stream, so a renewal that the read model has not shown yet wins), and resumes it; a
+    /// supervisor without a way to resume fails it with the reason, and the previous release
+    /// keeps serving.
     ///
     /// # Errors
     /// When the database fails.
     pub async fn sweep(&self) -> anyhow::Result<Sweep> {
         let lapsed: Vec<(Uuid, Uuid)> = sqlx::query_as(
             "select deployment_id, team_id from rm_deployments
-              where status = 'running' and lease_expires_at < now()
-              order by lease_expires_at limit 100",
+              where status = 'running' and (lease_expires_at is null or lease_expires_at < now())
+              order by lease_expires_at nulls first limit 100",
         )
         .fetch_all(&self.pool)
         .await
@@ -159,6 +179,12 @@ impl LeaseSupervisor {
             )) => return Ok(false),
             Err(e) => return Err(anyhow::anyhow!("taking over deployment {deployment_id}: {e}")),
         };
+        if let Some(resume) = &self.resume
+            && resume.resume(team_id, deployment_id).await
+        {
+            tracing::warn!(%deployment_id, worker_id = %self.worker_id, "took over a deployment and resumed it");
+            return Ok(true);
+        }
         let step = taken.state.state().and_then(|d| d.last_step);
         let previous = taken
             .events

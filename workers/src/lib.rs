@@ -7,14 +7,21 @@
 //! - [`embedded`] and [`consumer`]: the two ways a worker is fed — the log cursor in this
 //!   process, or a Kafka consumer group.
 //! - [`lease`]: leases on long jobs, and the supervisor that takes over lapsed ones.
+//! - [`deploy`]: the deploy worker — its queue, its jobs and their pipeline — over
+//!   [`docker`] (the Docker Engine API), [`git`] (argument vectors only) and [`proxy`]
+//!   (Caddy's admin API).
 #![forbid(unsafe_code)]
 
 mod backoff;
 pub mod consumer;
+pub mod deploy;
+pub mod docker;
 pub mod embedded;
 pub mod exclusive;
+pub mod git;
 pub mod kafka;
 pub mod lease;
+pub mod proxy;
 pub mod relay;
 pub mod runtime;
 

@@ -17,7 +17,9 @@ use uuid::Uuid;
 use zpanel_commands::{CommandContext, Outcome, Plaintext};
 use zpanel_domain::Aggregate;
 use zpanel_domain::api_token::{ApiToken as TokenAggregate, ApiTokenCommand};
-use zpanel_domain::application::{Application as AppAggregate, ApplicationCommand, ApplicationPatch, EnvValue, Source};
+use zpanel_domain::application::{
+    Application as AppAggregate, ApplicationCommand, ApplicationPatch, EnvValue, LifecycleAction, Source,
+};
 use zpanel_domain::deployment::{Deployment as DeploymentAggregate, DeploymentCommand, DeploymentReason};
 use zpanel_domain::ids::{ApiTokenId, ApplicationId, DeploymentId, PrivateKeyId, ProjectId, ServerId};
 use zpanel_domain::private_key::{PrivateKey as KeyAggregate, PrivateKeyCommand};
@@ -80,7 +82,26 @@ where
     A::Error: std::fmt::Display,
 {
     let ctx = context(caller, command_id)?;
-    let outcome = match state.handler.execute::<A>(&ctx, id, command).await {
+    let outcome = execute::<A>(state, &ctx, what, id, command).await?;
+    if let Some(last) = outcome.events.last() {
+        state.visible(last.cursor()).await?;
+    }
+    Ok(outcome)
+}
+
+/// Sends a command in `ctx` and counts its outcome, without waiting for the read models: what
+/// [`send`] does for a caller, and what a webhook (which has no caller) does itself.
+pub(crate) async fn execute<A: Aggregate>(
+    state: &ApiState,
+    ctx: &CommandContext,
+    what: &'static str,
+    id: Uuid,
+    command: &A::Command,
+) -> ApiResult<Outcome<A>>
+where
+    A::Error: std::fmt::Display,
+{
+    let outcome = match state.handler.execute::<A>(ctx, id, command).await {
         Ok(outcome) => outcome,
         Err(e) => {
             let error = ApiError::from_command(what, e);
@@ -89,9 +110,6 @@ where
         }
     };
     state.metrics.command(A::KIND, "ok");
-    if let Some(last) = outcome.events.last() {
-        state.visible(last.cursor()).await?;
-    }
     Ok(outcome)
 }
 
@@ -538,6 +556,22 @@ impl Mutation {
         reload_application(state, caller, id).await
     }
 
+    /// Stops the application's running release (its container); the route stays, and answers
+    /// 502 until it is started again or redeployed.
+    async fn stop_application(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Application> {
+        control(ctx, input, LifecycleAction::Stop).await
+    }
+
+    /// Starts the application's stopped release again.
+    async fn start_application(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Application> {
+        control(ctx, input, LifecycleAction::Start).await
+    }
+
+    /// Restarts the application's running release (same image, same configuration).
+    async fn restart_application(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Application> {
+        control(ctx, input, LifecycleAction::Restart).await
+    }
+
     /// Sets (or replaces) an environment variable; a secret is sealed before it is stored.
     async fn set_environment_variable(
         &self,
@@ -756,12 +790,22 @@ impl Mutation {
 }
 
 /// The aggregate id of an outcome (for creates retried with a command id: the first one's).
-fn outcome_id<A>(outcome: &Outcome<A>) -> ApiResult<Uuid> {
+pub(crate) fn outcome_id<A>(outcome: &Outcome<A>) -> ApiResult<Uuid> {
     zpanel_commands::store::aggregate_uuid(&outcome.stream_id)
         .ok_or_else(|| anyhow::anyhow!("stream id {} without a uuid", outcome.stream_id).into())
 }
 
 /// Queues a deployment of `app`: its current configuration, or a past `(image, release)`.
+/// Asks the deploy worker to stop, start or restart an application's current release.
+async fn control(ctx: &Context<'_>, input: IdInput, action: LifecycleAction) -> ApiResult<Application> {
+    let (state, caller) = caller(ctx)?;
+    caller.require(Ability::Deploy)?;
+    let id = parse_id(&input.id, "application")?;
+    let command = ApplicationCommand::ControlApplication { action };
+    send::<AppAggregate>(state, caller, input.command_id.as_ref(), "application", id, &command).await?;
+    reload_application(state, caller, id).await
+}
+
 async fn queue(
     state: &ApiState,
     caller: &Caller,

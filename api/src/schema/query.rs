@@ -3,7 +3,7 @@
 
 use super::types::{
     AUDIT_COLUMNS, ApiToken, Application, ApplicationConnection, AuditConnection, AuditEntry, Change,
-    DEPLOYMENT_COLUMNS, Deployment, DeploymentConnection, Event, PrivateKey, Project, Server, Team,
+    DEPLOYMENT_COLUMNS, Deployment, DeploymentConnection, Event, LogLine, PrivateKey, Project, Server, Team,
 };
 use super::{caller, decode_cursor, encode_cursor, load, page_size, parse_id};
 use crate::error::{ApiError, ApiResult};
@@ -265,6 +265,23 @@ impl Query {
         load::deployment(state, caller, id).await
     }
 
+    /// A deployment's log: the lines after sequence `after` (default: from the first), at most
+    /// `first` (default 500, up to 1000). The subscription `deploymentLogs` follows them live.
+    async fn deployment_logs(
+        &self,
+        ctx: &Context<'_>,
+        deployment_id: ID,
+        after: Option<i32>,
+        first: Option<i32>,
+    ) -> ApiResult<Vec<LogLine>> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let (after, first) = (crate::logs::after_sequence(after)?, crate::logs::page_of_lines(first)?);
+        let deployment = parse_id(&deployment_id, "deployment")?;
+        crate::logs::team_deployment(state, caller, deployment).await?;
+        crate::logs::read_lines(&state.pool, deployment, after, first).await
+    }
+
     /// The team's servers, by name.
     async fn servers(&self, ctx: &Context<'_>) -> ApiResult<Vec<Server>> {
         let (state, caller) = caller(ctx)?;
@@ -455,4 +472,78 @@ impl Query {
         .ok_or(ApiError::NotFound("application"))?;
         Ok(changes.into_iter().map(Change::from).collect())
     }
+
+    /// What changed from one release of an application to another: the commits, the images,
+    /// and every configuration field before and after (secrets shown only as changed).
+    async fn release_diff(
+        &self,
+        ctx: &Context<'_>,
+        from_deployment_id: ID,
+        to_deployment_id: ID,
+    ) -> ApiResult<ReleaseDiff> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let from_id = parse_id(&from_deployment_id, "fromDeploymentId")?;
+        let to_id = parse_id(&to_deployment_id, "toDeploymentId")?;
+        let load = |id: uuid::Uuid| {
+            let pool = state.pool.clone();
+            let team = *caller.team_id.as_uuid();
+            async move {
+                let text: Option<String> =
+                    sqlx::query_scalar("select state from rm_deployments where team_id = $1 and deployment_id = $2")
+                        .bind(team)
+                        .bind(id)
+                        .fetch_optional(&pool)
+                        .await?;
+                let Some(text) = text else {
+                    return Ok::<_, ApiError>(None);
+                };
+                let deployment: zpanel_domain::deployment::Deployment =
+                    serde_json::from_str(&text).map_err(|e| ApiError::from(anyhow::Error::from(e)))?;
+                Ok(deployment.state().cloned())
+            }
+        };
+        let from = load(from_id).await?.ok_or(ApiError::NotFound("deployment"))?;
+        let to = load(to_id).await?.ok_or(ApiError::NotFound("deployment"))?;
+        if from.application_id != to.application_id {
+            return Err(ApiError::invalid("toDeploymentId", "must be a deployment of the same application"));
+        }
+        use zpanel_domain::changes::Describe as _;
+        let changes = zpanel_domain::changes::diff(&from.release.describe(), &to.release.describe());
+        let commit_range = match (&from.commit, &to.commit) {
+            (Some(a), Some(b)) if a != b => Some(format!("{a}..{b}")),
+            _ => None,
+        };
+        Ok(ReleaseDiff {
+            from_deployment_id,
+            to_deployment_id,
+            from_commit: from.commit,
+            to_commit: to.commit,
+            commit_range,
+            from_image: from.image,
+            to_image: to.image,
+            changes: changes.into_iter().map(Change::from).collect(),
+        })
+    }
+}
+
+/// What changed between two releases of an application.
+#[derive(Clone, Debug, SimpleObject)]
+pub struct ReleaseDiff {
+    /// The earlier release's deployment.
+    pub from_deployment_id: ID,
+    /// The later release's deployment.
+    pub to_deployment_id: ID,
+    /// The commit the earlier release was built from (none for an image).
+    pub from_commit: Option<String>,
+    /// The commit the later release was built from.
+    pub to_commit: Option<String>,
+    /// `from..to`, for `git log`, when both are commits and differ.
+    pub commit_range: Option<String>,
+    /// The earlier release's image id.
+    pub from_image: Option<String>,
+    /// The later release's image id.
+    pub to_image: Option<String>,
+    /// Every configuration field that differs, before and after.
+    pub changes: Vec<Change>,
 }

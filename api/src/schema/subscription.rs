@@ -1,16 +1,19 @@
 //! Subscriptions, fed by the [`crate::feed`]: an update reaches a subscriber only once every
-//! read model shows it. Each subscription re-checks its token before every delivery and at
-//! least every [`RECHECK`], so revoking a token closes its subscriptions.
+//! read model shows it. Logs come from [`crate::logs`] instead: they are not events. Each
+//! subscription re-checks its token (the feed's when the token's stream moves, every
+//! subscription at least every [`RECHECK`]), so revoking a token closes its subscriptions.
 
 use super::query::AuditFilter;
-use super::types::{Application, AuditEntry, Deployment};
+use super::types::{Application, AuditEntry, Deployment, LogLine};
 use super::{caller, load, parse_id};
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::feed::FeedEntry;
+use crate::logs;
 use async_graphql::{Context, ID, Subscription};
-use futures::Stream;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt as _};
 use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -129,6 +132,49 @@ impl Follower {
     }
 }
 
+/// `items`, ended with `UNAUTHENTICATED` once the token is revoked or expires: it is re-checked
+/// before the first delivery, then at least every [`RECHECK`], while items come and while none
+/// do. The first error ends the stream too.
+fn until_revoked<T: Send + 'static>(
+    state: ApiState,
+    caller: Caller,
+    items: impl Stream<Item = ApiResult<T>> + Send + 'static,
+) -> impl Stream<Item = ApiResult<T>> + Send + 'static {
+    let guarded = Guarded { items: Box::pin(items), state, caller, checked: None };
+    futures::stream::unfold(Some(guarded), |open| async move {
+        let mut g = open?;
+        loop {
+            let due = g.checked.map_or(Duration::ZERO, |at| RECHECK.saturating_sub(at.elapsed()));
+            // Cancel-safe: a stream keeps its place when a `next` is dropped.
+            let next = tokio::time::timeout(due.max(Duration::from_millis(1)), g.items.next()).await;
+            if g.checked.is_none_or(|at| at.elapsed() >= RECHECK) {
+                g.checked = Some(tokio::time::Instant::now());
+                let (state, horizon) = (&g.state, g.state.feed.horizon());
+                match state.token_checks.still_valid(&state.pool, &g.caller, horizon, Cursor::START, RECHECK).await {
+                    Ok(true) => {}
+                    Ok(false) => return Some((Err(ApiError::Unauthenticated), None)),
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
+            match next {
+                Ok(Some(Ok(item))) => return Some((Ok(item), Some(g))),
+                Ok(Some(Err(e))) => return Some((Err(e), None)),
+                Ok(None) => return None,
+                Err(_idle) => {}
+            }
+        }
+    })
+}
+
+/// A subscription's items and what re-checking its token takes.
+struct Guarded<T> {
+    items: BoxStream<'static, ApiResult<T>>,
+    state: ApiState,
+    caller: Caller,
+    /// When the token was last checked.
+    checked: Option<tokio::time::Instant>,
+}
+
 fn entry_time(entry: &AuditEntry) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(&entry.at, &Rfc3339).ok()
 }
@@ -219,5 +265,45 @@ impl Subscription {
                 }
             }
         }))
+    }
+
+    /// A deployment's log: the stored lines after sequence `after` (default: from the first),
+    /// then each new line as the deployment writes it, in order. Completes once the deployment
+    /// has finished and every line was sent.
+    async fn deployment_logs(
+        &self,
+        ctx: &Context<'_>,
+        deployment_id: ID,
+        after: Option<i32>,
+    ) -> Result<impl Stream<Item = ApiResult<LogLine>>, ApiError> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let after = logs::after_sequence(after)?;
+        let deployment = parse_id(&deployment_id, "deployment")?;
+        logs::team_deployment(state, caller, deployment).await?;
+        let lines = logs::follow_deployment(state, deployment, after);
+        Ok(until_revoked(state.clone(), caller.clone(), lines))
+    }
+
+    /// An application's running container's output: its last `tail` lines (default 100, up to
+    /// 10000), then each new one. Lines are numbered from 1 within the subscription. Completes
+    /// when the container stops.
+    async fn container_logs(
+        &self,
+        ctx: &Context<'_>,
+        application_id: ID,
+        tail: Option<i32>,
+    ) -> Result<impl Stream<Item = ApiResult<LogLine>>, ApiError> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let tail = logs::tail(tail)?;
+        let application = parse_id(&application_id, "application")?;
+        logs::team_application(state, caller, application).await?;
+        let source = state
+            .container_logs
+            .as_ref()
+            .ok_or_else(|| ApiError::Conflict("container logs are not available in this process".into()))?;
+        let lines = logs::container_lines(source.follow(application, tail));
+        Ok(until_revoked(state.clone(), caller.clone(), lines))
     }
 }

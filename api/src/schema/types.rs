@@ -418,6 +418,7 @@ pub(crate) const DEPLOYMENT_COLUMNS: &str = "deployment_id, application_id, stat
 
 /// A deployment of an application.
 #[derive(Clone, Debug, SimpleObject)]
+#[graphql(complex)]
 pub struct Deployment {
     /// Its id.
     pub id: ID,
@@ -468,6 +469,86 @@ impl Deployment {
             finished_at: row.try_get::<Option<OffsetDateTime>, _>("finished_at")?.map(rfc3339),
             updated_at: rfc3339(row.try_get("updated_at")?),
         })
+    }
+}
+
+#[ComplexObject]
+impl Deployment {
+    /// Its log: the lines after sequence `after` (default: from the first), at most `first`
+    /// (default 500, up to 1000). The subscription `deploymentLogs` follows them live.
+    async fn logs(&self, ctx: &Context<'_>, after: Option<i32>, first: Option<i32>) -> ApiResult<Vec<LogLine>> {
+        let (state, caller) = super::caller(ctx)?;
+        caller.require(zpanel_domain::values::Ability::Read)?;
+        let (after, first) = (crate::logs::after_sequence(after)?, crate::logs::page_of_lines(first)?);
+        // Loaded within the caller's team, so its log is the caller's to read.
+        let deployment =
+            Uuid::parse_str(self.id.as_str()).map_err(|e| anyhow::anyhow!("a deployment id is not a uuid: {e}"))?;
+        crate::logs::read_lines(&state.pool, deployment, after, first).await
+    }
+}
+
+/// Which output a log line comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
+pub enum LogStream {
+    /// Zpanel's own account of what it does (steps, commands, outcomes).
+    System,
+    /// A process's standard output.
+    Stdout,
+    /// A process's standard error.
+    Stderr,
+}
+
+impl LogStream {
+    /// From its stored name (`system`, `stdout`, `stderr`).
+    fn parse(stored: &str) -> ApiResult<Self> {
+        match stored {
+            "system" => Ok(Self::System),
+            "stdout" => Ok(Self::Stdout),
+            "stderr" => Ok(Self::Stderr),
+            other => Err(anyhow::anyhow!("a stored log line has the unknown stream {other:?}").into()),
+        }
+    }
+}
+
+impl From<crate::logs::ContainerStream> for LogStream {
+    fn from(stream: crate::logs::ContainerStream) -> Self {
+        match stream {
+            crate::logs::ContainerStream::Stdout => Self::Stdout,
+            crate::logs::ContainerStream::Stderr => Self::Stderr,
+        }
+    }
+}
+
+/// One line of a log.
+#[derive(Clone, Debug, PartialEq, Eq, SimpleObject)]
+pub struct LogLine {
+    /// Its place in the log: 1, 2, 3, … without gaps (for a container's log, counted from the
+    /// subscription's first line).
+    pub sequence: i32,
+    /// When it was written.
+    pub at: String,
+    /// Which output it comes from.
+    pub stream: LogStream,
+    /// The line, without its line break.
+    pub text: String,
+}
+
+/// The columns [`LogLine::from_row`] reads (of `deployment_logs`).
+pub(crate) const LOG_LINE_COLUMNS: &str = "sequence, stream, at, text";
+
+impl LogLine {
+    pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
+        Ok(Self {
+            sequence: row.try_get("sequence")?,
+            at: rfc3339(row.try_get("at")?),
+            stream: LogStream::parse(row.try_get("stream")?)?,
+            text: row.try_get("text")?,
+        })
+    }
+
+    /// A container's line, numbered `sequence` by the subscription.
+    pub(crate) fn from_container(sequence: i32, line: crate::logs::ContainerLogLine) -> Self {
+        Self { sequence, at: rfc3339(line.at), stream: line.stream.into(), text: line.text }
     }
 }
 

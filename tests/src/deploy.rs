@@ -1,0 +1,190 @@
+//! What deployment tests need besides Zpanel: a Caddy of their own (admin API and application
+//! server on free loopback ports), the base image test applications build `FROM`, and local
+//! git repositories to deploy from.
+
+use crate::TempDir;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The base image of test applications: busybox, imported from Debian's `busybox-static`
+/// (nothing can be pulled here).
+pub const BASE_IMAGE: &str = "zpanel-test/busybox:latest";
+
+/// A free loopback port (bound, then released for the service to take).
+///
+/// # Panics
+/// When no port can be bound.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("its address").port()
+}
+
+/// A Caddy on loopback, stopped on drop.
+#[derive(Debug)]
+pub struct Caddy {
+    /// `http://127.0.0.1:PORT` of its admin API.
+    pub admin: String,
+    /// `127.0.0.1:PORT`, where Zpanel's server in it listens (for `ZPANEL_PROXY_LISTEN`).
+    pub listen: String,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Caddy {
+    /// Starts `caddy run` with only an admin API; Zpanel creates its server through it.
+    ///
+    /// # Panics
+    /// When Caddy is missing or does not come up.
+    pub fn start() -> Self {
+        let dir = TempDir::new();
+        let admin_port = free_port();
+        let config = dir.0.join("caddy.json");
+        std::fs::write(&config, format!(r#"{{"admin":{{"listen":"127.0.0.1:{admin_port}"}}}}"#)).expect("config");
+        let child = Command::new("caddy")
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("HOME", &dir.0)
+            .env("XDG_DATA_HOME", dir.0.join("data"))
+            .env("XDG_CONFIG_HOME", dir.0.join("config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("caddy is installed (scripts/test installs it)");
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
+            assert!(Instant::now() < deadline, "caddy's admin API did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { admin, listen: format!("127.0.0.1:{}", free_port()), child, _dir: dir }
+    }
+
+    /// The environment that points Zpanel at this Caddy (and shortens the grace period
+    /// before an old release is stopped).
+    #[must_use]
+    pub fn env(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("ZPANEL_CADDY_ADMIN", self.admin.as_str()),
+            ("ZPANEL_PROXY_LISTEN", self.listen.as_str()),
+            ("ZPANEL_DEPLOY_GRACE_SECONDS", "1"),
+        ]
+    }
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes sure the base image exists, importing it from the machine's busybox when missing.
+///
+/// # Panics
+/// When Docker is not running or busybox is missing.
+pub fn ensure_base_image() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let present = Command::new("docker").args(["image", "inspect", BASE_IMAGE]).output().expect("docker CLI");
+        if present.status.success() {
+            return;
+        }
+        let root = TempDir::new();
+        let rootfs = root.0.join("rootfs");
+        for dir in ["bin", "www", "tmp", "etc"] {
+            std::fs::create_dir_all(rootfs.join(dir)).expect("rootfs dir");
+        }
+        let busybox =
+            ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox");
+        std::fs::copy(busybox, rootfs.join("bin/busybox")).expect("copies busybox");
+        for applet in
+            ["sh", "httpd", "echo", "cat", "sleep", "ls", "mkdir", "touch", "env", "wget", "true", "false", "printf"]
+        {
+            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("applet link");
+        }
+        std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("passwd");
+        let tar = root.0.join("rootfs.tar");
+        let packed = Command::new("tar").arg("-C").arg(&rootfs).arg("-cf").arg(&tar).arg(".").status().expect("tar");
+        assert!(packed.success(), "packing the base image");
+        let imported = Command::new("docker").arg("import").arg(&tar).arg(BASE_IMAGE).output().expect("docker import");
+        assert!(imported.status.success(), "docker import: {}", String::from_utf8_lossy(&imported.stderr));
+    });
+}
+
+/// A local git repository holding a test application: busybox `httpd` serving `/www`.
+#[derive(Debug)]
+pub struct Repo {
+    dir: TempDir,
+}
+
+impl Repo {
+    /// A repository on branch `main` whose app answers `page` at `/`.
+    ///
+    /// # Panics
+    /// When git fails.
+    #[must_use]
+    pub fn new(page: &str) -> Self {
+        let repo = Self { dir: TempDir::new() };
+        repo.git(&["init", "-q", "-b", "main"]);
+        repo.commit_app(page, "");
+        repo
+    }
+
+    /// The repository's path (its `gitUrl`).
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        self.dir.0.clone()
+    }
+
+    /// The path as a string.
+    #[must_use]
+    pub fn url(&self) -> String {
+        self.dir.0.display().to_string()
+    }
+
+    /// Commits an app answering `page`, with `extra` Dockerfile lines before its `CMD`.
+    /// Returns the commit.
+    pub fn commit_app(&self, page: &str, extra: &str) -> String {
+        let dockerfile = format!(
+            "FROM {BASE_IMAGE}\nCOPY index.html /www/index.html\n{extra}\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n"
+        );
+        self.commit_files(&[("Dockerfile", &dockerfile), ("index.html", page)], page)
+    }
+
+    /// Commits `files` (path, content) with `message`; returns the commit.
+    pub fn commit_files(&self, files: &[(&str, &str)], message: &str) -> String {
+        for (path, content) in files {
+            let file = self.dir.0.join(path);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).expect("dir");
+            }
+            std::fs::write(file, content).expect("writes");
+        }
+        self.git(&["add", "-A"]);
+        self.git(&["-c", "user.email=test@zpanel.invalid", "-c", "user.name=test", "commit", "-q", "-m", message]);
+        self.git(&["rev-parse", "HEAD"]).trim().to_owned()
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git").arg("-C").arg(&self.dir.0).args(args).output().expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+}
+
+/// Removes every container and image Zpanel made for `application_id` (tests clean up after
+/// themselves; the engine is shared).
+pub fn remove_application(application_id: &str) {
+    let label = format!("label=zpanel.application={application_id}");
+    let ids = Command::new("docker").args(["ps", "-aq", "--filter", &label]).output().expect("docker ps");
+    for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+        let _ = Command::new("docker").args(["rm", "-f", id]).output();
+    }
+    let images = Command::new("docker").args(["images", "-q", "--filter", &label]).output().expect("docker images");
+    for id in String::from_utf8_lossy(&images.stdout).split_whitespace() {
+        let _ = Command::new("docker").args(["rmi", "-f", id]).output();
+    }
+}

@@ -1,0 +1,649 @@
+//! The steps of one deployment, in order: resolve → clone → build (or pull, or re-use a past
+//! release's image) → start → health check → route → clean up. Each completed step is
+//! recorded on the deployment's stream; each line of output goes to its log.
+//!
+//! Every step can run again: a deployment taken over after its worker died starts from the
+//! top, and finds its commit recorded, its image built (the build key matches), and its
+//! container name free (a leftover container of the dead worker is removed first).
+//!
+//! Any failure, cancellation or hand-back undoes what the deployment changed — its container,
+//! and the route if it was switched — so the previous release keeps serving.
+
+use super::logs::{DeployLog, Stream};
+use super::{Deployer, Ending, Stop};
+use crate::docker::{
+    ContainerSpec, LABEL_APPLICATION, LABEL_BUILD_KEY, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, OutputLine,
+};
+use crate::git::{Git, KeyFile};
+use anyhow::Context as _;
+use sha2::{Digest as _, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use zpanel_commands::{Actor, CommandContext, CommandError, Keyring};
+use zpanel_domain::application::{EnvValue, ReleaseConfig, Source};
+use zpanel_domain::deployment::{Deployment, DeploymentCommand, DeploymentState, DeploymentStep};
+use zpanel_domain::private_key::PrivateKey;
+use zpanel_domain::values::HealthCheck;
+
+/// The application's environment, opened: plaintext lives only in this process, only for the
+/// job, and reaches only the Docker Engine.
+pub(super) struct Secrets {
+    /// Every variable: name, value, whether it is a secret, whether the build gets it too.
+    vars: Vec<(String, String, bool, bool)>,
+}
+
+impl Secrets {
+    /// Opens the release's secret values.
+    pub(super) fn open(keyring: &Keyring, release: &ReleaseConfig) -> anyhow::Result<Self> {
+        let mut vars = Vec::with_capacity(release.env.len());
+        for (key, var) in &release.env {
+            let (value, secret) = match &var.value {
+                EnvValue::Plain(value) => (value.clone(), false),
+                EnvValue::Secret(sealed) => {
+                    let opened = keyring.open(sealed).map_err(|e| anyhow::anyhow!("opening {key}: {e}"))?;
+                    (opened.expose().to_owned(), true)
+                }
+            };
+            vars.push((key.as_str().to_owned(), value, secret, var.build_time));
+        }
+        Ok(Self { vars })
+    }
+
+    /// The secret values, to redact from the log.
+    pub(super) fn redactions(&self) -> Vec<String> {
+        self.vars.iter().filter(|(_, _, secret, _)| *secret).map(|(_, v, _, _)| v.clone()).collect()
+    }
+
+    fn runtime_env(&self) -> Vec<String> {
+        self.vars.iter().map(|(k, v, _, _)| format!("{k}={v}")).collect()
+    }
+
+    fn build_args(&self) -> HashMap<String, String> {
+        self.vars.iter().filter(|(_, _, _, build)| *build).map(|(k, v, _, _)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// Why the steps stopped early.
+enum Interrupt {
+    Failed(String),
+    Stopped(Stop),
+}
+
+impl From<anyhow::Error> for Interrupt {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Failed(format!("{e:#}"))
+    }
+}
+
+type StepResult<T> = Result<T, Interrupt>;
+
+pub(super) struct Pipeline {
+    deployer: Deployer,
+    state: DeploymentState,
+    secrets: Secrets,
+    log: DeployLog,
+    stop: watch::Receiver<Stop>,
+    step: Option<DeploymentStep>,
+    /// The new container, once created.
+    container: Option<String>,
+    /// The upstream the route had before this deployment switched it.
+    switched_from: Option<Option<String>>,
+    /// Scratch files of this deployment (clone, build context).
+    scratch: PathBuf,
+}
+
+impl Pipeline {
+    pub(super) fn new(
+        deployer: Deployer,
+        state: DeploymentState,
+        secrets: Secrets,
+        log: DeployLog,
+        stop: watch::Receiver<Stop>,
+    ) -> Self {
+        let scratch = deployer.inner.config.work_dir.join(state.id.as_uuid().to_string());
+        Self { deployer, state, secrets, log, stop, step: None, container: None, switched_from: None, scratch }
+    }
+
+    pub(super) fn current_step(&self) -> Option<DeploymentStep> {
+        self.step
+    }
+
+    fn container_name(&self) -> String {
+        format!("zpanel-{}", self.state.id.as_uuid())
+    }
+
+    fn image_repo(&self) -> String {
+        format!("zpanel/{}", self.state.application_id.as_uuid())
+    }
+
+    pub(super) async fn run(&mut self) -> Ending {
+        let ending = match self.steps().await {
+            Ok(image) => Ending::Released { image },
+            Err(Interrupt::Failed(reason)) => Ending::Failed { step: self.step, reason },
+            Err(Interrupt::Stopped(Stop::Cancel)) => Ending::Cancelled,
+            Err(Interrupt::Stopped(_)) => Ending::HandedBack,
+        };
+        let _ = tokio::fs::remove_dir_all(&self.scratch).await;
+        self.log.flush().await;
+        ending
+    }
+
+    async fn steps(&mut self) -> StepResult<String> {
+        let engine = self.deployer.engine().await.context("reaching the Docker Engine")?.clone();
+        let image = if let Some(image) = self.state.image.clone() {
+            // A rollback: the past release's image, exactly.
+            self.begin(DeploymentStep::Pull)?;
+            let of = match &self.state.reason {
+                zpanel_domain::deployment::DeploymentReason::Rollback { of } => format!(" of deployment {of}"),
+                _ => String::new(),
+            };
+            self.log.system(format!("re-deploying image {image}{of}, without a rebuild"));
+            engine.image_id(&image).await?.with_context(|| {
+                format!(
+                    "the image {image} of that release is no longer on the Docker Engine (pruned); deploy anew instead"
+                )
+            })?;
+            self.complete(DeploymentStep::Pull).await?;
+            image
+        } else {
+            match self.state.release.source.clone() {
+                Source::Git { url, git_ref, dockerfile, deploy_key } => {
+                    self.begin(DeploymentStep::Resolve)?;
+                    let key = match deploy_key {
+                        Some(key_id) => Some(self.deploy_key(*key_id.as_uuid()).await?),
+                        None => None,
+                    };
+                    let git = Git::new(&url, key.as_ref());
+                    let commit = match self.state.commit.clone() {
+                        Some(commit) => commit,
+                        None => {
+                            self.log.system(format!("resolving {git_ref} in {url}"));
+                            let log = self.log.clone();
+                            let resolving = git.resolve(&git_ref, |_, line| log.line(Stream::Stderr, &line));
+                            let commit = self.interruptible(resolving).await??;
+                            self.send(DeploymentCommand::RecordCommit { commit: commit.clone() }).await?;
+                            commit
+                        }
+                    };
+                    self.log.system(format!("{git_ref} is commit {commit}"));
+                    self.complete(DeploymentStep::Resolve).await?;
+
+                    self.begin(DeploymentStep::Clone)?;
+                    let checkout_dir = self.scratch.join("src");
+                    let _ = tokio::fs::remove_dir_all(&self.scratch).await;
+                    tokio::fs::create_dir_all(&self.scratch).await.context("creating the build directory")?;
+                    let log = self.log.clone();
+                    let checkout =
+                        git.checkout(&git_ref, &commit, &checkout_dir, |_, line| log.line(Stream::Stderr, &line));
+                    self.interruptible(checkout).await??;
+                    drop(key);
+                    self.complete(DeploymentStep::Clone).await?;
+
+                    self.begin(DeploymentStep::Build)?;
+                    let image = self.build(&engine, url.as_str(), &commit, dockerfile.as_str(), &checkout_dir).await?;
+                    self.complete(DeploymentStep::Build).await?;
+                    image
+                }
+                Source::Image { image } => {
+                    self.begin(DeploymentStep::Pull)?;
+                    self.log.system(format!("pulling {image}"));
+                    let log = self.log.clone();
+                    let pulled = engine.pull(image.as_str(), |line| log.line(Stream::Stdout, &line.text));
+                    let id = match self.interruptible(pulled).await? {
+                        Ok(id) => id,
+                        Err(e) => match engine.image_id(image.as_str()).await? {
+                            Some(id) => {
+                                self.log.system(format!("{e:#}; using the copy the Docker Engine has"));
+                                id
+                            }
+                            None => return Err(e.into()),
+                        },
+                    };
+                    self.complete(DeploymentStep::Pull).await?;
+                    id
+                }
+            }
+        };
+
+        self.begin(DeploymentStep::Start)?;
+        let name = self.container_name();
+        engine.remove(&name).await?;
+        let release = self.state.release.clone();
+        let port = release.port.get();
+        let spec = ContainerSpec {
+            name: name.clone(),
+            image: image.clone(),
+            env: self.secrets.runtime_env(),
+            labels: self.labels(),
+            port,
+            memory_bytes: release.limits.memory_bytes,
+            cpu_millis: release.limits.cpu_millis,
+        };
+        self.log.system(format!("starting container {name}"));
+        self.container = Some(name.clone());
+        engine.run(&spec).await?;
+        self.complete(DeploymentStep::Start).await?;
+
+        self.begin(DeploymentStep::HealthCheck)?;
+        let health = release.health_check.clone();
+        let checking = health_check(&engine, &name, port, &health, &self.log);
+        let host_port = self.interruptible(checking).await??;
+        self.complete(DeploymentStep::HealthCheck).await?;
+
+        self.begin(DeploymentStep::Route)?;
+        let domains: Vec<String> = release.domains.iter().map(|d| d.as_str().to_owned()).collect();
+        if domains.is_empty() {
+            self.log.system(format!("no domains to route; the release serves on 127.0.0.1:{host_port}"));
+        } else {
+            let proxy = self.deployer.inner.proxy.clone();
+            let application_id = *self.state.application_id.as_uuid();
+            let previous = proxy.upstream(application_id).await?;
+            let upstream = format!("127.0.0.1:{host_port}");
+            self.switched_from = Some(previous);
+            proxy.route(application_id, &domains, &upstream).await?;
+            self.log.system(format!("routed {} to {upstream}", domains.join(", ")));
+            verify_route(&proxy, &domains[0], health.path.as_str()).await?;
+        }
+        self.complete(DeploymentStep::Route).await?;
+
+        self.begin(DeploymentStep::Cleanup)?;
+        // After the route switched, nobody can cancel any more (the domain says so); a
+        // cancellation asked for just before is in the stream now, whatever this process heard.
+        if self.cancel_requested().await? {
+            return Err(Interrupt::Stopped(Stop::Cancel));
+        }
+        let grace = self.deployer.inner.config.grace;
+        if !grace.is_zero() && self.switched_from.as_ref().is_some_and(Option::is_some) {
+            self.log.system(format!("letting the previous release finish its requests for {} s", grace.as_secs_f32()));
+            tokio::time::sleep(grace).await;
+        }
+        self.remove_previous(&engine).await;
+        self.prune_images(&engine).await;
+        self.complete(DeploymentStep::Cleanup).await?;
+        self.log.flush().await;
+        Ok(image)
+    }
+
+    /// Puts things back as they were before this deployment: the route, then the container.
+    pub(super) async fn undo(&mut self) {
+        if let Some(previous) = self.switched_from.take() {
+            let proxy = &self.deployer.inner.proxy;
+            let application_id = *self.state.application_id.as_uuid();
+            let domains: Vec<String> = self.state.release.domains.iter().map(|d| d.as_str().to_owned()).collect();
+            let restored = match &previous {
+                Some(upstream) => proxy.route(application_id, &domains, upstream).await,
+                None => proxy.remove_route(application_id).await,
+            };
+            match restored {
+                Ok(()) => self.log.system("the route points at the previous release again".to_owned()),
+                Err(e) => self.log.system(format!("could not restore the previous route: {e:#}")),
+            }
+        }
+        if let Some(container) = self.container.take()
+            && let Ok(engine) = self.deployer.engine().await
+        {
+            match engine.remove(&container).await {
+                Ok(()) => self.log.system(format!("removed container {container}")),
+                Err(e) => self.log.system(format!("could not remove container {container}: {e:#}")),
+            }
+        }
+        self.log.flush().await;
+    }
+
+    /// Enters `step`, unless the job must stop.
+    fn begin(&mut self, step: DeploymentStep) -> StepResult<()> {
+        let stop = *self.stop.borrow();
+        if stop != Stop::No {
+            return Err(Interrupt::Stopped(stop));
+        }
+        self.step = Some(step);
+        self.log.system(format!("==> {}", step_name(step)));
+        Ok(())
+    }
+
+    async fn complete(&mut self, step: DeploymentStep) -> StepResult<()> {
+        self.send(DeploymentCommand::CompleteStep { step }).await
+    }
+
+    async fn send(&self, command: DeploymentCommand) -> StepResult<()> {
+        let inner = &self.deployer.inner;
+        let ctx = CommandContext::new(self.state.team_id, Actor::worker(&inner.worker_id), "worker:deploy");
+        match inner.handler.execute::<Deployment>(&ctx, *self.state.id.as_uuid(), &command).await {
+            Ok(_) => Ok(()),
+            Err(CommandError::Rejected(e)) => Err(Interrupt::Failed(format!("the deployment refused a report: {e}"))),
+            Err(e) => Err(Interrupt::Failed(format!("reporting progress: {e}"))),
+        }
+    }
+
+    async fn cancel_requested(&self) -> StepResult<bool> {
+        let (deployment, _) = self
+            .deployer
+            .inner
+            .handler
+            .load::<Deployment>(self.state.team_id, *self.state.id.as_uuid())
+            .await
+            .map_err(|e| Interrupt::Failed(format!("reading the deployment: {e}")))?;
+        Ok(deployment.state().is_some_and(|s| s.cancel_requested))
+    }
+
+    /// Runs `work` unless the job is told to stop first; dropping `work` aborts it (a build
+    /// is cancelled by the engine when its connection closes, git is killed).
+    async fn interruptible<T>(&self, work: impl Future<Output = T>) -> StepResult<T> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            done = work => Ok(done),
+            Ok(why) = stop.wait_for(|s| *s != Stop::No) => Err(Interrupt::Stopped(*why)),
+        }
+    }
+
+    fn labels(&self) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_TEAM.to_owned(), self.state.team_id.as_uuid().to_string()),
+            (LABEL_PROJECT.to_owned(), self.state.project_id.as_uuid().to_string()),
+            (LABEL_APPLICATION.to_owned(), self.state.application_id.as_uuid().to_string()),
+            (LABEL_DEPLOYMENT.to_owned(), self.state.id.as_uuid().to_string()),
+        ])
+    }
+
+    async fn deploy_key(&self, key_id: uuid::Uuid) -> anyhow::Result<KeyFile> {
+        let inner = &self.deployer.inner;
+        let (key, _) = inner
+            .handler
+            .load::<PrivateKey>(self.state.team_id, key_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading the deploy key: {e}"))?;
+        let details = key.details().context("the application's deploy key was removed")?;
+        let opened =
+            inner.keyring.open(&details.private_key).map_err(|e| anyhow::anyhow!("opening the deploy key: {e}"))?;
+        KeyFile::write(&inner.config.work_dir.join("keys"), opened.expose())
+    }
+
+    async fn build(
+        &mut self,
+        engine: &crate::docker::Engine,
+        url: &str,
+        commit: &str,
+        dockerfile: &str,
+        checkout: &Path,
+    ) -> StepResult<String> {
+        let args = self.secrets.build_args();
+        let key = build_key(url, commit, dockerfile, &args);
+        let tag = self.state.id.as_uuid().to_string();
+        if let Some((id, _)) = engine.images_labelled(LABEL_BUILD_KEY, &key).await?.into_iter().next() {
+            self.log.system(format!("commit {commit} was built with this configuration before: re-using image {id}"));
+            engine.tag(&id, &self.image_repo(), &tag).await?;
+            return Ok(id);
+        }
+        let context = self.scratch.join("context.tar");
+        let source = checkout.to_owned();
+        let target = context.clone();
+        tokio::task::spawn_blocking(move || tar_context(&source, &target))
+            .await
+            .context("packing the build context")??;
+        let inner = self.deployer.inner.clone();
+        let waiting = inner.builds.acquire();
+        let _permit = self.interruptible(waiting).await?.context("the build queue closed")?;
+        let mut labels = self.labels();
+        labels.remove(LABEL_DEPLOYMENT);
+        labels.insert(LABEL_BUILD_KEY.to_owned(), key);
+        let reference = format!("{}:{tag}", self.image_repo());
+        self.log.system(format!("building {reference} from {dockerfile}"));
+        let log = self.log.clone();
+        let output =
+            move |line: OutputLine| log.line(if line.is_error { Stream::Stderr } else { Stream::Stdout }, &line.text);
+        let building = engine.build(&context, dockerfile, &reference, args, labels, output);
+        let image = self.interruptible(building).await??;
+        self.log.system(format!("built image {image}"));
+        Ok(image)
+    }
+
+    /// Stops and removes the application's other containers (earlier releases).
+    async fn remove_previous(&self, engine: &crate::docker::Engine) {
+        let application = self.state.application_id.as_uuid().to_string();
+        let current = self.container_name();
+        let others = match engine.containers_labelled(LABEL_APPLICATION, &application).await {
+            Ok(found) => found,
+            Err(e) => {
+                self.log.system(format!("could not list the previous containers: {e:#}"));
+                return;
+            }
+        };
+        for old in others.into_iter().filter(|c| c.name != current) {
+            self.log.system(format!("stopping the previous container {}", old.name));
+            if let Err(e) = engine.stop(&old.id, Duration::from_secs(10)).await {
+                self.log.system(format!("could not stop {}: {e:#}", old.name));
+            }
+            if let Err(e) = engine.remove(&old.id).await {
+                self.log.system(format!("could not remove {}: {e:#}", old.name));
+            }
+        }
+    }
+
+    /// Keeps the newest images of the application (for rollbacks) and removes the rest.
+    async fn prune_images(&self, engine: &crate::docker::Engine) {
+        let keep = self.deployer.inner.config.keep_images;
+        let application = self.state.application_id.as_uuid().to_string();
+        let Ok(images) = engine.images_labelled(LABEL_APPLICATION, &application).await else {
+            return;
+        };
+        for (id, _) in images.into_iter().skip(keep.max(1)) {
+            if let Ok(true) = engine.remove_image(&id).await {
+                self.log.system(format!("removed old image {id}"));
+            }
+        }
+    }
+}
+
+fn step_name(step: DeploymentStep) -> &'static str {
+    match step {
+        DeploymentStep::Resolve => "resolving the commit",
+        DeploymentStep::Clone => "cloning",
+        DeploymentStep::Build => "building the image",
+        DeploymentStep::Pull => "getting the image",
+        DeploymentStep::Start => "starting the container",
+        DeploymentStep::HealthCheck => "checking health",
+        DeploymentStep::Route => "switching the route",
+        DeploymentStep::Cleanup => "cleaning up",
+    }
+}
+
+/// What an image is built from; an image with the same key is the same build.
+fn build_key(url: &str, commit: &str, dockerfile: &str, args: &HashMap<String, String>) -> String {
+    let mut hash = Sha256::new();
+    for part in [url, commit, dockerfile] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let sorted: BTreeMap<&String, &String> = args.iter().collect();
+    for (k, v) in sorted {
+        hash.update(k.as_bytes());
+        hash.update([0]);
+        // Values enter only as their own hashes: the key is a label anyone can read.
+        hash.update(Sha256::digest(v.as_bytes()));
+    }
+    hex::encode(hash.finalize())
+}
+
+/// Packs `dir` (without `.git`) into the tar file `target`; symbolic links stay links.
+fn tar_context(dir: &Path, target: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::create(target).context("creating the build context")?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+    tar.follow_symlinks(false);
+    let mut pending = vec![dir.to_owned()];
+    while let Some(current) = pending.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&current)
+            .with_context(|| format!("reading {}", current.display()))?
+            .collect::<Result<_, _>>()?;
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for entry in entries {
+            let path = entry.path();
+            let relative = path.strip_prefix(dir).context("a path outside the context")?;
+            if current == dir && entry.file_name() == ".git" {
+                continue;
+            }
+            let kind = entry.file_type()?;
+            tar.append_path_with_name(&path, relative).with_context(|| format!("packing {}", relative.display()))?;
+            if kind.is_dir() {
+                pending.push(path);
+            }
+        }
+    }
+    tar.into_inner().context("finishing the build context")?.into_inner().context("writing the build context")?;
+    Ok(())
+}
+
+/// Waits until the container answers its health check through its published port; returns
+/// that port. Failures in the start period don't count; the first second polls quickly, so a
+/// quick application is released quickly.
+async fn health_check(
+    engine: &crate::docker::Engine,
+    container: &str,
+    port: u16,
+    check: &HealthCheck,
+    log: &DeployLog,
+) -> anyhow::Result<u16> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(u64::from(check.timeout_secs)))
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .context("building the health check's HTTP client")?;
+    let interval = Duration::from_secs(u64::from(check.interval_secs));
+    let start_period = Duration::from_secs(u64::from(check.start_period_secs));
+    let started = Instant::now();
+    let mut failures = 0u32;
+    let mut next_counted = interval.min(Duration::from_secs(1));
+    log.line(Stream::System, &format!("checking GET {} every {} s", check.path, check.interval_secs));
+    loop {
+        let info = engine.inspect(container, port).await?.context("the new container disappeared")?;
+        if !info.running {
+            // The engine may not have written a crashed container's output yet.
+            let mut last = Vec::new();
+            for _ in 0..20 {
+                last = engine.last_lines(container, 20).await.unwrap_or_default();
+                if !last.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for line in &last {
+                log.line(if line.is_error { Stream::Stderr } else { Stream::Stdout }, &line.text);
+            }
+            let tail: Vec<&str> = last.iter().rev().take(5).rev().map(|l| l.text.as_str()).collect();
+            anyhow::bail!(
+                "the container exited with code {} before it was healthy; its last lines: {}",
+                info.exit_code.unwrap_or(-1),
+                if tail.is_empty() { "(none)".to_owned() } else { tail.join(" / ") }
+            );
+        }
+        let (host_port, attempt) = match info.host_port {
+            Some(port) => (port, http.get(format!("http://127.0.0.1:{port}{}", check.path)).send().await.map_err(Some)),
+            None => (0, Err(None)),
+        };
+        let problem = match attempt {
+            Ok(answer) if answer.status().is_success() || answer.status().is_redirection() => {
+                log.line(
+                    Stream::System,
+                    &format!(
+                        "healthy after {:.1} s: {} answered {}",
+                        started.elapsed().as_secs_f32(),
+                        check.path,
+                        answer.status()
+                    ),
+                );
+                return Ok(host_port);
+            }
+            Ok(answer) => format!("{} answered {}", check.path, answer.status()),
+            Err(None) => "the container publishes no port yet".to_owned(),
+            Err(Some(e)) if e.is_timeout() => format!("{} did not answer within {} s", check.path, check.timeout_secs),
+            Err(Some(e)) => format!("{} could not be reached: {}", check.path, root_cause(&e)),
+        };
+        let elapsed = started.elapsed();
+        if elapsed >= next_counted {
+            next_counted = elapsed + interval;
+            if elapsed >= start_period {
+                failures += 1;
+                log.line(Stream::System, &format!("health check failed ({failures}/{}): {problem}", check.retries));
+                if failures >= check.retries {
+                    anyhow::bail!("the health check failed {failures} times; last: {problem}");
+                }
+            }
+        }
+        let quick = Duration::from_millis(50);
+        tokio::time::sleep(if elapsed < Duration::from_secs(1) {
+            quick
+        } else {
+            next_counted.saturating_sub(elapsed).max(quick)
+        })
+        .await;
+    }
+}
+
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+/// Requests the application through the proxy until it answers (Caddy applies a config
+/// change within milliseconds, but not within none).
+async fn verify_route(proxy: &crate::proxy::Proxy, domain: &str, path: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match proxy.probe(domain, path).await {
+            Ok(status) if (200..400).contains(&status) => return Ok(()),
+            Ok(status) => last = format!("answered {status}"),
+            Err(e) => last = format!("{e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{domain}{path} through the proxy at {}: {last}", proxy.listen())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_key_changes_with_what_the_image_is_built_from() {
+        let args = HashMap::from([("A".to_owned(), "1".to_owned())]);
+        let base = build_key("/repo", "c1", "Dockerfile", &args);
+        assert_eq!(base, build_key("/repo", "c1", "Dockerfile", &args.clone()));
+        assert_ne!(base, build_key("/repo", "c2", "Dockerfile", &args));
+        assert_ne!(base, build_key("/repo", "c1", "other/Dockerfile", &args));
+        assert_ne!(base, build_key("/repo", "c1", "Dockerfile", &HashMap::from([("A".to_owned(), "2".to_owned())])));
+        assert!(!base.contains('1') || base.len() == 64);
+    }
+
+    #[test]
+    fn the_build_context_leaves_out_git_and_keeps_links() {
+        let dir = std::env::temp_dir().join(format!("zpanel-ctx-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join(".git")).expect("dir");
+        std::fs::create_dir_all(dir.join("www")).expect("dir");
+        std::fs::write(dir.join(".git/HEAD"), "ref").expect("file");
+        std::fs::write(dir.join("Dockerfile"), "FROM x").expect("file");
+        std::fs::write(dir.join("www/index.html"), "hi").expect("file");
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("www/link")).expect("link");
+        let target = dir.with_extension("tar");
+        tar_context(&dir, &target).expect("packs");
+        let mut archive = tar::Archive::new(std::fs::File::open(&target).expect("tar"));
+        let mut names: Vec<String> = archive
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                let e = e.expect("entry");
+                let kind = if e.header().entry_type().is_symlink() { "@" } else { "" };
+                format!("{}{kind}", e.path().expect("path").display())
+            })
+            .collect();
+        names.sort();
+        assert_eq!(names, ["Dockerfile", "www", "www/index.html", "www/link@"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&target);
+    }
+}

@@ -1,0 +1,182 @@
+//! The reverse proxy: Caddy, configured through its admin API. Zpanel owns one HTTP server in
+//! Caddy's config (`zpanel`, listening on `ZPANEL_PROXY_LISTEN`) and one route per application
+//! in it (`@id` = `zpanel-app-<application id>`), matching the application's domains and
+//! proxying to the loopback port its current container publishes.
+//!
+//! Switching a release is one `PATCH` of that route: Caddy swaps its config gracefully, so
+//! requests in flight finish on the old upstream and new ones go to the new one.
+
+use anyhow::Context as _;
+use serde_json::json;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// The default admin API address.
+pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:2019";
+/// The default address of the HTTP server Zpanel creates in Caddy.
+pub const DEFAULT_LISTEN: &str = ":80";
+/// The server's name in Caddy's config.
+const SERVER: &str = "zpanel";
+
+/// Caddy's admin API.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    admin: String,
+    listen: String,
+    http: reqwest::Client,
+}
+
+impl Proxy {
+    /// The Caddy whose admin API is at `admin`, serving applications on `listen`.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built.
+    pub fn new(admin: &str, listen: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .no_proxy()
+            .build()
+            .context("building the proxy's HTTP client")?;
+        Ok(Self { admin: admin.trim_end_matches('/').to_owned(), listen: listen.to_owned(), http })
+    }
+
+    /// The address requests reach the applications at (`ZPANEL_PROXY_LISTEN`).
+    #[must_use]
+    pub fn listen(&self) -> &str {
+        &self.listen
+    }
+
+    fn route_id(application_id: Uuid) -> String {
+        format!("zpanel-app-{application_id}")
+    }
+
+    /// Creates Zpanel's server in Caddy if it is missing (Caddy forgets its API-made config
+    /// when restarted without `--resume`).
+    ///
+    /// # Errors
+    /// When Caddy cannot be reached or refuses.
+    pub async fn ensure_server(&self) -> anyhow::Result<()> {
+        let url = format!("{}/config/apps/http/servers/{SERVER}", self.admin);
+        let existing = self.http.get(&url).send().await.context("reaching Caddy's admin API")?;
+        let found = existing.status().is_success();
+        let body = existing.text().await.context("reading Caddy's config")?;
+        if found && body.trim() != "null" && !body.trim().is_empty() {
+            return Ok(());
+        }
+        // TLS comes with the DNS integration; until then Zpanel's server is plain HTTP.
+        let server = json!({ "listen": [self.listen], "routes": [], "automatic_https": { "disable": true } });
+        let answer = self.http.put(&url).json(&server).send().await.context("creating Zpanel's server in Caddy")?;
+        // Another worker may have created it meanwhile.
+        if answer.status().is_success() || answer.status().as_u16() == 409 {
+            return Ok(());
+        }
+        let status = answer.status();
+        let text = answer.text().await.unwrap_or_default();
+        if text.contains("already exists") {
+            return Ok(());
+        }
+        anyhow::bail!("Caddy refused to create Zpanel's server ({status}): {}", text.trim())
+    }
+
+    /// Routes `domains` to `upstream` (`127.0.0.1:port`), replacing the application's route.
+    ///
+    /// # Errors
+    /// When Caddy cannot be reached or refuses.
+    pub async fn route(&self, application_id: Uuid, domains: &[String], upstream: &str) -> anyhow::Result<()> {
+        self.ensure_server().await?;
+        let id = Self::route_id(application_id);
+        let route = json!({
+            "@id": id,
+            "match": [{ "host": domains }],
+            "handle": [{ "handler": "reverse_proxy", "upstreams": [{ "dial": upstream }] }],
+            "terminal": true,
+        });
+        let patched = self
+            .http
+            .patch(format!("{}/id/{id}", self.admin))
+            .json(&route)
+            .send()
+            .await
+            .context("updating the route in Caddy")?;
+        if patched.status().is_success() {
+            return Ok(());
+        }
+        let added = self
+            .http
+            .post(format!("{}/config/apps/http/servers/{SERVER}/routes", self.admin))
+            .json(&route)
+            .send()
+            .await
+            .context("adding the route in Caddy")?;
+        if added.status().is_success() {
+            return Ok(());
+        }
+        let status = added.status();
+        anyhow::bail!("Caddy refused the route ({status}): {}", added.text().await.unwrap_or_default().trim())
+    }
+
+    /// Points the application's existing route at `upstream`; `false` when it has no route.
+    ///
+    /// # Errors
+    /// When Caddy cannot be reached or refuses.
+    pub async fn repoint(&self, application_id: Uuid, upstream: &str) -> anyhow::Result<bool> {
+        let id = Self::route_id(application_id);
+        let answer = self
+            .http
+            .patch(format!("{}/id/{id}/handle/0/upstreams/0/dial", self.admin))
+            .json(&upstream)
+            .send()
+            .await
+            .context("updating the route's upstream in Caddy")?;
+        Ok(answer.status().is_success())
+    }
+
+    /// The upstream the application's route points at, if it has one.
+    ///
+    /// # Errors
+    /// When Caddy cannot be reached.
+    pub async fn upstream(&self, application_id: Uuid) -> anyhow::Result<Option<String>> {
+        let id = Self::route_id(application_id);
+        let answer =
+            self.http.get(format!("{}/id/{id}", self.admin)).send().await.context("reading the route from Caddy")?;
+        if !answer.status().is_success() {
+            return Ok(None);
+        }
+        let route: serde_json::Value = answer.json().await.context("reading the route from Caddy")?;
+        Ok(route.pointer("/handle/0/upstreams/0/dial").and_then(serde_json::Value::as_str).map(str::to_owned))
+    }
+
+    /// Removes the application's route; a missing route is fine.
+    ///
+    /// # Errors
+    /// When Caddy cannot be reached.
+    pub async fn remove_route(&self, application_id: Uuid) -> anyhow::Result<()> {
+        let id = Self::route_id(application_id);
+        self.http.delete(format!("{}/id/{id}", self.admin)).send().await.context("removing the route in Caddy")?;
+        Ok(())
+    }
+
+    /// Requests `path` through the proxy with `Host: domain`; returns the status.
+    ///
+    /// # Errors
+    /// When the proxy cannot be reached.
+    pub async fn probe(&self, domain: &str, path: &str) -> anyhow::Result<u16> {
+        let address = self.client_address();
+        let answer = self
+            .http
+            .get(format!("http://{address}{path}"))
+            .header(reqwest::header::HOST, domain)
+            .send()
+            .await
+            .with_context(|| format!("requesting {domain}{path} through the proxy at {address}"))?;
+        Ok(answer.status().as_u16())
+    }
+
+    /// Where a client on this machine reaches the server: `:80` means 127.0.0.1:80.
+    fn client_address(&self) -> String {
+        match self.listen.strip_prefix(':') {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => self.listen.replace("0.0.0.0", "127.0.0.1"),
+        }
+    }
+}

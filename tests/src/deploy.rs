@@ -188,3 +188,83 @@ pub fn remove_application(application_id: &str) {
         let _ = Command::new("docker").args(["rmi", "-f", id]).output();
     }
 }
+
+/// OpenSSH's `sshd` on a free loopback port, with its own host key, letting in the keys
+/// written to its `authorized_keys` (as the user running the tests); stopped on drop.
+#[derive(Debug)]
+pub struct Sshd {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// The file of keys it lets in.
+    pub authorized_keys: PathBuf,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Sshd {
+    /// Starts `sshd -D` with a configuration of its own.
+    ///
+    /// # Panics
+    /// When sshd or ssh-keygen are missing, or sshd does not listen.
+    pub fn start() -> Self {
+        let dir = TempDir::new();
+        let host_key = dir.0.join("host_ed25519");
+        let made = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key)
+            .status()
+            .expect("ssh-keygen (openssh-client)");
+        assert!(made.success(), "ssh-keygen");
+        let authorized_keys = dir.0.join("authorized_keys");
+        std::fs::write(&authorized_keys, "").expect("authorized_keys");
+        let port = free_port();
+        let config = dir.0.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+                 StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nUsePAM no\n",
+                host_key.display(),
+                authorized_keys.display(),
+                dir.0.join("sshd.pid").display()
+            ),
+        )
+        .expect("sshd_config");
+        // Privilege separation needs this folder (Debian makes it at boot, under systemd).
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let child = Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sshd (openssh-server; scripts/test installs it)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, authorized_keys, child, _dir: dir }
+    }
+
+    /// Lets `public_key` (OpenSSH one-line form) in.
+    ///
+    /// # Panics
+    /// When the file cannot be written.
+    pub fn authorize(&self, public_key: &str) {
+        use std::io::Write as _;
+        let mut file = std::fs::OpenOptions::new().append(true).open(&self.authorized_keys).expect("authorized_keys");
+        writeln!(file, "{}", public_key.trim()).expect("writes");
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

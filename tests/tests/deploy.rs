@@ -467,6 +467,40 @@ async fn an_image_application_runs_its_image_and_a_pull_that_cannot_reach_its_re
 }
 
 #[tokio::test]
+async fn a_private_repository_is_cloned_over_ssh_with_the_applications_deploy_key() {
+    let env = Env::start().await;
+    let sshd = zpanel_tests::deploy::Sshd::start();
+    let key = env.gql("mutation { addPrivateKey(input: { name: \"deploy\" }) { id publicKey } }", json!({})).await;
+    let key_id = key["addPrivateKey"]["id"].as_str().expect("key").to_owned();
+    let repo = Repo::new("private");
+    let url = format!("ssh://root@127.0.0.1:{}{}", sshd.port, repo.url());
+    let project = env.gql(CREATE_PROJECT, json!({ "name": "private" })).await["createProject"]["id"].clone();
+    let create = "mutation($project: ID!, $url: String!, $key: ID!) {
+        createApplication(input: { projectId: $project, name: \"web\", gitUrl: $url, deployKeyId: $key,
+                                   port: 8080, domains: [\"private.zpanel.test\"] }) { id } }";
+    let app = env.gql(create, json!({ "project": project, "url": url, "key": key_id })).await;
+    let application = app["createApplication"]["id"].as_str().expect("app").to_owned();
+
+    // Without the key installed, the clone is refused, and the deployment says so.
+    let refused = env.deploy(&application).await;
+    let done = env.finished(&refused).await;
+    assert_eq!(done["status"], "FAILED", "{done}");
+    assert_eq!(done["failedStep"], "resolve", "{done}");
+    assert!(done["failure"].as_str().unwrap_or_default().contains("Permission denied"), "{done}");
+
+    sshd.authorize(key["addPrivateKey"]["publicKey"].as_str().expect("public key"));
+    let deployment = env.deploy(&application).await;
+    let done = env.finished(&deployment).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    assert_eq!(env.page("private.zpanel.test").await, Ok((200, "private".to_owned())));
+    // The key was on disk only for the clone.
+    let keys = env.app.data.0.join("builds/keys");
+    let left: Vec<_> = std::fs::read_dir(&keys).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "no deploy key is left on disk: {left:?}");
+    remove_application(&application);
+}
+
+#[tokio::test]
 async fn a_route_caddy_forgot_is_put_back() {
     let env = Env::start_with("serve", &[("ZPANEL_ROUTE_SYNC_SECONDS", "1")]).await;
     let repo = Repo::new("remembered");
@@ -582,6 +616,84 @@ async fn injections_are_rejected_naming_the_field_and_accepted_values_never_reac
     assert!(!canary.exists(), "a payload reached a shell: {} exists", canary.display());
     let log = env.log(&deployment).await.join("\n");
     assert!(!log.contains(&payloads[0]), "secret values are redacted from the log:\n{log}");
+    remove_application(&application);
+}
+
+#[tokio::test]
+async fn a_deployment_that_takes_too_long_fails_with_the_timeout_and_undoes_itself() {
+    let env = Env::start_with("serve", &[("ZPANEL_DEPLOY_TIMEOUT_SECONDS", "10")]).await;
+    let repo = Repo::new("slow");
+    let application = env.create_app(&repo, "slow.zpanel.test").await;
+    repo.commit_app("slow", "RUN sleep 120");
+    let deployment = env.deploy(&application).await;
+    let done = env.finished(&deployment).await;
+    assert_eq!(done["status"], "FAILED", "{done}");
+    assert_eq!(done["failedStep"], "build", "{done}");
+    assert_eq!(done["failure"], "timed out after 10 s", "{done}");
+    assert!(containers(&application).is_empty());
+    remove_application(&application);
+}
+
+#[tokio::test]
+async fn with_supersede_a_new_deployment_cancels_the_waiting_ones() {
+    let env = Env::start_with("serve", &[("ZPANEL_DEPLOY_SUPERSEDE", "true")]).await;
+    let repo = Repo::new("first");
+    let application = env.create_app(&repo, "supersede.zpanel.test").await;
+    repo.commit_app("first", "RUN sleep 3");
+    let running = env.deploy(&application).await;
+    env.log_shows(&running, "RUN sleep 3").await;
+    let waiting = env.deploy(&application).await;
+    let newest = env.deploy(&application).await;
+    assert_eq!(env.finished(&running).await["status"], "SUCCEEDED", "the running one finishes");
+    assert_eq!(env.finished(&waiting).await["status"], "CANCELLED", "the waiting one is superseded");
+    assert_eq!(env.finished(&newest).await["status"], "SUCCEEDED", "the newest runs");
+    remove_application(&application);
+}
+
+#[tokio::test]
+async fn a_worker_that_shuts_down_hands_its_deployment_back_and_another_finishes_it() {
+    use std::process::Stdio;
+    let env = Env::start_as("api").await;
+    let worker = || {
+        let mut command = zpanel_tests::zpanel(&env.app.db, &env.app.data.0);
+        command
+            .arg("worker")
+            .envs(env.caddy.env())
+            .env("ZPANEL_LEASE_SWEEP_SECONDS", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        command.spawn().expect("a worker process")
+    };
+    let mut first = worker();
+    let repo = Repo::new("handed back");
+    let application = env.create_app(&repo, "handback.zpanel.test").await;
+    repo.commit_app("handed back", "RUN sleep 3");
+    let deployment = env.deploy(&application).await;
+    env.log_shows(&deployment, "RUN sleep 3").await;
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(first.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let stopped = first.wait().expect("the worker stops");
+    assert!(stopped.success(), "a clean stop: {stopped}");
+    let events = || async {
+        sqlx::query_scalar::<_, String>("select event_type from events where stream_id = $1 order by stream_position")
+            .bind(format!("deployment-{deployment}"))
+            .fetch_all(&env.app.db.pool)
+            .await
+            .expect("events")
+    };
+    assert_eq!(events().await.last().map(String::as_str), Some("DeploymentLeaseReleased"), "handed back at once");
+
+    let mut second = worker();
+    let done = env.finished(&deployment).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    let events = events().await;
+    let released = events.iter().position(|e| e == "DeploymentLeaseReleased").expect("released");
+    assert_eq!(events.get(released + 1).map(String::as_str), Some("DeploymentTakenOver"), "{events:?}");
+    assert_eq!(env.page("handback.zpanel.test").await, Ok((200, "handed back".to_owned())));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(second.id()).expect("pid"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = second.wait();
     remove_application(&application);
 }
 

@@ -59,13 +59,15 @@ impl Drop for KeyFile {
 pub struct Git<'a> {
     url: &'a GitUrl,
     key: Option<&'a KeyFile>,
+    known_hosts: &'a Path,
 }
 
 impl<'a> Git<'a> {
-    /// Git for `url`, authenticating over SSH with `key` when given.
+    /// Git for `url`, authenticating over SSH with `key` when given, and trusting SSH host keys
+    /// on first use in the file `known_hosts` (Zpanel's own, not the user's).
     #[must_use]
-    pub const fn new(url: &'a GitUrl, key: Option<&'a KeyFile>) -> Self {
-        Self { url, key }
+    pub const fn new(url: &'a GitUrl, key: Option<&'a KeyFile>, known_hosts: &'a Path) -> Self {
+        Self { url, key, known_hosts }
     }
 
     fn command(&self) -> Command {
@@ -84,15 +86,16 @@ impl<'a> Git<'a> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // The key's path is Zpanel's own (no user value), so this string is safe to hand to
-        // the shell git runs it with. Host keys are trusted on first use, per data directory.
-        let ssh = match self.key {
-            Some(key) => format!(
-                "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
-                key.path.display()
-            ),
-            None => "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new".to_owned(),
-        };
+        // The key's and the known hosts' paths are Zpanel's own (no user value), so this
+        // string is safe to hand to the shell git runs it with. Host keys are trusted on first
+        // use and checked afterwards, per data directory.
+        let mut ssh = format!(
+            "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new -o UserKnownHostsFile={}",
+            self.known_hosts.display()
+        );
+        if let Some(key) = self.key {
+            ssh.push_str(&format!(" -o IdentitiesOnly=yes -i {}", key.path.display()));
+        }
         command.env("GIT_SSH_COMMAND", ssh);
         command
     }

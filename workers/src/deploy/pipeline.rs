@@ -132,6 +132,7 @@ impl Pipeline {
 
     async fn steps(&mut self) -> StepResult<String> {
         let engine = self.deployer.engine().await.context("reaching the Docker Engine")?.clone();
+        tokio::fs::create_dir_all(&self.deployer.inner.config.work_dir).await.context("creating the work directory")?;
         let image = if let Some(image) = self.state.image.clone() {
             // A rollback: the past release's image, exactly.
             self.begin(DeploymentStep::Pull)?;
@@ -155,7 +156,8 @@ impl Pipeline {
                         Some(key_id) => Some(self.deploy_key(*key_id.as_uuid()).await?),
                         None => None,
                     };
-                    let git = Git::new(&url, key.as_ref());
+                    let known_hosts = self.deployer.inner.config.work_dir.join("known_hosts");
+                    let git = Git::new(&url, key.as_ref(), &known_hosts);
                     let commit = match self.state.commit.clone() {
                         Some(commit) => commit,
                         None => {

@@ -697,6 +697,55 @@ async fn a_worker_that_shuts_down_hands_its_deployment_back_and_another_finishes
     remove_application(&application);
 }
 
+#[tokio::test]
+async fn an_unchanged_commit_is_not_rebuilt_limits_apply_and_old_images_are_pruned() {
+    let env = Env::start_with("serve", &[("ZPANEL_DEPLOY_KEEP_IMAGES", "1")]).await;
+    let repo = Repo::new("kept");
+    let project = env.gql(CREATE_PROJECT, json!({ "name": "limits" })).await["createProject"]["id"].clone();
+    let create = "mutation($project: ID!, $url: String!) {
+        createApplication(input: { projectId: $project, name: \"web\", gitUrl: $url, port: 8080,
+                                   memoryBytes: 67108864, cpuMillis: 500, domains: [\"kept.zpanel.test\"] }) { id } }";
+    let app = env.gql(create, json!({ "project": project, "url": repo.url() })).await;
+    let application = app["createApplication"]["id"].as_str().expect("app").to_owned();
+
+    let first = env.deploy(&application).await;
+    let first_done = env.finished(&first).await;
+    assert_eq!(first_done["status"], "SUCCEEDED", "{first_done}");
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}} {{.HostConfig.Init}}"])
+        .arg(format!("zpanel-{first}"))
+        .output()
+        .expect("docker inspect");
+    assert_eq!(String::from_utf8_lossy(&inspect.stdout).trim(), "67108864 500000000 true");
+
+    // The same commit and build configuration again: the image is re-used, not rebuilt.
+    let again = env.deploy(&application).await;
+    let again_done = env.finished(&again).await;
+    assert_eq!(again_done["status"], "SUCCEEDED", "{again_done}");
+    assert_eq!(again_done["image"], first_done["image"]);
+    let log = env.log(&again).await.join("\n");
+    assert!(log.contains("re-using image") && !log.contains("Step 1/"), "{log}");
+
+    // A new commit: a new image, and only the newest is kept.
+    repo.commit_app("kept, v2", "");
+    let second = env.deploy(&application).await;
+    assert_eq!(env.finished(&second).await["status"], "SUCCEEDED");
+    let label = format!("label=zpanel.application={application}");
+    let images = std::process::Command::new("docker").args(["images", "-q", "--filter", &label]).output().expect("images");
+    let images: std::collections::BTreeSet<String> =
+        String::from_utf8_lossy(&images.stdout).split_whitespace().map(str::to_owned).collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+
+    // So the first release can no longer be rolled back to, and the deployment says why.
+    let rollback = env.gql(ROLLBACK, json!({ "app": application, "to": first })).await;
+    let rollback = rollback["rollbackApplication"]["id"].as_str().expect("rollback").to_owned();
+    let done = env.finished(&rollback).await;
+    assert_eq!(done["status"], "FAILED", "{done}");
+    assert!(done["failure"].as_str().unwrap_or_default().contains("pruned"), "{done}");
+    assert_eq!(env.page("kept.zpanel.test").await, Ok((200, "kept, v2".to_owned())));
+    remove_application(&application);
+}
+
 /// Containers Zpanel runs for `application`.
 fn containers(application: &str) -> Vec<String> {
     let label = format!("label=zpanel.application={application}");

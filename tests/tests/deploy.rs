@@ -731,7 +731,8 @@ async fn an_unchanged_commit_is_not_rebuilt_limits_apply_and_old_images_are_prun
     let second = env.deploy(&application).await;
     assert_eq!(env.finished(&second).await["status"], "SUCCEEDED");
     let label = format!("label=zpanel.application={application}");
-    let images = std::process::Command::new("docker").args(["images", "-q", "--filter", &label]).output().expect("images");
+    let images =
+        std::process::Command::new("docker").args(["images", "-q", "--filter", &label]).output().expect("images");
     let images: std::collections::BTreeSet<String> =
         String::from_utf8_lossy(&images.stdout).split_whitespace().map(str::to_owned).collect();
     assert_eq!(images.len(), 1, "{images:?}");

@@ -185,7 +185,27 @@ async fn worker(config: &Config, only: &[String], shutdown: impl Future<Output =
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
     let mut parts = crate::app::Parts::new();
-    crate::app::start_workers(&mut parts, &db.pool, &signal, &keyring, &mode, None)?;
+    let metrics = Arc::new(zpanel_api::metrics::Metrics::default());
+    crate::app::start_workers(&mut parts, &db.pool, &signal, &keyring, &mode, Some(&metrics))?;
+    if let Some(listen) = &config.worker_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen} (ZPANEL_WORKER_LISTEN)"))?;
+        println!("metrics on http://{}/metrics", listener.local_addr()?);
+        let router =
+            axum::Router::new()
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let metrics = Arc::clone(&metrics);
+                        async move {
+                            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render(""))
+                        }
+                    }),
+                )
+                .route("/healthz", axum::routing::get(|| async { "ok" }));
+        parts.spawn("the worker's metrics", move |until| zpanel_api::serve(listener, router, until));
+    }
     let mode = if config.kafka().is_some() { "from Kafka" } else { "from the log" };
     tracing::info!(mode, "zpanel worker is running");
     println!("worker running, fed {mode}");

@@ -52,6 +52,11 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600), global = true)]
     pub lease_seconds: u64,
 
+    /// Where `zpanel worker` serves `/metrics` and `/healthz` (`host:port`); unset, it serves
+    /// nothing (`serve` shows the workers' metrics on the API's `/metrics`).
+    #[arg(long, env = "ZPANEL_WORKER_LISTEN", global = true)]
+    pub worker_listen: Option<String>,
+
     /// The Docker Engine deployments run on (`unix:///path` or `tcp://host:port`).
     #[arg(long, env = "ZPANEL_DOCKER_HOST", default_value = zpanel_workers::docker::DEFAULT_HOST, global = true)]
     pub docker_host: String,

@@ -684,13 +684,39 @@ async fn a_worker_that_shuts_down_hands_its_deployment_back_and_another_finishes
     };
     assert_eq!(events().await.last().map(String::as_str), Some("DeploymentLeaseReleased"), "handed back at once");
 
-    let mut second = worker();
+    let metrics_port = zpanel_tests::deploy::free_port().to_string();
+    let mut second = {
+        let mut command = zpanel_tests::zpanel(&env.app.db, &env.app.data.0);
+        command
+            .arg("worker")
+            .envs(env.caddy.env())
+            .env("ZPANEL_LEASE_SWEEP_SECONDS", "1")
+            .env("ZPANEL_WORKER_LISTEN", format!("127.0.0.1:{metrics_port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        command.spawn().expect("a worker process")
+    };
     let done = env.finished(&deployment).await;
     assert_eq!(done["status"], "SUCCEEDED", "{done}");
     let events = events().await;
     let released = events.iter().position(|e| e == "DeploymentLeaseReleased").expect("released");
     assert_eq!(events.get(released + 1).map(String::as_str), Some("DeploymentTakenOver"), "{events:?}");
     assert_eq!(env.page("handback.zpanel.test").await, Ok((200, "handed back".to_owned())));
+    // The worker process shows what it handled on its own /metrics.
+    let metrics = env
+        .http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .expect("the worker's /metrics")
+        .text()
+        .await
+        .expect("text");
+    let handled = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("zpanel_worker_events_total{worker=\"deploy\",outcome=\"handled\"} "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(handled.is_some_and(|n| n >= 1), "{metrics}");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(second.id()).expect("pid"));
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let _ = second.wait();

@@ -94,7 +94,7 @@ impl Parts {
 }
 
 /// The workers `zpanel worker --only` can choose from.
-pub const WORKERS: &[&str] = &["deploy"];
+pub const WORKERS: &[&str] = &["deploy", "server"];
 
 /// How the workers of this process run.
 #[derive(Clone, Debug)]
@@ -138,6 +138,10 @@ pub fn start_workers(
     } else {
         None
     };
+    if runs("server") {
+        let validator = zpanel_workers::servers::ServerValidator::new(handler.clone(), Arc::clone(keyring), &worker_id);
+        workers.push(zpanel_workers::Worker::new("server", validator));
+    }
     let stats: Vec<(String, Arc<zpanel_workers::WorkerStats>)> =
         workers.iter().map(|w| (w.name().to_owned(), w.stats())).collect();
     let mut relay_stats = None;

@@ -190,14 +190,17 @@ pub fn remove_application(application_id: &str) {
 }
 
 /// OpenSSH's `sshd` on a free loopback port, with its own host key, letting in the keys
-/// written to its `authorized_keys` (as the user running the tests); stopped on drop.
+/// written to its `authorized_keys` (as the user running the tests); stopped on drop. It can be
+/// stopped and started again on the same port, and given a new host key.
 #[derive(Debug)]
 pub struct Sshd {
     /// Its port on 127.0.0.1.
     pub port: u16,
     /// The file of keys it lets in.
     pub authorized_keys: PathBuf,
-    child: Child,
+    config: PathBuf,
+    host_key: PathBuf,
+    child: Option<Child>,
     _dir: TempDir,
 }
 
@@ -209,12 +212,7 @@ impl Sshd {
     pub fn start() -> Self {
         let dir = TempDir::new();
         let host_key = dir.0.join("host_ed25519");
-        let made = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key)
-            .status()
-            .expect("ssh-keygen (openssh-client)");
-        assert!(made.success(), "ssh-keygen");
+        new_host_key(&host_key);
         let authorized_keys = dir.0.join("authorized_keys");
         std::fs::write(&authorized_keys, "").expect("authorized_keys");
         let port = free_port();
@@ -233,22 +231,65 @@ impl Sshd {
         .expect("sshd_config");
         // Privilege separation needs this folder (Debian makes it at boot, under systemd).
         let _ = std::fs::create_dir_all("/run/sshd");
+        let mut sshd = Self { port, authorized_keys, config, host_key, child: None, _dir: dir };
+        sshd.resume();
+        sshd
+    }
+
+    /// Starts it again after [`Sshd::stop`], on the same port with the same host key; waits
+    /// until it listens.
+    ///
+    /// # Panics
+    /// When sshd cannot be started or does not listen.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "sshd is running");
         let child = Command::new("/usr/sbin/sshd")
             .arg("-D")
             .arg("-e")
             .arg("-f")
-            .arg(&config)
+            .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("sshd (openssh-server; scripts/test installs it)");
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "sshd did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { port, authorized_keys, child, _dir: dir }
+    }
+
+    /// Stops it: connections to its port are refused until [`Sshd::resume`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Gives it a new host key (as a reinstalled server would have), restarting it.
+    ///
+    /// # Panics
+    /// When ssh-keygen fails or sshd does not come back.
+    pub fn replace_host_key(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.host_key);
+        let _ = std::fs::remove_file(self.host_key.with_extension("pub"));
+        new_host_key(&self.host_key);
+        self.resume();
+    }
+
+    /// Its host key's fingerprint, `SHA256:…`, as `ssh-keygen -l` prints it.
+    ///
+    /// # Panics
+    /// When ssh-keygen fails.
+    #[must_use]
+    pub fn host_key_fingerprint(&self) -> String {
+        let out = Command::new("ssh-keygen").arg("-lf").arg(&self.host_key).output().expect("ssh-keygen -l");
+        assert!(out.status.success(), "ssh-keygen -l: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).expect("a fingerprint").to_owned()
     }
 
     /// Lets `public_key` (OpenSSH one-line form) in.
@@ -262,9 +303,17 @@ impl Sshd {
     }
 }
 
+fn new_host_key(path: &Path) {
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen (openssh-client)");
+    assert!(made.success(), "ssh-keygen");
+}
+
 impl Drop for Sshd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

@@ -10,6 +10,8 @@
 //! - [`deploy`]: the deploy worker — its queue, its jobs and their pipeline — over
 //!   [`docker`] (the Docker Engine API), [`git`] (argument vectors only) and [`proxy`]
 //!   (Caddy's admin API).
+//! - [`servers`]: the server worker — validates servers over [`ssh`] (russh: host keys trusted
+//!   on first use, fixed commands on exec channels, the Docker socket through a forwarded stream).
 #![forbid(unsafe_code)]
 
 mod backoff;
@@ -24,6 +26,8 @@ pub mod lease;
 pub mod proxy;
 pub mod relay;
 pub mod runtime;
+pub mod servers;
+pub mod ssh;
 
 pub use kafka::KafkaConfig;
 pub use relay::Relay;

@@ -1,0 +1,223 @@
+//! Servers end to end: `validateServer` makes the server worker (in `zpanel serve`) connect to a
+//! real OpenSSH server over SSH, trust its host key on first use, and look around — the OS,
+//! CPUs, memory, free disk and the Docker Engine's version through the engine's socket.
+
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use zpanel_tests::api::App;
+use zpanel_tests::deploy::Sshd;
+
+const ADD_KEY: &str = "mutation($name: String!) { addPrivateKey(input: { name: $name }) { id publicKey fingerprint } }";
+const CREATE_SERVER: &str = "mutation($name: String!, $port: Int!, $key: ID!) {
+    createServer(input: { name: $name, host: \"127.0.0.1\", port: $port, user: \"root\", privateKeyId: $key }) { id status } }";
+const VALIDATE: &str = "mutation($id: ID!) { validateServer(input: { id: $id }) { id status } }";
+const SERVER: &str = "query($id: ID!) { server(id: $id) {
+    status lastError hostKeyFingerprint facts { os dockerVersion cpus memoryBytes diskFreeBytes } } }";
+
+/// A Zpanel with one team, and an sshd on loopback.
+struct Env {
+    app: App,
+    token: String,
+    sshd: Sshd,
+}
+
+impl Env {
+    async fn start() -> Self {
+        let app = App::start().await;
+        let token = app.bootstrap("ops");
+        Self { app, token, sshd: Sshd::start() }
+    }
+
+    async fn gql(&self, query: &str, variables: Value) -> Value {
+        self.app.graphql(Some(&self.token), query, variables).await.ok()
+    }
+
+    /// A new Ed25519 key of the team: its id and public half.
+    async fn key(&self, name: &str) -> (String, String) {
+        let key = self.gql(ADD_KEY, json!({ "name": name })).await;
+        let key = &key["addPrivateKey"];
+        (key["id"].as_str().expect("key id").to_owned(), key["publicKey"].as_str().expect("public key").to_owned())
+    }
+
+    async fn server(&self, name: &str, key_id: &str) -> String {
+        let created = self.gql(CREATE_SERVER, json!({ "name": name, "port": self.sshd.port, "key": key_id })).await;
+        assert_eq!(created["createServer"]["status"], "UNKNOWN", "{created}");
+        created["createServer"]["id"].as_str().expect("server id").to_owned()
+    }
+
+    /// Asks for a validation and waits for its result.
+    async fn validate(&self, server_id: &str) -> Value {
+        let asked = self.gql(VALIDATE, json!({ "id": server_id })).await;
+        assert_eq!(asked["validateServer"]["status"], "VALIDATING", "{asked}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let server = self.gql(SERVER, json!({ "id": server_id })).await["server"].clone();
+            if server["status"] != "VALIDATING" {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "the validation did not finish: {server}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn last_error(server: &Value) -> &str {
+    server["lastError"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_server_with_the_key_installed_is_reachable_and_its_facts_and_host_key_are_recorded() {
+    let env = Env::start().await;
+    let (key_id, public_key) = env.key("ops key").await;
+    env.sshd.authorize(&public_key);
+    let server_id = env.server("local", &key_id).await;
+
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "REACHABLE", "{server}");
+    assert_eq!(server["lastError"], Value::Null, "{server}");
+    assert_eq!(server["hostKeyFingerprint"], env.sshd.host_key_fingerprint(), "{server}");
+    let facts = &server["facts"];
+    assert!(
+        facts["dockerVersion"].as_str().is_some_and(|v| v.chars().next().is_some_and(|c| c.is_ascii_digit())),
+        "{facts}"
+    );
+    assert!(facts["os"].as_str().is_some_and(|os| !os.is_empty() && os != "unknown"), "{facts}");
+    assert!(facts["cpus"].as_u64().is_some_and(|n| n >= 1), "{facts}");
+    assert!(facts["memoryBytes"].as_u64().is_some_and(|n| n > 64 << 20), "{facts}");
+    assert!(facts["diskFreeBytes"].as_u64().is_some_and(|n| n > 0), "{facts}");
+
+    // Again: the recorded host key is the one expected now, and it matches.
+    let again = env.validate(&server_id).await;
+    assert_eq!(again["status"], "REACHABLE", "{again}");
+    assert_eq!(again["hostKeyFingerprint"], server["hostKeyFingerprint"]);
+}
+
+#[tokio::test]
+async fn a_key_the_server_does_not_know_is_refused_with_a_reason_naming_it() {
+    let env = Env::start().await;
+    let (installed, installed_public) = env.key("installed").await;
+    env.sshd.authorize(&installed_public);
+    let (stranger, _) = env.key("stranger").await;
+    let server_id = env.server("local", &stranger).await;
+
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "UNREACHABLE", "{server}");
+    let error = last_error(&server);
+    assert!(error.contains("authentication as root failed"), "{error}");
+    assert!(error.contains("authorized_keys"), "{error}");
+    assert_eq!(server["facts"], Value::Null, "{server}");
+    assert_ne!(installed, stranger);
+}
+
+#[tokio::test]
+async fn a_host_key_that_changed_after_first_use_is_refused_naming_both_fingerprints() {
+    let mut env = Env::start().await;
+    let (key_id, public_key) = env.key("ops key").await;
+    env.sshd.authorize(&public_key);
+    let server_id = env.server("local", &key_id).await;
+    let first = env.validate(&server_id).await;
+    assert_eq!(first["status"], "REACHABLE", "{first}");
+    let trusted = env.sshd.host_key_fingerprint();
+
+    env.sshd.replace_host_key();
+    let presented = env.sshd.host_key_fingerprint();
+    assert_ne!(trusted, presented);
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "UNREACHABLE", "{server}");
+    let error = last_error(&server);
+    assert!(error.contains("host key") && error.contains("changed"), "{error}");
+    assert!(error.contains(&trusted) && error.contains(&presented), "both fingerprints are named: {error}");
+    // Never silently accepted: the trusted key stays the recorded one.
+    assert_eq!(server["hostKeyFingerprint"], trusted.as_str(), "{server}");
+}
+
+#[tokio::test]
+async fn a_stopped_sshd_makes_the_server_unreachable_with_connection_refused_until_it_is_back() {
+    let mut env = Env::start().await;
+    let (key_id, public_key) = env.key("ops key").await;
+    env.sshd.authorize(&public_key);
+    let server_id = env.server("local", &key_id).await;
+
+    env.sshd.stop();
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "UNREACHABLE", "{server}");
+    assert!(last_error(&server).contains("connection refused"), "{server}");
+
+    env.sshd.resume();
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "REACHABLE", "{server}");
+    assert_eq!(server["lastError"], Value::Null, "{server}");
+}
+
+#[tokio::test]
+async fn an_imported_rsa_key_logs_in() {
+    let env = Env::start().await;
+    let dir = zpanel_tests::TempDir::new();
+    let path = dir.0.join("id_rsa");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "3072", "-N", "", "-f"])
+        .arg(&path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(made.success());
+    let pem = std::fs::read_to_string(&path).expect("the private key");
+    let import =
+        "mutation($pem: String!) { addPrivateKey(input: { name: \"rsa\", privateKey: $pem }) { id publicKey } }";
+    let key = env.gql(import, json!({ "pem": pem })).await;
+    let key = &key["addPrivateKey"];
+    assert!(key["publicKey"].as_str().is_some_and(|k| k.starts_with("ssh-rsa ")), "{key}");
+    env.sshd.authorize(key["publicKey"].as_str().expect("public key"));
+    let server_id = env.server("rsa", key["id"].as_str().expect("key id")).await;
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "REACHABLE", "{server}");
+}
+
+/// The SSH client itself, without the worker: a server with no Docker Engine, a port that never
+/// answers.
+mod ssh {
+    use std::time::Duration;
+    use zpanel_tests::deploy::Sshd;
+    use zpanel_workers::ssh::{SshError, SshSession, SshTarget, parse_private_key};
+
+    fn root_at(port: u16) -> SshTarget {
+        SshTarget { host: "127.0.0.1".into(), port, user: "root".into() }
+    }
+
+    #[tokio::test]
+    async fn an_engine_socket_that_is_not_there_is_reported_as_docker_missing() {
+        let sshd = Sshd::start();
+        let material = zpanel_commands::ssh_keys::generate_ed25519().expect("a key");
+        sshd.authorize(&material.public_key);
+        let key = parse_private_key(material.private_key.expose()).expect("parses");
+        let session =
+            SshSession::connect(&root_at(sshd.port), key, None, Duration::from_secs(10)).await.expect("connects");
+        assert_eq!(session.host_key_fingerprint(), sshd.host_key_fingerprint());
+        let missing = session.docker_version("/nonexistent/docker.sock").await.expect_err("no engine there");
+        assert!(matches!(missing, SshError::DockerMissing { .. }), "{missing:?}");
+        let message = missing.to_string();
+        assert!(message.contains("Docker Engine is not reachable at /nonexistent/docker.sock"), "{message}");
+        // The connection outlives a failed channel: the real socket still answers on it.
+        assert!(!session.docker_version(zpanel_workers::ssh::DOCKER_SOCKET).await.expect("engine").is_empty());
+        session.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_port_that_accepts_but_never_speaks_ssh_times_out() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let port = silent.local_addr().expect("address").port();
+        let holding = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let material = zpanel_commands::ssh_keys::generate_ed25519().expect("a key");
+        let key = parse_private_key(material.private_key.expose()).expect("parses");
+        let started = std::time::Instant::now();
+        let err = SshSession::connect(&root_at(port), key, None, Duration::from_secs(1)).await.expect_err("times out");
+        assert!(matches!(err, SshError::Timeout { .. }), "{err:?}");
+        assert!(err.to_string().contains("no answer from 127.0.0.1"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        holding.abort();
+    }
+}

@@ -1,0 +1,227 @@
+//! The server worker: answers `ServerValidationRequested` by connecting to the server over SSH
+//! ([`crate::ssh`]) and looking around — operating system, CPUs, memory, free disk, and the
+//! Docker Engine's version through its socket — then reports `RecordValidationSucceeded` with
+//! the facts and the host key, or `RecordValidationFailed` with a reason a user can act on.
+//!
+//! The host key is trusted on first use: the fingerprint recorded by the last successful
+//! validation is the only one accepted afterwards (it is forgotten when the server's host or
+//! port changes). The private key is opened from its sealed half here, only for the connection.
+
+use crate::runtime::{Handler, HandlerError};
+use crate::ssh::{DOCKER_SOCKET, SshError, SshSession, SshTarget};
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+use zpanel_commands::{Actor, CommandContext, CommandError, CommandHandler, Keyring, PgEventStore, RecordedEvent};
+use zpanel_domain::ids::TeamId;
+use zpanel_domain::private_key::PrivateKey;
+use zpanel_domain::server::{Server, ServerCommand, ServerDetails, ServerError, ServerFacts, ServerStatus};
+
+const EVENT_TYPES: &[&str] = &["ServerValidationRequested"];
+
+/// How long connecting, the handshake, logging in, and each command may take.
+pub const SSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Free disk is measured where Docker keeps its data, or at `/` on a server without it. A
+/// constant: no value from a user or a server goes into a command line.
+const DISK_FREE: &str = "df -P -B1 /var/lib/docker 2>/dev/null || df -P -B1 /";
+
+/// The server worker's handler.
+#[derive(Clone)]
+pub struct ServerValidator {
+    handler: CommandHandler<PgEventStore>,
+    keyring: Arc<Keyring>,
+    worker_id: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ServerValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerValidator").field("worker_id", &self.worker_id).finish_non_exhaustive()
+    }
+}
+
+impl ServerValidator {
+    /// A validator sending its results through `handler`, opening keys with `keyring`.
+    #[must_use]
+    pub fn new(handler: CommandHandler<PgEventStore>, keyring: Arc<Keyring>, worker_id: &str) -> Self {
+        Self { handler, keyring, worker_id: worker_id.to_owned(), timeout: SSH_TIMEOUT }
+    }
+
+    /// The same validator with another SSH timeout.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn validate(&self, event: &RecordedEvent) -> anyhow::Result<()> {
+        let team = TeamId::from_uuid(event.team_id);
+        let server_id = server_id_of(event)?;
+        let (server, _) = self.handler.load::<Server>(team, server_id).await.context("loading the server")?;
+        // A validation already answered, or settings changed since: nothing to report.
+        let Some(details) = server.details().filter(|s| s.status == ServerStatus::Validating) else {
+            return Ok(());
+        };
+        let result = match self.key_of(team, details).await? {
+            Ok(key) => self.look_around(details, key).await.map_err(|e| e.to_string()),
+            Err(reason) => Err(reason),
+        };
+        let command = match result {
+            Ok((facts, host_key_fingerprint)) => {
+                ServerCommand::RecordValidationSucceeded { facts, host_key_fingerprint }
+            }
+            Err(error) => ServerCommand::RecordValidationFailed { error },
+        };
+        self.report(event, server_id, &command, "result").await
+    }
+
+    /// The server's private key, opened; `Err` with a reason for the user when it cannot be.
+    async fn key_of(
+        &self,
+        team: TeamId,
+        server: &ServerDetails,
+    ) -> anyhow::Result<Result<russh::keys::PrivateKey, String>> {
+        let key_id = *server.connection.private_key_id.as_uuid();
+        let (key, _) = self.handler.load::<PrivateKey>(team, key_id).await.context("loading the private key")?;
+        let Some(key) = key.details() else {
+            return Ok(Err("the server's private key was removed: choose another".into()));
+        };
+        let opened = match self.keyring.open(&key.private_key) {
+            Ok(opened) => opened,
+            Err(e) => return Ok(Err(format!("the private key could not be opened: {e}"))),
+        };
+        Ok(crate::ssh::parse_private_key(opened.expose()).map_err(|e| e.to_string()))
+    }
+
+    async fn look_around(
+        &self,
+        server: &ServerDetails,
+        key: russh::keys::PrivateKey,
+    ) -> Result<(ServerFacts, String), SshError> {
+        let target = SshTarget {
+            host: server.connection.host.as_str().to_owned(),
+            port: server.connection.port.get(),
+            user: server.connection.user.as_str().to_owned(),
+        };
+        let session = SshSession::connect(&target, key, server.host_key_fingerprint.as_deref(), self.timeout).await?;
+        let facts = gather(&session).await;
+        let fingerprint = session.host_key_fingerprint().to_owned();
+        session.close().await;
+        Ok((facts?, fingerprint))
+    }
+
+    async fn report(
+        &self,
+        event: &RecordedEvent,
+        server_id: Uuid,
+        command: &ServerCommand,
+        purpose: &str,
+    ) -> anyhow::Result<()> {
+        let ctx = CommandContext::caused_by(event, Actor::worker(&self.worker_id), "worker:server", purpose);
+        match self.handler.execute::<Server>(&ctx, server_id, command).await {
+            // Stale: the settings changed while this validation ran, or it was answered already.
+            Ok(_) | Err(CommandError::Rejected(ServerError::NoValidationPending | ServerError::ServerNotFound)) => {
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("reporting the validation of server {server_id}: {e}")),
+        }
+    }
+}
+
+/// The facts, each from a fixed command on a channel of its own, all on one connection.
+async fn gather(session: &SshSession) -> Result<ServerFacts, SshError> {
+    let (os, cpus, memory, disk, docker_version) = tokio::try_join!(
+        session.run("cat /etc/os-release"),
+        session.run("nproc"),
+        session.run("cat /proc/meminfo"),
+        session.run(DISK_FREE),
+        session.docker_version(DOCKER_SOCKET),
+    )?;
+    Ok(ServerFacts {
+        os: os_name(&os.stdout),
+        docker_version,
+        cpus: cpus.stdout.trim().parse().unwrap_or(0),
+        memory_bytes: memory_total(&memory.stdout),
+        disk_free_bytes: disk_available(&disk.stdout),
+    })
+}
+
+/// `PRETTY_NAME` of `/etc/os-release`, else `NAME VERSION`, else `unknown`.
+fn os_name(os_release: &str) -> String {
+    let field = |name: &str| {
+        os_release.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix('=')?;
+            let value = value.trim().trim_matches('"').trim_matches('\'').trim();
+            (!value.is_empty()).then(|| value.to_owned())
+        })
+    };
+    field("PRETTY_NAME")
+        .or_else(|| Some(format!("{} {}", field("NAME")?, field("VERSION").unwrap_or_default()).trim().to_owned()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// `MemTotal` of `/proc/meminfo`, in bytes.
+fn memory_total(meminfo: &str) -> u64 {
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib.saturating_mul(1024))
+}
+
+/// The `Available` column of `df -P -B1`, in bytes.
+fn disk_available(df: &str) -> u64 {
+    df.lines().nth(1).and_then(|line| line.split_whitespace().nth(3)?.parse().ok()).unwrap_or(0)
+}
+
+fn server_id_of(event: &RecordedEvent) -> anyhow::Result<Uuid> {
+    event
+        .stream_id
+        .strip_prefix("server-")
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("{} is not a server stream", event.stream_id))
+}
+
+impl Handler for ServerValidator {
+    fn event_types(&self) -> &[&str] {
+        EVENT_TYPES
+    }
+
+    fn handle<'a>(&'a self, event: &'a RecordedEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+        // Only the database can fail here: an unreachable server is a result, not a failure.
+        Box::pin(async move { self.validate(event).await.map_err(HandlerError::Transient) })
+    }
+
+    fn give_up<'a>(&'a self, event: &'a RecordedEvent, reason: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let server_id = server_id_of(event)?;
+            let error = format!("the server worker could not validate it: {reason}");
+            self.report(event, server_id, &ServerCommand::RecordValidationFailed { error }, "give-up").await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_os_is_its_pretty_name_or_its_name_and_version() {
+        let debian = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\n";
+        assert_eq!(os_name(debian), "Debian GNU/Linux 12 (bookworm)");
+        assert_eq!(os_name("NAME=Alpine\nVERSION=3.20\n"), "Alpine 3.20");
+        assert_eq!(os_name(""), "unknown");
+    }
+
+    #[test]
+    fn memory_and_disk_are_read_in_bytes() {
+        assert_eq!(memory_total("MemTotal:       16314680 kB\nMemFree: 1 kB\n"), 16_314_680 * 1024);
+        let df = "Filesystem     1-blocks      Used  Available Capacity Mounted on\n\
+                  /dev/sda1   100000000  40000000   60000000      40% /\n";
+        assert_eq!(disk_available(df), 60_000_000);
+        assert_eq!(disk_available(""), 0);
+    }
+}

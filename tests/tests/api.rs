@@ -476,3 +476,38 @@ async fn application_and_deployment_subscriptions_follow_their_own_objects_only(
     let seen = deployments.next_data().await.expect("the cancelled deployment");
     assert_eq!(seen["deploymentUpdated"], json!({ "id": id, "status": "CANCELLED" }));
 }
+
+#[tokio::test]
+async fn a_create_retried_with_its_command_id_answers_with_the_first_result() {
+    let app = App::start_api().await;
+    let root = app.bootstrap("Acme");
+    let command = uuid::Uuid::now_v7().to_string();
+    let create = "mutation($name: String!, $command: ID!) {
+        createProject(input: { name: $name, commandId: $command }) { id name version } }";
+    let first = app.graphql(Some(&root), create, json!({ "name": "Shop", "command": command })).await.ok();
+    let again = app.graphql(Some(&root), create, json!({ "name": "Shop", "command": command })).await.ok();
+    assert_eq!(first, again, "the same project, not a second one or an error");
+    let projects = app.graphql(Some(&root), "query { projects { id } }", json!({})).await.ok();
+    assert_eq!(projects["projects"].as_array().map(Vec::len), Some(1));
+
+    let project = first["createProject"]["id"].clone();
+    let command = uuid::Uuid::now_v7().to_string();
+    let create_app = "mutation($project: ID!, $command: ID!) {
+        createApplication(input: { projectId: $project, name: \"web\", image: \"nginx:1.27\", commandId: $command }) { id } }";
+    let vars = json!({ "project": project, "command": command });
+    let first = app.graphql(Some(&root), create_app, vars.clone()).await.ok();
+    let again = app.graphql(Some(&root), create_app, vars).await.ok();
+    assert_eq!(first, again);
+
+    let deploy = "mutation($app: ID!, $command: ID!) {
+        deployApplication(input: { applicationId: $app, commandId: $command }) { id } }";
+    let vars = json!({ "app": first["createApplication"]["id"], "command": uuid::Uuid::now_v7().to_string() });
+    let first = app.graphql(Some(&root), deploy, vars.clone()).await.ok();
+    let again = app.graphql(Some(&root), deploy, vars).await.ok();
+    assert_eq!(first, again, "one deployment");
+
+    // A command id used for one thing cannot be reused for another.
+    let reuse = app.graphql(Some(&root), create, json!({ "name": "Other", "command": command })).await;
+    assert_eq!(reuse.code(), "INVALID_INPUT");
+    assert_eq!(reuse.error()["extensions"]["field"], "commandId");
+}

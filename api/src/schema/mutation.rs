@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
-use zpanel_commands::{CommandContext, Outcome, Plaintext};
+use zpanel_commands::{CommandContext, EventStore as _, Outcome, Plaintext};
 use zpanel_domain::Aggregate;
 use zpanel_domain::api_token::{ApiToken as TokenAggregate, ApiTokenCommand};
 use zpanel_domain::application::{
@@ -51,6 +51,21 @@ fn optional<T>(
 /// An id in the input that must name something of the caller's team.
 fn input_id(name: &str, id: &ID) -> ApiResult<Uuid> {
     Uuid::parse_str(id.as_str()).map_err(|_| ApiError::invalid(name, "must be an id this API returned"))
+}
+
+/// The id of the object a create with `command_id` made, if that command ran before: a
+/// retried create must answer with its first result, so it is sent again for the same object
+/// (and the handler answers from the log) instead of creating a second one.
+async fn created_before<A: Aggregate>(state: &ApiState, command_id: Option<&ID>) -> ApiResult<Option<Uuid>> {
+    let Some(command_id) = command_id else { return Ok(None) };
+    let command_id = input_id("commandId", command_id)?;
+    let Some(events) = state.handler.store().find_command(command_id).await? else { return Ok(None) };
+    // Stream ids are `kind-<uuid>`.
+    let target = events.first().and_then(|e| e.stream_id.strip_prefix(A::KIND)?.strip_prefix('-')?.parse().ok());
+    match target {
+        Some(id) => Ok(Some(id)),
+        None => Err(ApiError::invalid("commandId", "was already used for another command")),
+    }
 }
 
 fn port(name: &str, value: i32) -> ApiResult<Port> {
@@ -368,7 +383,9 @@ impl Mutation {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Write)?;
         let name = field("name", &input.name, Name::parse)?;
-        let id = ProjectId::new();
+        let id = created_before::<ProjectAggregate>(state, input.command_id.as_ref())
+            .await?
+            .map_or_else(ProjectId::new, ProjectId::from_uuid);
         let team = *caller.team_id.as_uuid();
         let command = ProjectCommand::CreateProject {
             id,
@@ -467,7 +484,9 @@ impl Mutation {
             Some(id) => Some(team_server(state, caller, "serverId", id).await?),
             None => None,
         };
-        let id = ApplicationId::new();
+        let id = created_before::<AppAggregate>(state, input.command_id.as_ref())
+            .await?
+            .map_or_else(ApplicationId::new, ApplicationId::from_uuid);
         let command = ApplicationCommand::CreateApplication {
             id,
             team_id: caller.team_id,
@@ -670,7 +689,9 @@ impl Mutation {
             None => zpanel_commands::ssh_keys::generate_ed25519(),
         }
         .map_err(|e| ApiError::invalid("privateKey", e))?;
-        let id = PrivateKeyId::new();
+        let id = created_before::<KeyAggregate>(state, input.command_id.as_ref())
+            .await?
+            .map_or_else(PrivateKeyId::new, PrivateKeyId::from_uuid);
         let team = *caller.team_id.as_uuid();
         let command = PrivateKeyCommand::AddPrivateKey {
             id,
@@ -695,7 +716,9 @@ impl Mutation {
         let host = field("host", &input.host, Host::parse)?;
         let user = field("user", input.user.as_deref().unwrap_or("root"), UnixUser::parse)?;
         let key = team_key(state, caller, "privateKeyId", &input.private_key_id).await?;
-        let id = ServerId::new();
+        let id = created_before::<ServerAggregate>(state, input.command_id.as_ref())
+            .await?
+            .map_or_else(ServerId::new, ServerId::from_uuid);
         let team = *caller.team_id.as_uuid();
         let command = ServerCommand::CreateServer {
             id,
@@ -826,7 +849,9 @@ async fn queue(
         Some((image, release)) => (Some(image), Some(release)),
         None => (None, None),
     };
-    let id = DeploymentId::new();
+    let id = created_before::<DeploymentAggregate>(state, command_id)
+        .await?
+        .map_or_else(DeploymentId::new, DeploymentId::from_uuid);
     let command =
         DeploymentCommand::QueueDeployment { id, application, reason, image, release, now: OffsetDateTime::now_utc() };
     let outcome = send::<DeploymentAggregate>(state, caller, command_id, "deployment", *id.as_uuid(), &command).await?;

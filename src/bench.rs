@@ -3,6 +3,7 @@
 //! configured server or the private cluster, so real data is never touched.
 
 mod api;
+mod deploy;
 mod workers;
 
 use crate::config::Config;
@@ -89,6 +90,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// A commit deployed by Zpanel (queued → the new page served through Caddy), beside the
+    /// same steps by hand with git, docker and Caddy's admin API, alternating.
+    Deploy {
+        /// Counted rounds (after one of warm-up), each a deployment by either side.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Resident memory of this process (API, projections, deploy worker) idle, before any
+    /// application and with N image applications deployed.
+    IdleMemory {
+        /// Applications to deploy.
+        #[arg(long, default_value_t = 50)]
+        apps: usize,
+    },
     /// Projection lag (command committed → read model shows it) at a steady command rate,
     /// beside the commit latency of the commands themselves.
     Lag {
@@ -132,6 +147,8 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Workers { rate, seconds } => {
             workers::latency(&pool, config.kafka().as_ref(), rate, Duration::from_secs(seconds)).await
         }
+        BenchCommand::Deploy { rounds } => deploy::overhead(config, &pool, rounds).await,
+        BenchCommand::IdleMemory { apps } => deploy::idle_memory(config, &pool, apps).await,
         BenchCommand::SubscribeClients { .. } => Ok(()),
     };
     pool.close().await;

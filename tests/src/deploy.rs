@@ -183,7 +183,8 @@ pub fn remove_application(application_id: &str) {
     for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
         let _ = Command::new("docker").args(["rm", "-f", id]).output();
     }
-    let images = Command::new("docker").args(["images", "-q", "--filter", &label]).output().expect("docker images");
+    let repo = format!("zpanel/{application_id}");
+    let images = Command::new("docker").args(["images", "-q", &repo]).output().expect("docker images");
     for id in String::from_utf8_lossy(&images.stdout).split_whitespace() {
         let _ = Command::new("docker").args(["rmi", "-f", id]).output();
     }

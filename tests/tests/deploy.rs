@@ -180,7 +180,16 @@ async fn a_git_application_is_built_started_checked_and_routed_through_caddy() {
     let set = "mutation($app: ID!) {
         setEnvironmentVariable(input: { applicationId: $app, key: \"GREETING\", value: \"hej\" }) { id } }";
     env.gql(set, json!({ "app": application })).await;
-    let poller = Poller::start(env.http.clone(), env.caddy.listen.clone(), domain);
+    // A new connection per request: a config load makes Caddy close idle kept-alive
+    // connections (as any HTTP/1.1 server may; clients retry those), while the listener — what a
+    // new visitor meets — never closes.
+    let fresh = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let poller = Poller::start(fresh, env.caddy.listen.clone(), domain);
     // The push reaches Zpanel as GitHub would send it: a signed webhook.
     let second = env.push_webhook(&application, &v2).await;
     let done = env.finished(&second).await;
@@ -756,9 +765,8 @@ async fn an_unchanged_commit_is_not_rebuilt_limits_apply_and_old_images_are_prun
     repo.commit_app("kept, v2", "");
     let second = env.deploy(&application).await;
     assert_eq!(env.finished(&second).await["status"], "SUCCEEDED");
-    let label = format!("label=zpanel.application={application}");
-    let images =
-        std::process::Command::new("docker").args(["images", "-q", "--filter", &label]).output().expect("images");
+    let repo = format!("zpanel/{application}");
+    let images = std::process::Command::new("docker").args(["images", "-q", &repo]).output().expect("images");
     let images: std::collections::BTreeSet<String> =
         String::from_utf8_lossy(&images.stdout).split_whitespace().map(str::to_owned).collect();
     assert_eq!(images.len(), 1, "{images:?}");

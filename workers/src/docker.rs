@@ -25,8 +25,6 @@ pub const LABEL_PROJECT: &str = "zpanel.project";
 pub const LABEL_APPLICATION: &str = "zpanel.application";
 /// Label: the deployment that created it.
 pub const LABEL_DEPLOYMENT: &str = "zpanel.deployment";
-/// Label (images): what the image was built from, so an identical build is skipped.
-pub const LABEL_BUILD_KEY: &str = "zpanel.build-key";
 
 /// Where the engine is: `unix:///var/run/docker.sock` (the default) or `tcp://host:port`.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
@@ -117,8 +115,11 @@ impl Engine {
     }
 
     /// Builds the image of the tar archive `context` (a file) with `dockerfile`, tagged `tag`,
-    /// labelled `labels`, passing `build_args`; each line of output goes to `output`. Returns
-    /// the image id.
+    /// passing `build_args`; each line of output goes to `output`. Returns the image id.
+    ///
+    /// Images get no labels: the legacy builder turns each label into a step of its own (a
+    /// container created and committed, ~120 ms each). Zpanel finds its images by their
+    /// repository (`zpanel/<application>`) and tags instead.
     ///
     /// Dropping the future mid-build closes the connection, and the engine cancels the build.
     ///
@@ -130,7 +131,6 @@ impl Engine {
         dockerfile: &str,
         tag: &str,
         build_args: HashMap<String, String>,
-        labels: HashMap<String, String>,
         mut output: impl FnMut(OutputLine),
     ) -> anyhow::Result<String> {
         let file = tokio::fs::File::open(context).await.context("opening the build context")?;
@@ -141,7 +141,6 @@ impl Engine {
             rm: true,
             forcerm: true,
             buildargs: Some(build_args),
-            labels: Some(labels),
             ..Default::default()
         };
         let mut stream = self.docker.build_image(options, None, Some(body));
@@ -204,12 +203,12 @@ impl Engine {
         }
     }
 
-    /// Image ids carrying `label=value`, newest first.
+    /// Images of repository `repo` (any tag), newest first: their ids and tags.
     ///
     /// # Errors
     /// When the engine fails.
-    pub async fn images_labelled(&self, label: &str, value: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
-        let filters = HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
+    pub async fn images_of(&self, repo: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+        let filters = HashMap::from([("reference".to_owned(), vec![repo.to_owned()])]);
         let options = ListImagesOptions { filters: Some(filters), ..Default::default() };
         let mut images =
             self.docker.list_images(Some(options)).await.map_err(engine_error).context("listing images")?;

@@ -32,8 +32,12 @@ impl Proxy {
     /// # Errors
     /// When the HTTP client cannot be built.
     pub fn new(admin: &str, listen: &str) -> anyhow::Result<Self> {
+        // No kept-alive connections: Caddy restarts its admin endpoint (and closes idle
+        // connections) on every config load, so a request of a concurrent deployment on a
+        // re-used connection could find it closed under it.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
             .no_proxy()
             .build()
             .context("building the proxy's HTTP client")?;

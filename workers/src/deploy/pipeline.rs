@@ -11,9 +11,7 @@
 
 use super::logs::{DeployLog, Stream};
 use super::{Deployer, Ending, Stop};
-use crate::docker::{
-    ContainerSpec, LABEL_APPLICATION, LABEL_BUILD_KEY, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, OutputLine,
-};
+use crate::docker::{ContainerSpec, LABEL_APPLICATION, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, OutputLine};
 use crate::git::{Git, KeyFile};
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
@@ -372,10 +370,13 @@ impl Pipeline {
     ) -> StepResult<String> {
         let args = self.secrets.build_args();
         let key = build_key(url, commit, dockerfile, &args);
+        let repo = self.image_repo();
         let tag = self.state.id.as_uuid().to_string();
-        if let Some((id, _)) = engine.images_labelled(LABEL_BUILD_KEY, &key).await?.into_iter().next() {
+        // An earlier build of the same sources and arguments is tagged with their key.
+        let built = format!("build-{key}");
+        if let Some(id) = engine.image_id(&format!("{repo}:{built}")).await? {
             self.log.system(format!("commit {commit} was built with this configuration before: re-using image {id}"));
-            engine.tag(&id, &self.image_repo(), &tag).await?;
+            engine.tag(&id, &repo, &tag).await?;
             return Ok(id);
         }
         let context = self.scratch.join("context.tar");
@@ -387,16 +388,14 @@ impl Pipeline {
         let inner = self.deployer.inner.clone();
         let waiting = inner.builds.acquire();
         let _permit = self.interruptible(waiting).await?.context("the build queue closed")?;
-        let mut labels = self.labels();
-        labels.remove(LABEL_DEPLOYMENT);
-        labels.insert(LABEL_BUILD_KEY.to_owned(), key);
-        let reference = format!("{}:{tag}", self.image_repo());
+        let reference = format!("{repo}:{tag}");
         self.log.system(format!("building {reference} from {dockerfile}"));
         let log = self.log.clone();
         let output =
             move |line: OutputLine| log.line(if line.is_error { Stream::Stderr } else { Stream::Stdout }, &line.text);
-        let building = engine.build(&context, dockerfile, &reference, args, labels, output);
+        let building = engine.build(&context, dockerfile, &reference, args, output);
         let image = self.interruptible(building).await??;
+        engine.tag(&image, &repo, &built).await?;
         self.log.system(format!("built image {image}"));
         Ok(image)
     }
@@ -426,11 +425,17 @@ impl Pipeline {
     /// Keeps the newest images of the application (for rollbacks) and removes the rest.
     async fn prune_images(&self, engine: &crate::docker::Engine) {
         let keep = self.deployer.inner.config.keep_images;
-        let application = self.state.application_id.as_uuid().to_string();
-        let Ok(images) = engine.images_labelled(LABEL_APPLICATION, &application).await else {
+        let Ok(images) = engine.images_of(&self.image_repo()).await else {
             return;
         };
-        for (id, _) in images.into_iter().skip(keep.max(1)) {
+        // An image a container still runs (a rolled-back release's) stays.
+        let application = self.state.application_id.as_uuid().to_string();
+        let in_use: std::collections::HashSet<String> = engine
+            .containers_labelled(LABEL_APPLICATION, &application)
+            .await
+            .map(|containers| containers.into_iter().map(|c| c.image).collect())
+            .unwrap_or_default();
+        for (id, _) in images.into_iter().skip(keep.max(1)).filter(|(id, _)| !in_use.contains(id)) {
             if let Ok(true) = engine.remove_image(&id).await {
                 self.log.system(format!("removed old image {id}"));
             }

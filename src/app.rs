@@ -241,20 +241,11 @@ impl EngineLogs {
         tail: u32,
     ) -> anyhow::Result<futures::stream::BoxStream<'static, anyhow::Result<zpanel_api::logs::ContainerLogLine>>> {
         use futures::StreamExt as _;
-        // The current release: the application's latest successful deployment.
-        let current: Option<uuid::Uuid> = sqlx::query_scalar(
-            "select deployment_id from rm_deployments
-              where application_id = $1 and status = 'succeeded' order by finished_at desc limit 1",
-        )
-        .bind(application_id)
-        .fetch_optional(&self.pool)
-        .await
-        .context("finding the current release")?;
-        let Some(current) = current else {
+        let Some(current) = zpanel_workers::deploy::current_release(&self.pool, application_id).await? else {
             return Ok(futures::stream::empty().boxed());
         };
         let engine = self.engine.get_or_try_init(|| zpanel_workers::docker::Engine::connect(&self.docker_host)).await?;
-        let lines = engine.logs(&format!("zpanel-{current}"), tail, true).map(|line| {
+        let lines = engine.logs(&current.container(), tail, true).map(|line| {
             line.map(|l| zpanel_api::logs::ContainerLogLine {
                 at: time::OffsetDateTime::now_utc(),
                 stream: if l.is_error {

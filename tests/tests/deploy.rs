@@ -143,6 +143,20 @@ impl Env {
         }
     }
 
+    /// A `zpanel worker` process on this Zpanel's database, data and Caddy, sweeping leases
+    /// every second, with `extra` settings.
+    fn worker(&self, extra: &[(&str, &str)]) -> std::process::Child {
+        let mut command = zpanel_tests::zpanel(&self.app.db, &self.app.data.0);
+        command
+            .arg("worker")
+            .envs(self.caddy.env())
+            .env("ZPANEL_LEASE_SWEEP_SECONDS", "1")
+            .envs(extra.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        command.spawn().expect("a worker process")
+    }
+
     /// `GET /` through Caddy with `Host: domain`.
     async fn page(&self, domain: &str) -> Result<(u16, String), String> {
         let answer = self
@@ -316,20 +330,9 @@ async fn a_second_deployment_waits_for_the_first() {
 
 #[tokio::test]
 async fn a_worker_killed_mid_build_is_replaced_by_another_that_finishes_the_deployment() {
-    use std::process::Stdio;
     let env = Env::start_as("api").await;
-    let worker = || {
-        let mut command = zpanel_tests::zpanel(&env.app.db, &env.app.data.0);
-        command
-            .arg("worker")
-            .envs(env.caddy.env())
-            .env("ZPANEL_LEASE_SECONDS", "3")
-            .env("ZPANEL_LEASE_SWEEP_SECONDS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        command.spawn().expect("a worker process")
-    };
-    let mut workers = vec![worker(), worker()];
+    let short_lease = [("ZPANEL_LEASE_SECONDS", "3")];
+    let mut workers = vec![env.worker(&short_lease), env.worker(&short_lease)];
     let repo = Repo::new("survivor");
     let domain = "survivor.zpanel.test";
     let application = env.create_app(&repo, domain).await;
@@ -661,19 +664,8 @@ async fn with_supersede_a_new_deployment_cancels_the_waiting_ones() {
 
 #[tokio::test]
 async fn a_worker_that_shuts_down_hands_its_deployment_back_and_another_finishes_it() {
-    use std::process::Stdio;
     let env = Env::start_as("api").await;
-    let worker = || {
-        let mut command = zpanel_tests::zpanel(&env.app.db, &env.app.data.0);
-        command
-            .arg("worker")
-            .envs(env.caddy.env())
-            .env("ZPANEL_LEASE_SWEEP_SECONDS", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        command.spawn().expect("a worker process")
-    };
-    let mut first = worker();
+    let mut first = env.worker(&[]);
     let repo = Repo::new("handed back");
     let application = env.create_app(&repo, "handback.zpanel.test").await;
     repo.commit_app("handed back", "RUN sleep 3");
@@ -694,17 +686,8 @@ async fn a_worker_that_shuts_down_hands_its_deployment_back_and_another_finishes
     assert_eq!(events().await.last().map(String::as_str), Some("DeploymentLeaseReleased"), "handed back at once");
 
     let metrics_port = zpanel_tests::deploy::free_port().to_string();
-    let mut second = {
-        let mut command = zpanel_tests::zpanel(&env.app.db, &env.app.data.0);
-        command
-            .arg("worker")
-            .envs(env.caddy.env())
-            .env("ZPANEL_LEASE_SWEEP_SECONDS", "1")
-            .env("ZPANEL_WORKER_LISTEN", format!("127.0.0.1:{metrics_port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        command.spawn().expect("a worker process")
-    };
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let mut second = env.worker(&[("ZPANEL_WORKER_LISTEN", &metrics_listen)]);
     let done = env.finished(&deployment).await;
     assert_eq!(done["status"], "SUCCEEDED", "{done}");
     let events = events().await;

@@ -295,28 +295,12 @@ impl Deployer {
             };
             let purpose = format!("start:{}", self.inner.worker_id);
             let ctx = self.ctx(team_id).with_command_id(Uuid::new_v5(&deployment_id, purpose.as_bytes()));
-            match self.inner.handler.execute::<Deployment>(&ctx, deployment_id, &start).await {
-                Ok(_) | Err(CommandError::Rejected(DeploymentError::DeploymentAlreadyStarted)) => {
-                    sqlx::query("update deploy_queue set started = true where deployment_id = $1")
-                        .bind(deployment_id)
-                        .execute(&mut *tx)
-                        .await
-                        .context("marking a deployment started")?;
-                    tx.commit().await.context("committing the deploy queue")?;
-                    // Started by another worker (or an earlier life of this one): its lease
-                    // says who runs it, and the lease supervisor resumes it if nobody does.
-                    let ours = self.inner.handler.load::<Deployment>(team_id, deployment_id).await.ok().is_some_and(
-                        |(d, _)| {
-                            d.state()
-                                .and_then(|s| s.lease.as_ref())
-                                .is_some_and(|l| l.worker_id == self.inner.worker_id)
-                        },
-                    );
-                    if ours {
-                        self.spawn_job(team_id, deployment_id).await;
-                    }
-                    return Ok(());
-                }
+            let started = match self.inner.handler.execute::<Deployment>(&ctx, deployment_id, &start).await {
+                // This worker holds the lease (a repeated start answers with the first run's).
+                Ok(outcome) => Some(outcome.state),
+                // Started by another worker (or an earlier life of this one): its lease says who
+                // runs it, and the lease supervisor resumes it if nobody does.
+                Err(CommandError::Rejected(DeploymentError::DeploymentAlreadyStarted)) => None,
                 Err(CommandError::Rejected(DeploymentError::DeploymentFinished) | CommandError::NotFound) => {
                     sqlx::query("delete from deploy_queue where deployment_id = $1")
                         .bind(deployment_id)
@@ -324,9 +308,23 @@ impl Deployer {
                         .await
                         .context("dropping a finished deployment from the queue")?;
                     tx.commit().await.context("committing the deploy queue")?;
+                    continue;
                 }
                 Err(e) => return Err(anyhow::anyhow!("starting deployment {deployment_id}: {e}")),
+            };
+            sqlx::query("update deploy_queue set started = true where deployment_id = $1")
+                .bind(deployment_id)
+                .execute(&mut *tx)
+                .await
+                .context("marking a deployment started")?;
+            tx.commit().await.context("committing the deploy queue")?;
+            let ours = started.is_some_and(|d| {
+                d.state().and_then(|s| s.lease.as_ref()).is_some_and(|l| l.worker_id == self.inner.worker_id)
+            });
+            if ours {
+                self.spawn_job(team_id, deployment_id).await;
             }
+            return Ok(());
         }
     }
 
@@ -522,20 +520,12 @@ impl Deployer {
             .and_then(|id| id.parse().ok())
             .with_context(|| format!("{} is not an application stream", event.stream_id))
             .map_err(HandlerError::Permanent)?;
-        let current: Option<(Uuid, i32)> = sqlx::query_as(
-            "select deployment_id, (release->>'port')::int from rm_deployments
-              where application_id = $1 and status = 'succeeded' order by finished_at desc limit 1",
-        )
-        .bind(application_id)
-        .fetch_optional(&self.inner.pool)
-        .await
-        .context("finding the current release")
-        .map_err(HandlerError::Transient)?;
-        let Some((current, port)) = current else {
+        let current = current_release(&self.inner.pool, application_id).await.map_err(HandlerError::Transient)?;
+        let Some(current) = current else {
             return Err(HandlerError::Permanent(anyhow::anyhow!("the application has no release to control")));
         };
         let engine = self.engine().await.map_err(HandlerError::Transient)?;
-        let container = format!("zpanel-{current}");
+        let container = current.container();
         let grace = Duration::from_secs(10);
         let done = match event.event_type.as_str() {
             "ApplicationStopRequested" => engine.stop(&container, grace).await,
@@ -548,8 +538,7 @@ impl Deployer {
         done.map_err(HandlerError::Transient)?;
         // A started container publishes a new port: the route follows it.
         if event.event_type != "ApplicationStopRequested" {
-            let port = u16::try_from(port).unwrap_or(0);
-            let info = engine.inspect(&container, port).await.map_err(HandlerError::Transient)?;
+            let info = engine.inspect(&container, current.port).await.map_err(HandlerError::Transient)?;
             if let Some(host_port) = info.and_then(|i| i.host_port) {
                 let upstream = format!("127.0.0.1:{host_port}");
                 self.inner.proxy.repoint(application_id, &upstream).await.map_err(HandlerError::Transient)?;
@@ -630,6 +619,40 @@ impl Deployer {
         }
         Ok(())
     }
+}
+
+/// An application's current release: its latest successful deployment, the container that
+/// runs it (`zpanel-<deployment>`), and the port the application listens on inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CurrentRelease {
+    /// The deployment.
+    pub deployment_id: Uuid,
+    /// The application's port in the container.
+    pub port: u16,
+}
+
+impl CurrentRelease {
+    /// The container's name.
+    #[must_use]
+    pub fn container(&self) -> String {
+        format!("zpanel-{}", self.deployment_id)
+    }
+}
+
+/// The current release of `application_id`, if it has one.
+///
+/// # Errors
+/// When the database fails.
+pub async fn current_release(pool: &PgPool, application_id: Uuid) -> anyhow::Result<Option<CurrentRelease>> {
+    let current: Option<(Uuid, i32)> = sqlx::query_as(
+        "select deployment_id, (release->>'port')::int from rm_deployments
+          where application_id = $1 and status = 'succeeded' order by finished_at desc limit 1",
+    )
+    .bind(application_id)
+    .fetch_optional(pool)
+    .await
+    .context("finding the current release")?;
+    Ok(current.map(|(deployment_id, port)| CurrentRelease { deployment_id, port: u16::try_from(port).unwrap_or(0) }))
 }
 
 fn deployment_id_of(event: &RecordedEvent) -> anyhow::Result<Uuid> {

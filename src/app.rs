@@ -207,6 +207,7 @@ pub fn start(
         rate: Arc::new(rate),
         metrics: Arc::default(),
         token_checks: Arc::default(),
+        cache: Arc::default(),
         logs: logs.clone(),
         container_logs,
     };

@@ -236,7 +236,8 @@ async fn replay(db: Arc<Database>, names: Vec<String>) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     let started = Instant::now();
-    let replayed = zpanel_projections::rebuild::rebuild(&db.pool, selected.clone(), |n| bar.set_position(n)).await?;
+    let replayed =
+        zpanel_projections::rebuild::rebuild(&db.pool, selected.clone(), |n| bar.set_position(n)).await?.events;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     println!(

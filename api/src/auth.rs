@@ -30,6 +30,8 @@ pub struct Caller {
     pub abilities: Abilities,
     /// The presented token's hash, to re-check it later.
     token_hash: String,
+    /// When the token stops working, if ever.
+    pub(crate) expires_at: Option<OffsetDateTime>,
 }
 
 impl Caller {
@@ -115,7 +117,7 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> ApiResult<Caller> {
     lookup(pool, &hash).await?.ok_or(ApiError::Unauthenticated)
 }
 
-async fn lookup(pool: &PgPool, hash: &str) -> ApiResult<Option<Caller>> {
+pub(crate) async fn lookup(pool: &PgPool, hash: &str) -> ApiResult<Option<Caller>> {
     // By prefix, then the whole hash compared in constant time: how long the index takes
     // depends on the prefix only.
     let rows = sqlx::query(
@@ -151,5 +153,6 @@ async fn lookup(pool: &PgPool, hash: &str) -> ApiResult<Option<Caller>> {
         token_name: row.try_get("name")?,
         abilities: Abilities::new(abilities),
         token_hash: stored,
+        expires_at,
     }))
 }

@@ -44,6 +44,8 @@ pub struct Feed {
     projections: Arc<Vec<String>>,
     local: watch::Receiver<Cursor>,
     horizon: watch::Sender<Cursor>,
+    /// The checkpoints' least position as a waiting mutation last read it.
+    polled: watch::Sender<Cursor>,
     entries: broadcast::Sender<Arc<FeedEntry>>,
 }
 
@@ -56,6 +58,7 @@ impl Feed {
             projections: Arc::new(projections),
             local,
             horizon: watch::Sender::new(Cursor::START),
+            polled: watch::Sender::new(Cursor::START),
             entries: broadcast::channel(CAPACITY).0,
         }
     }
@@ -64,6 +67,15 @@ impl Feed {
     #[must_use]
     pub fn horizon(&self) -> Cursor {
         *self.horizon.borrow()
+    }
+
+    /// How far the read models are known to have got: this process's runner, the horizon, and
+    /// the checkpoints as a waiting mutation last read them. What a query of the read models
+    /// answers can only change once one of them has moved — and a mutation answers only after
+    /// one has moved past its events — so answers can be reused while this stays the same.
+    #[must_use]
+    pub fn seen(&self) -> (Cursor, Cursor, Cursor) {
+        (*self.local.borrow(), *self.horizon.borrow(), *self.polled.borrow())
     }
 
     /// New entries, from now on.
@@ -115,7 +127,15 @@ impl Feed {
                 _ = local.changed() => {}
                 // Another process may be projecting: then only the checkpoints tell.
                 _ = poll.tick() => {
-                    if self.read_horizon().await? >= cursor {
+                    let read = self.read_horizon().await?;
+                    self.polled.send_if_modified(|polled| {
+                        let moved = read > *polled;
+                        if moved {
+                            *polled = read;
+                        }
+                        moved
+                    });
+                    if read >= cursor {
                         return Ok(());
                     }
                 }

@@ -66,15 +66,34 @@ pub async fn serve(
     Ok(())
 }
 
-/// The caller named by an `Authorization` header, if any and valid.
-async fn caller_of(state: &ApiState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+/// The caller named by an `Authorization` header, if any and valid; a lookup made while the
+/// read models stood at `version` is reused.
+async fn caller_of(
+    state: &ApiState,
+    headers: &HeaderMap,
+    version: Option<&crate::cache::Version>,
+) -> Result<Option<Caller>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(None) };
     let Some(token) = value.to_str().ok().and_then(auth::bearer) else { return Ok(None) };
-    match auth::authenticate(&state.pool, token).await {
-        Ok(caller) => Ok(Some(caller)),
-        Err(ApiError::Unauthenticated) => Ok(None),
-        Err(e) => Err(e),
+    let Some(version) = version else {
+        return match auth::authenticate(&state.pool, token).await {
+            Ok(caller) => Ok(Some(caller)),
+            Err(ApiError::Unauthenticated) => Ok(None),
+            Err(e) => Err(e),
+        };
+    };
+    if !zpanel_commands::tokens::looks_like_token(token) {
+        return Ok(None);
     }
+    let hash = zpanel_commands::tokens::hash(token);
+    if let Some(caller) = state.cache.caller(version, &hash) {
+        return Ok(Some(caller));
+    }
+    let caller = auth::lookup(&state.pool, &hash).await?;
+    if let Some(caller) = &caller {
+        state.cache.keep_caller(version, &hash, caller);
+    }
+    Ok(caller)
 }
 
 fn error_response(error: ApiError) -> GraphQLResponse {
@@ -87,6 +106,27 @@ fn error_response(error: ApiError) -> GraphQLResponse {
 async fn graphql_post(State(schemas): State<Schemas>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let state = &schemas.state;
+    // Where the read models stand now; without it (the database failing) nothing is reused.
+    let version = state.cache.version(&state.pool).await.ok();
+    let caller = match caller_of(state, &headers, version.as_ref()).await {
+        Ok(caller) => caller,
+        Err(e) => return error_response(e).into_response(),
+    };
+    if let Some(caller) = &caller
+        && let Err(wait) = state.rate.take(caller.token_id)
+    {
+        state.metrics.request("other", "rate_limited", started.elapsed());
+        let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        return error_response(ApiError::RateLimited { retry_after_ms }).into_response();
+    }
+    // The same request by the same token while the read models stand still: the answer kept
+    // then (only queries of the read models that passed every check are kept).
+    if let (Some(caller), Some(version)) = (&caller, &version)
+        && let Some(answer) = state.cache.answer(version, caller.token_id, &body)
+    {
+        state.metrics.request("query", "ok", started.elapsed());
+        return ([(header::CONTENT_TYPE, answer.content_type)], answer.body).into_response();
+    }
     let mut request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
@@ -98,37 +138,60 @@ async fn graphql_post(State(schemas): State<Schemas>, headers: HeaderMap, body: 
             return error_response(ApiError::invalid("body", rule)).into_response();
         }
     };
-    // Parsed once, here: the alias count and the metrics label read the document, and the
-    // schema executes the same parsed document.
+    // Parsed once, here: the alias count, the metrics label and the cache read the document,
+    // and the schema executes the same parsed document.
     let operation_name = request.operation_name.clone();
-    let (kind, aliases) = match request.parsed_query() {
-        Ok(document) => (operation_kind(document, operation_name.as_deref()), crate::limits::aliases(document)),
+    let (kind, aliases, cacheable) = match request.parsed_query() {
+        Ok(document) => (
+            operation_kind(document, operation_name.as_deref()),
+            crate::limits::aliases(document),
+            crate::cache::cacheable(document, operation_name.as_deref()),
+        ),
         // The schema reports the syntax error.
-        Err(_) => ("other", 0),
+        Err(_) => ("other", 0, false),
     };
-    let caller = match caller_of(state, &headers).await {
-        Ok(caller) => caller,
-        Err(e) => return error_response(e).into_response(),
-    };
-    if let Some(caller) = &caller
-        && let Err(wait) = state.rate.take(caller.token_id)
-    {
-        state.metrics.request(kind, "rate_limited", started.elapsed());
-        let retry_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        return error_response(ApiError::RateLimited { retry_after_ms }).into_response();
-    }
     if aliases > crate::limits::MAX_ALIASES {
         let rule = format!("uses {aliases} aliases; at most {} are allowed", crate::limits::MAX_ALIASES);
         return error_response(ApiError::invalid("query", rule)).into_response();
     }
+    let reuse = match (&caller, version) {
+        (Some(caller), Some(version)) if cacheable => Some((caller.token_id, version)),
+        _ => None,
+    };
     let schema = if caller.is_some() { &schemas.open } else { &schemas.closed };
     if let Some(caller) = caller {
         request = request.data(caller);
     }
     let response = schema.execute(request).await;
-    let outcome = if response.errors.is_empty() { "ok" } else { "error" };
-    state.metrics.request(kind, outcome, started.elapsed());
-    GraphQLResponse::from(response).into_response()
+    let ok = response.errors.is_empty();
+    state.metrics.request(kind, if ok { "ok" } else { "error" }, started.elapsed());
+    let response = GraphQLResponse::from(response).into_response();
+    match reuse {
+        Some((token, version)) if ok => keep(state, &version, token, body, response).await,
+        _ => response,
+    }
+}
+
+/// Keeps a successful answer for reuse (see [`crate::cache`]) and sends it.
+async fn keep(
+    state: &ApiState,
+    version: &crate::cache::Version,
+    token: uuid::Uuid,
+    request: Bytes,
+    response: Response,
+) -> Response {
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    // An answer with headers of its own (cache control, …) is sent but not kept.
+    if parts.status == StatusCode::OK
+        && parts.headers.len() == 1
+        && let Some(content_type) = parts.headers.get(header::CONTENT_TYPE)
+    {
+        state.cache.keep_answer(version, token, request, content_type.clone(), bytes.clone());
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// `query`, `mutation`, `subscription` or `other` (an unknown operation name), for metrics.

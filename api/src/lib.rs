@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cache;
 pub mod error;
 pub mod feed;
 pub mod http;
@@ -50,6 +51,8 @@ pub struct ApiState {
     pub metrics: Arc<metrics::Metrics>,
     /// Shared re-checks of subscriptions' tokens.
     pub token_checks: Arc<auth::TokenChecks>,
+    /// Answers of read-model queries and token lookups, while the read models stay put.
+    pub cache: Arc<cache::QueryCache>,
     /// Wake-ups for the followers of deployments' logs.
     pub logs: logs::LogNotifier,
     /// Where containers' logs come from; `None` in a process that cannot reach the engines

@@ -75,6 +75,7 @@ async fn env(container_logs: Option<Arc<dyn ContainerLogs>>) -> Env {
         rate: Arc::new(zpanel_api::limits::RateLimiter::new(1000, 1000)),
         metrics: Arc::default(),
         token_checks: Arc::default(),
+        cache: Arc::default(),
         logs: LogNotifier::new(db.pool.clone()),
         container_logs,
     };

@@ -2,13 +2,12 @@
 //! state, which the row also keeps (`state`), so the next batch continues the fold from it.
 //!
 //! A batch is applied with two statements per table, however many events it holds: one select
-//! of the affected rows, one upsert of their new versions (`jsonb_populate_recordset`).
+//! of the affected rows, one upsert of their new versions (`json_populate_recordset`).
 
-use crate::projection::Projection;
+use crate::projection::{Memo, Projection};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
-use sqlx::types::Json;
 use sqlx::{PgConnection, Row as _};
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -67,6 +66,9 @@ struct Record {
     updated_at: OffsetDateTime,
 }
 
+/// The rows a batch wrote, as the memo keeps them for the next.
+type Rows<A> = HashMap<Uuid, Row<A>>;
+
 struct Row<A> {
     state: A,
     team_id: Uuid,
@@ -76,26 +78,37 @@ struct Row<A> {
 }
 
 impl<M: ReadModel> StateProjection<M> {
-    async fn apply_batch(&self, tx: &mut PgConnection, events: &[RecordedEvent]) -> anyhow::Result<()> {
+    async fn apply_batch(
+        &self,
+        tx: &mut PgConnection,
+        events: &[RecordedEvent],
+        memo: &mut Memo,
+    ) -> anyhow::Result<()> {
         let kind = <M::Aggregate as Aggregate>::KIND;
         let mine: Vec<&RecordedEvent> = events.iter().filter(|e| e.stream_kind() == kind).collect();
         if mine.is_empty() {
             return Ok(());
         }
-        let mut ids: Vec<Uuid> = mine.iter().filter_map(|e| e.aggregate_id()).collect();
+        let rows: &mut Rows<M::Aggregate> = memo.get();
+        // Rows the memo holds are exactly as stored; only the others are read.
+        let mut ids: Vec<Uuid> =
+            mine.iter().filter_map(|e| e.aggregate_id()).filter(|id| !rows.contains_key(id)).collect();
         ids.sort_unstable();
         ids.dedup();
 
-        let existing = sqlx::query(&format!(
-            "select {key} as id, team_id, state, version, created_at from {table} where {key} = any($1)",
-            key = M::KEY,
-            table = M::TABLE
-        ))
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .with_context(|| format!("loading rows of {}", M::TABLE))?;
-        let mut rows: HashMap<Uuid, Row<M::Aggregate>> = HashMap::with_capacity(ids.len());
+        let existing = if ids.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query(&format!(
+                "select {key} as id, team_id, state, version, created_at from {table} where {key} = any($1)",
+                key = M::KEY,
+                table = M::TABLE
+            ))
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .with_context(|| format!("loading rows of {}", M::TABLE))?
+        };
         for row in existing {
             let created_at: OffsetDateTime = row.try_get("created_at")?;
             let state: String = row.try_get("state")?;
@@ -111,8 +124,10 @@ impl<M: ReadModel> StateProjection<M> {
                 },
             );
         }
+        let mut touched: Vec<Uuid> = Vec::with_capacity(mine.len());
         for event in mine {
             let id = event.aggregate_id().context("stream id without a uuid")?;
+            touched.push(id);
             let row = rows.entry(id).or_insert_with(|| Row {
                 state: <M::Aggregate>::default(),
                 team_id: event.team_id,
@@ -127,17 +142,24 @@ impl<M: ReadModel> StateProjection<M> {
             row.updated_at = event.recorded_at;
         }
 
-        let mut records = Vec::with_capacity(rows.len());
-        let mut states = Vec::with_capacity(rows.len());
+        touched.sort_unstable();
+        touched.dedup();
+        let mut records = Vec::with_capacity(touched.len());
+        let mut states = Vec::with_capacity(touched.len());
         let mut gone = Vec::new();
-        for (id, row) in &rows {
+        let mut unwritten = Vec::new();
+        for id in &touched {
+            let Some(row) = rows.get(id) else { continue };
             let mut columns = match M::row(&row.state) {
                 Projected::Row(columns) => columns,
                 Projected::Gone => {
                     gone.push(*id);
                     continue;
                 }
-                Projected::Absent => continue,
+                Projected::Absent => {
+                    unwritten.push(*id);
+                    continue;
+                }
             };
             // The team's own table is keyed by `team_id`, which every record has anyway.
             if M::KEY != "team_id" {
@@ -152,6 +174,13 @@ impl<M: ReadModel> StateProjection<M> {
                 updated_at: row.updated_at,
             });
         }
+        // The memo holds only what the table holds, and only what this batch touched: an
+        // aggregate's events mostly follow each other closely, and memory stays bounded by the
+        // batch.
+        for id in gone.iter().chain(&unwritten) {
+            rows.remove(id);
+        }
+        rows.retain(|id, _| touched.binary_search(id).is_ok());
         if !gone.is_empty() {
             sqlx::query(&format!("delete from {} where {} = any($1)", M::TABLE, M::KEY))
                 .bind(&gone)
@@ -169,7 +198,7 @@ impl<M: ReadModel> StateProjection<M> {
         let sql = format!(
             "insert into {table} ({cols}, state)
              select {row_cols}, s.state
-               from jsonb_populate_recordset(null::{table}, $1) with ordinality as r
+               from json_populate_recordset(null::{table}, $1::text::json) with ordinality as r
                join unnest($2::text[]) with ordinality as s(state, n) on s.n = r.ordinality
              on conflict ({key}) do update set {updates}",
             table = M::TABLE,
@@ -179,7 +208,7 @@ impl<M: ReadModel> StateProjection<M> {
             updates = updates.join(", ")
         );
         sqlx::query(&sql)
-            .bind(Json(&records))
+            .bind(serde_json::to_string(&records)?)
             .bind(&states)
             .execute(&mut *tx)
             .await
@@ -197,7 +226,12 @@ impl<M: ReadModel> Projection for StateProjection<M> {
         std::slice::from_ref(&M::TABLE)
     }
 
-    fn apply<'a>(&'a self, tx: &'a mut PgConnection, events: &'a [RecordedEvent]) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(self.apply_batch(tx, events))
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [RecordedEvent],
+        memo: &'a mut Memo,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(self.apply_batch(tx, events, memo))
     }
 }

@@ -10,18 +10,27 @@ use crate::{Projection, ProjectionRunner};
 use anyhow::Context as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zpanel_commands::postgres::read_all_on;
 use zpanel_commands::{Cursor, RecordedEvent};
 
 /// Events read per batch while rebuilding.
-pub const BATCH: i64 = 5_000;
+pub const BATCH: i64 = 20_000;
 
 /// Batches read ahead of the slowest projection.
 const READ_AHEAD: usize = 2;
 
+/// What a rebuild did.
+#[derive(Clone, Debug, Default)]
+pub struct Rebuilt {
+    /// Events replayed.
+    pub events: u64,
+    /// Each projection's time spent applying batches (the rest it waited for the reader).
+    pub busy: Vec<(&'static str, Duration)>,
+}
+
 /// Empties `projections` and replays the whole log into them; `progress` hears how far the
-/// slowest projection has got after each batch. Returns the number of events replayed.
+/// slowest projection has got after each batch.
 ///
 /// # Errors
 /// When the database fails or a projection cannot apply an event.
@@ -29,7 +38,7 @@ pub async fn rebuild(
     pool: &sqlx::PgPool,
     projections: Vec<Arc<dyn Projection>>,
     progress: impl Fn(u64) + Send + Sync,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Rebuilt> {
     let all = ProjectionRunner::new(pool.clone(), projections.clone());
     all.register().await?;
     all.reset(&all.names()).await?;
@@ -42,18 +51,22 @@ pub async fn rebuild(
     let mut counts = Vec::new();
     for projection in projections {
         let (sender, mut batches) = tokio::sync::mpsc::channel::<Batch>(READ_AHEAD);
-        let lane = ProjectionRunner::new(pool.clone(), vec![projection]);
+        let name = projection.name();
+        let lane = ProjectionRunner::new(pool.clone(), vec![projection]).with_memos();
         let count = Arc::new(AtomicU64::new(0));
         let (ticks, counted) = (ticks.clone(), Arc::clone(&count));
         senders.push(sender);
         counts.push(count);
         lanes.push(tokio::spawn(async move {
+            let mut busy = Duration::ZERO;
             while let Some(batch) = batches.recv().await {
+                let started = Instant::now();
                 lane.apply(batch.after, &batch.events).await?;
+                busy += started.elapsed();
                 counted.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
                 let _ = ticks.send(());
             }
-            anyhow::Ok(())
+            anyhow::Ok((name, busy))
         }));
     }
     drop(ticks);
@@ -61,11 +74,12 @@ pub async fn rebuild(
     while ticked.recv().await.is_some() {
         progress(counts.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(0));
     }
+    let mut busy = Vec::with_capacity(lanes.len());
     for lane in lanes {
-        lane.await.context("a projection lane panicked")?.context("applying the log")?;
+        busy.push(lane.await.context("a projection lane panicked")?.context("applying the log")?);
     }
     reader.await.context("the log reader panicked")?.context("reading the log")?;
-    Ok(counts.iter().map(|c| c.load(Ordering::Relaxed)).max().unwrap_or(0))
+    Ok(Rebuilt { events: counts.iter().map(|c| c.load(Ordering::Relaxed)).max().unwrap_or(0), busy })
 }
 
 /// Reads the whole log and hands every batch to every lane, until the log or a lane ends.

@@ -8,7 +8,7 @@
 //! the one that has it. Taking the lock needs no transaction id, so it does not hold back the
 //! `(tx_id, position)` horizon of other readers while the batch is read.
 
-use crate::projection::Projection;
+use crate::projection::{Memo, Projection};
 use anyhow::Context as _;
 use sqlx::{PgPool, Row as _};
 use std::collections::HashMap;
@@ -22,6 +22,9 @@ use zpanel_commands::{AppendSignal, Cursor};
 const HELD_BACK_RETRY: Duration = Duration::from_millis(2);
 /// Polling interval when nothing signals: covers appends by processes without the notify bridge.
 const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// Memos kept by projection name, each with the cursor its batch committed at.
+type KeptMemos = HashMap<&'static str, (Cursor, Memo)>;
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -39,6 +42,9 @@ pub struct ProjectionRunner {
     projections: Vec<Arc<dyn Projection>>,
     batch_size: i64,
     projected: watch::Sender<Cursor>,
+    /// Memos kept between batches, by projection, with the cursor their batch committed at;
+    /// `None` when batches start with empty memos.
+    memos: Option<Arc<std::sync::Mutex<KeptMemos>>>,
 }
 
 impl std::fmt::Debug for ProjectionRunner {
@@ -54,7 +60,15 @@ impl ProjectionRunner {
     /// A runner for `projections` over `pool`.
     #[must_use]
     pub fn new(pool: PgPool, projections: Vec<Arc<dyn Projection>>) -> Self {
-        Self { pool, projections, batch_size: 256, projected: watch::Sender::new(Cursor::START) }
+        Self { pool, projections, batch_size: 256, projected: watch::Sender::new(Cursor::START), memos: None }
+    }
+
+    /// Keeps each projection's memo from one batch to the next (see [`Memo`]): for rebuilds,
+    /// whose large batches of one projection follow each other.
+    #[must_use]
+    pub fn with_memos(mut self) -> Self {
+        self.memos = Some(Arc::default());
+        self
     }
 
     /// Reads the log in batches of `size` events.
@@ -115,9 +129,9 @@ impl ProjectionRunner {
             tx.commit().await?;
             return Ok(Step { read: 0, held_back: batch.held_back });
         };
-        self.apply_locked(&mut tx, &checkpoints, &batch.events).await?;
+        let memos = self.apply_locked(&mut tx, &checkpoints, &batch.events).await?;
         tx.commit().await.context("committing a projection batch")?;
-        self.mark_projected(last);
+        self.committed(last, memos);
         Ok(Step { read: batch.events.len(), held_back: batch.held_back })
     }
 
@@ -153,31 +167,35 @@ impl ProjectionRunner {
                 "projection {name} is at {behind:?}, behind the events given (after {after:?}); was it reset?"
             );
         }
-        self.apply_locked(&mut tx, &checkpoints, events).await?;
+        let memos = self.apply_locked(&mut tx, &checkpoints, events).await?;
         tx.commit().await.context("committing a projection batch")?;
-        self.mark_projected(last);
+        self.committed(last, memos);
         Ok(())
     }
 
     /// Applies to each projection in `checkpoints` the events it has not seen, and moves the
-    /// checkpoints to the last event, in `tx`.
+    /// checkpoints to the last event, in `tx`. Returns the projections' memos, to keep once the
+    /// transaction has committed.
     async fn apply_locked(
         &self,
         tx: &mut sqlx::PgConnection,
         checkpoints: &HashMap<String, Cursor>,
         events: &[zpanel_commands::RecordedEvent],
-    ) -> anyhow::Result<()> {
-        let Some(last) = events.last().map(|e| e.cursor()) else { return Ok(()) };
+    ) -> anyhow::Result<Vec<(&'static str, Memo)>> {
+        let Some(last) = events.last().map(|e| e.cursor()) else { return Ok(Vec::new()) };
+        let mut memos = Vec::new();
         for projection in &self.projections {
             let Some(checkpoint) = checkpoints.get(projection.name()) else { continue };
+            let mut memo = self.memo(projection.name(), *checkpoint);
             let start = events.partition_point(|e| e.cursor() <= *checkpoint);
             let unseen = &events[start..];
             if !unseen.is_empty() {
                 projection
-                    .apply(&mut *tx, unseen)
+                    .apply(&mut *tx, unseen, &mut memo)
                     .await
                     .with_context(|| format!("projection {} applying events up to {last:?}", projection.name()))?;
             }
+            memos.push((projection.name(), memo));
         }
         let held_names: Vec<&String> = checkpoints.keys().collect();
         sqlx::query(
@@ -190,7 +208,29 @@ impl ProjectionRunner {
         .execute(&mut *tx)
         .await
         .context("moving projection checkpoints")?;
-        Ok(())
+        Ok(memos)
+    }
+
+    /// The memo `name` kept, if its batch committed at `checkpoint` — which shows that no other
+    /// instance has applied the projection since; an empty one otherwise.
+    fn memo(&self, name: &'static str, checkpoint: Cursor) -> Memo {
+        let Some(memos) = &self.memos else { return Memo::default() };
+        let mut memos = memos.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match memos.remove(name) {
+            Some((at, memo)) if at == checkpoint => memo,
+            _ => Memo::default(),
+        }
+    }
+
+    /// Records a committed batch: the read models reached `last`, and the memos describe them.
+    fn committed(&self, last: Cursor, memos: Vec<(&'static str, Memo)>) {
+        if let Some(kept) = &self.memos {
+            let mut kept = kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (name, memo) in memos {
+                kept.insert(name, (last, memo));
+            }
+        }
+        self.mark_projected(last);
     }
 
     /// A batch's transaction. It commits without waiting for its WAL to reach disk: a read

@@ -102,6 +102,7 @@ impl Projection for FailsOn {
         &'a self,
         _tx: &'a mut sqlx::PgConnection,
         events: &'a [RecordedEvent],
+        _memo: &'a mut zpanel_projections::projection::Memo,
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         let fail = events.iter().any(|e| e.event_type == self.0);
         Box::pin(async move { if fail { anyhow::bail!("refusing {}", self.0) } else { Ok(()) } })

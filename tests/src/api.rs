@@ -89,25 +89,11 @@ impl App {
         let db = TestDatabase::create().await.expect("a test database");
         let data = TempDir::new();
         let mut command = zpanel(&db, &data.0);
-        command.arg(subcommand).stdin(Stdio::null()).stdout(Stdio::piped());
+        command.arg(subcommand);
         for (k, v) in env {
             command.env(k, v);
         }
-        let mut child = command.spawn().expect("starts zpanel serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let url = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let url = lines
-                .by_ref()
-                .map_while(Result::ok)
-                .find_map(|line| line.strip_prefix("listening on ").map(str::to_owned))
-                .expect("zpanel serve prints where it listens");
-            // Keep draining, so the child never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            url
-        })
-        .await
-        .expect("reading stdout");
+        let (child, url) = listen(command).await;
         Self { url, db, data, child, http: reqwest::Client::new() }
     }
 
@@ -132,8 +118,16 @@ impl App {
     /// # Panics
     /// When the HTTP exchange fails.
     pub async fn graphql(&self, token: Option<&str>, query: &str, variables: Value) -> Answer {
+        self.graphql_at(&self.url, token, query, variables).await
+    }
+
+    /// Like [`App::graphql`], sent to the API at `url` (a [`Peer`]'s).
+    ///
+    /// # Panics
+    /// When the request fails or the answer is not JSON.
+    pub async fn graphql_at(&self, url: &str, token: Option<&str>, query: &str, variables: Value) -> Answer {
         let mut request =
-            self.http.post(format!("{}/graphql", self.url)).json(&json!({ "query": query, "variables": variables }));
+            self.http.post(format!("{url}/graphql")).json(&json!({ "query": query, "variables": variables }));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -176,11 +170,64 @@ impl App {
 
 impl Drop for App {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-        }
-        let _ = self.child.wait();
+        stop(&mut self.child);
     }
+}
+
+/// Another Zpanel process on an [`App`]'s database and data directory, as a second instance
+/// of a multi-process installation.
+#[derive(Debug)]
+pub struct Peer {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    child: Child,
+}
+
+impl App {
+    /// Starts `zpanel <subcommand>` on this app's database and data directory.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub async fn peer(&self, subcommand: &str) -> Peer {
+        let mut command = zpanel(&self.db, &self.data.0);
+        command.arg(subcommand);
+        let (child, url) = listen(command).await;
+        Peer { url, child }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// Spawns `command` and waits until it says where it listens.
+async fn listen(mut command: std::process::Command) -> (Child, String) {
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = command.spawn().expect("starts zpanel");
+    let stdout = child.stdout.take().expect("stdout");
+    let url = tokio::task::spawn_blocking(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let url = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|line| line.strip_prefix("listening on ").map(str::to_owned))
+            .expect("zpanel prints where it listens");
+        // Keep draining, so the child never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        url
+    })
+    .await
+    .expect("reading stdout");
+    (child, url)
+}
+
+fn stop(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
+    let _ = child.wait();
 }
 
 /// An open subscription.

@@ -511,3 +511,62 @@ async fn a_create_retried_with_its_command_id_answers_with_the_first_result() {
     assert_eq!(reuse.code(), "INVALID_INPUT");
     assert_eq!(reuse.error()["extensions"]["field"], "commandId");
 }
+
+#[tokio::test]
+async fn a_repeated_query_sees_every_change_made_through_any_process() {
+    // Answers of read-model queries are reused while the read models stand still (ADR 0014):
+    // each change, through this process or another one, must show in the very next answer.
+    let app = App::start_api().await;
+    let peer = app.peer("api").await;
+    let root = app.bootstrap("Acme");
+    let project = project(&app, &root, "shop").await;
+    let id = application(&app, &root, &project, "web").await;
+    let query = "{ applications(first: 10) { nodes { id env { key value } } } }";
+    let values = |answer: Value| -> Vec<String> {
+        answer["applications"]["nodes"][0]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .map(|v| format!("{}={}", v["key"].as_str().unwrap_or_default(), v["value"].as_str().unwrap_or_default()))
+            .collect()
+    };
+    for (round, url) in [&app.url, &peer.url, &app.url, &peer.url].into_iter().enumerate() {
+        let before_here = values(app.graphql(Some(&root), query, json!({})).await.ok());
+        let before_there = values(app.graphql_at(&peer.url, Some(&root), query, json!({})).await.ok());
+        assert_eq!(before_here, before_there);
+        // Set through one process, read at once through both.
+        let value = format!("v{round}");
+        app.graphql_at(
+            url,
+            Some(&root),
+            SET_VAR,
+            json!({ "app": id, "key": "ROUND", "value": value, "secret": false }),
+        )
+        .await
+        .ok();
+        let expected = vec![format!("ROUND={value}")];
+        assert_eq!(values(app.graphql(Some(&root), query, json!({})).await.ok()), expected, "round {round}, here");
+        assert_eq!(
+            values(app.graphql_at(&peer.url, Some(&root), query, json!({})).await.ok()),
+            expected,
+            "round {round}, in the other process"
+        );
+    }
+
+    // A token used (and its lookup kept) in both processes, then revoked through one: the other
+    // refuses it on the next request.
+    let reader = app.graphql(Some(&root), CREATE_TOKEN, json!({ "name": "ci", "abilities": ["read"] })).await.ok();
+    let secret = reader["createApiToken"]["token"].as_str().expect("token").to_owned();
+    let token_id = reader["createApiToken"]["apiToken"]["id"].as_str().expect("id").to_owned();
+    app.graphql(Some(&secret), query, json!({})).await.ok();
+    app.graphql_at(&peer.url, Some(&secret), query, json!({})).await.ok();
+    app.graphql(
+        Some(&root),
+        "mutation($id: ID!) { revokeApiToken(input: { id: $id }) { revoked } }",
+        json!({ "id": token_id }),
+    )
+    .await
+    .ok();
+    assert_eq!(app.graphql_at(&peer.url, Some(&secret), query, json!({})).await.code(), "UNAUTHENTICATED");
+    assert_eq!(app.graphql(Some(&secret), query, json!({})).await.code(), "UNAUTHENTICATED");
+}

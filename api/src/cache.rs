@@ -42,6 +42,7 @@ const READ_MODEL_FIELDS: &[&str] = &[
     "deployment",
     "servers",
     "server",
+    "serverFacts",
     "privateKeys",
     "apiTokens",
     "auditLog",

@@ -56,6 +56,30 @@ pub struct ServerFacts {
     pub disk_free_bytes: u64,
 }
 
+/// The oldest Docker Engine (major version) Zpanel supports on a server.
+pub const MIN_DOCKER_MAJOR: u32 = 24;
+
+impl ServerFacts {
+    /// What its user should know: an engine older than Zpanel supports, or one whose version
+    /// cannot be compared with the minimum. Derived when shown, so it follows the minimum.
+    #[must_use]
+    pub fn warnings(&self) -> Vec<String> {
+        let version = self.docker_version.trim();
+        let major = version.split(['.', '-', '+']).next().and_then(|m| m.parse::<u32>().ok());
+        match major {
+            Some(major) if major >= MIN_DOCKER_MAJOR => Vec::new(),
+            Some(_) => vec![format!(
+                "Docker Engine {version} is older than {MIN_DOCKER_MAJOR}.0, the oldest Zpanel supports; \
+                 deployments may fail — upgrade the engine on this server"
+            )],
+            None => vec![format!(
+                "Docker Engine reported the version \"{version}\", which cannot be compared with the minimum \
+                 {MIN_DOCKER_MAJOR}.0; deployments may fail"
+            )],
+        }
+    }
+}
+
 /// How Zpanel reaches a server.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Connection {
@@ -772,5 +796,31 @@ mod tests {
             let (kind, text) = event.encode_json().expect("encodes");
             assert_eq!(ServerEvent::decode_json(kind, 1, text.get()).expect("decodes"), event);
         }
+    }
+}
+
+#[cfg(test)]
+mod docker_version_tests {
+    use super::ServerFacts;
+
+    fn facts(version: &str) -> ServerFacts {
+        ServerFacts {
+            os: "Debian".into(),
+            docker_version: version.into(),
+            cpus: 2,
+            memory_bytes: 1,
+            disk_free_bytes: 1,
+        }
+    }
+
+    #[test]
+    fn an_engine_older_than_24_or_of_unknown_version_is_warned_about() {
+        assert!(facts("24.0.7").warnings().is_empty());
+        assert!(facts("26.1.5+dfsg1").warnings().is_empty());
+        let old = facts("20.10.24").warnings();
+        assert_eq!(old.len(), 1);
+        assert!(old[0].contains("20.10.24") && old[0].contains("24.0"), "{old:?}");
+        assert_eq!(facts("dev").warnings().len(), 1);
+        assert_eq!(facts("").warnings().len(), 1);
     }
 }

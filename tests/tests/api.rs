@@ -199,7 +199,7 @@ async fn another_teams_ids_answer_exactly_like_missing_ones() {
             "mutation($a: ID!, $d: ID!) { rollbackApplication(input: { applicationId: $a, deploymentId: $d }) { id } }",
             json!({ "a": web, "d": deployment }),
         ),
-        ("mutation($id: ID!) { validateServer(input: { id: $id }) { id } }", json!({ "id": server })),
+        ("mutation($id: ID!) { validateServer(input: { serverId: $id }) { id } }", json!({ "id": server })),
         ("mutation($id: ID!) { revokeApiToken(input: { id: $id }) { id } }", json!({ "id": a_token })),
     ] {
         let answer = app.graphql(Some(&b), mutation, vars).await;
@@ -247,6 +247,8 @@ async fn another_teams_ids_answer_exactly_like_missing_ones() {
         ("query($id: ID!) { deployments(applicationId: $id) { totalCount } }", json!({ "id": web })),
         ("query($id: ID!) { events(streamId: $id) { position } }", json!({ "id": format!("application-{web}") })),
         ("query($id: ID!) { applicationDiff(id: $id, fromVersion: 0, toVersion: 1) { field } }", json!({ "id": web })),
+        ("query($id: ID!) { serverFacts(serverId: $id) { os } }", json!({ "id": server })),
+        ("query { serverFacts(serverId: \"not-an-id\") { os } }", json!({})),
     ] {
         assert_eq!(app.graphql(Some(&b), query, vars).await.code(), "NOT_FOUND", "{query}");
     }

@@ -158,11 +158,20 @@ pub struct RenameProjectInput {
     pub command_id: Option<ID>,
 }
 
-/// `archiveProject`, `archiveApplication`, `revokeApiToken`, `validateServer`, …
+/// `archiveProject`, `archiveApplication`, `revokeApiToken`, …
 #[derive(Debug, InputObject)]
 pub struct IdInput {
     /// The object.
     pub id: ID,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// `validateServer`.
+#[derive(Debug, InputObject)]
+pub struct ValidateServerInput {
+    /// The server.
+    pub server_id: ID,
     /// For idempotent retries.
     pub command_id: Option<ID>,
 }
@@ -738,10 +747,10 @@ impl Mutation {
     }
 
     /// Asks for a server to be connected to and checked.
-    async fn validate_server(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Server> {
+    async fn validate_server(&self, ctx: &Context<'_>, input: ValidateServerInput) -> ApiResult<Server> {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Write)?;
-        let id = parse_id(&input.id, "server")?;
+        let id = parse_id(&input.server_id, "server")?;
         send::<ServerAggregate>(
             state,
             caller,

@@ -3,7 +3,8 @@
 
 use super::types::{
     AUDIT_COLUMNS, ApiToken, Application, ApplicationConnection, AuditConnection, AuditEntry, Change,
-    DEPLOYMENT_COLUMNS, Deployment, DeploymentConnection, Event, LogLine, PrivateKey, Project, Server, Team,
+    DEPLOYMENT_COLUMNS, Deployment, DeploymentConnection, Event, LogLine, PrivateKey, Project, Server, ServerFacts,
+    Team,
 };
 use super::{caller, decode_cursor, encode_cursor, load, page_size, parse_id};
 use crate::error::{ApiError, ApiResult};
@@ -295,6 +296,17 @@ impl Query {
         caller.require(Ability::Read)?;
         let Ok(id) = parse_id(&id, "server") else { return Ok(None) };
         load::server(state, caller, id).await
+    }
+
+    /// What the last successful validation of a server found (`null` before one), with
+    /// warnings such as a Docker Engine older than Zpanel supports. `NOT_FOUND` for a server
+    /// the team does not have.
+    async fn server_facts(&self, ctx: &Context<'_>, server_id: ID) -> ApiResult<Option<ServerFacts>> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Read)?;
+        let id = parse_id(&server_id, "server")?;
+        let server = load::server(state, caller, id).await?.ok_or(ApiError::NotFound("server"))?;
+        Ok(server.facts)
     }
 
     /// The team's SSH keys (public halves), by name.

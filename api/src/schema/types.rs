@@ -579,11 +579,14 @@ pub struct ServerFacts {
     pub memory_bytes: u64,
     /// Free disk, in bytes.
     pub disk_free_bytes: u64,
+    /// What to know about these facts, e.g. a Docker Engine older than Zpanel supports (24).
+    pub warnings: Vec<String>,
 }
 
 impl From<zpanel_domain::server::ServerFacts> for ServerFacts {
     fn from(f: zpanel_domain::server::ServerFacts) -> Self {
         Self {
+            warnings: f.warnings(),
             os: f.os,
             docker_version: f.docker_version,
             cpus: f.cpus,

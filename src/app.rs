@@ -107,6 +107,8 @@ pub struct WorkerMode {
     pub relay: bool,
     /// How often running deployments' leases are checked.
     pub lease_sweep: Duration,
+    /// How often validated servers are checked; `None`: only when asked (`runServerCheck`).
+    pub server_checks: Option<Duration>,
     pub deploy: zpanel_workers::deploy::DeployConfig,
 }
 
@@ -140,6 +142,12 @@ pub fn start_workers(
     };
     if runs("server") {
         let validator = zpanel_workers::servers::ServerValidator::new(handler.clone(), Arc::clone(keyring), &worker_id);
+        if let Some(every) = mode.server_checks {
+            let (checker, pool) = (validator.clone(), pool.clone());
+            parts.spawn("the server checks", move |until| async move {
+                checker.check_periodically(pool, every, until).await
+            });
+        }
         workers.push(zpanel_workers::Worker::new("server", validator));
     }
     let stats: Vec<(String, Arc<zpanel_workers::WorkerStats>)> =

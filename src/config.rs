@@ -90,6 +90,12 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_ROUTE_SYNC_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400), global = true)]
     pub route_sync_seconds: u64,
 
+    /// How often (seconds) validated servers are checked over SSH; a change of reachability is
+    /// recorded (`ServerBecameUnreachable`, `ServerRecovered`). 0 turns the checks off
+    /// (`runServerCheck` still works).
+    #[arg(long, env = "ZPANEL_SERVER_CHECK_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400), global = true)]
+    pub server_check_seconds: u64,
+
     /// Image builds a worker runs at once.
     #[arg(long, env = "ZPANEL_DEPLOY_BUILDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64), global = true)]
     pub deploy_builds: u64,
@@ -114,6 +120,8 @@ impl Config {
             kafka: self.kafka(),
             relay,
             lease_sweep: std::time::Duration::from_secs(self.lease_sweep_seconds),
+            server_checks: (self.server_check_seconds > 0)
+                .then(|| std::time::Duration::from_secs(self.server_check_seconds)),
             deploy: self.deploy(),
         }
     }

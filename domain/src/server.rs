@@ -206,6 +206,15 @@ pub enum ServerCommand {
         /// Why.
         error: String,
     },
+    /// Ask a worker to check now whether the server can still be reached (as the periodic
+    /// health check does).
+    RequestCheck,
+    /// A health check's result (sent by the worker): `None` when it connected and found the
+    /// engine, else why not.
+    RecordCheck {
+        /// Why the server could not be reached.
+        error: Option<String>,
+    },
     /// Remove the server.
     RemoveServer {
         /// How many applications deploy to it (outside fact).
@@ -255,6 +264,15 @@ pub enum ServerEvent {
         /// Why.
         error: String,
     },
+    /// A health check was asked for.
+    ServerCheckRequested {},
+    /// A health check of a reachable server failed.
+    ServerBecameUnreachable {
+        /// Why.
+        error: String,
+    },
+    /// A health check of an unreachable server connected again.
+    ServerRecovered {},
     /// The server was removed.
     ServerRemoved {},
 }
@@ -268,6 +286,9 @@ impl DomainEvent for ServerEvent {
             Self::ServerValidationRequested { .. } => "ServerValidationRequested",
             Self::ServerValidationSucceeded { .. } => "ServerValidationSucceeded",
             Self::ServerValidationFailed { .. } => "ServerValidationFailed",
+            Self::ServerCheckRequested { .. } => "ServerCheckRequested",
+            Self::ServerBecameUnreachable { .. } => "ServerBecameUnreachable",
+            Self::ServerRecovered { .. } => "ServerRecovered",
             Self::ServerRemoved { .. } => "ServerRemoved",
         }
     }
@@ -291,6 +312,9 @@ pub enum ServerError {
     /// A validation result with no validation running (or one for older settings).
     #[error("no validation of the server is pending")]
     NoValidationPending,
+    /// A health check of a server whose settings were never validated.
+    #[error("the server has not been validated yet: validate it first")]
+    NotValidated,
     /// Removing a server that applications deploy to.
     #[error("applications still deploy to the server")]
     ServerInUse,
@@ -365,6 +389,20 @@ impl Aggregate for Server {
             ServerCommand::RecordValidationFailed { error } => {
                 Ok(vec![ServerEvent::ServerValidationFailed { error: error.clone() }])
             }
+            ServerCommand::RequestCheck => match server.status {
+                ServerStatus::Reachable | ServerStatus::Unreachable => Ok(vec![ServerEvent::ServerCheckRequested {}]),
+                ServerStatus::Unknown | ServerStatus::Validating => Err(ServerError::NotValidated),
+            },
+            // Only changes are recorded: a reachable server that stays reachable (or an
+            // unreachable one that stays so) adds nothing, and while a validation runs, or
+            // before the first, the validation owns the status.
+            ServerCommand::RecordCheck { error } => Ok(match (server.status, error) {
+                (ServerStatus::Reachable, Some(error)) => {
+                    vec![ServerEvent::ServerBecameUnreachable { error: error.clone() }]
+                }
+                (ServerStatus::Unreachable, None) => vec![ServerEvent::ServerRecovered {}],
+                _ => vec![],
+            }),
             ServerCommand::RemoveServer { applications_using_it } if *applications_using_it > 0 => {
                 Err(ServerError::ServerInUse)
             }
@@ -415,6 +453,16 @@ impl Aggregate for Server {
             (Self::Active(mut server), ServerEvent::ServerValidationFailed { error }) => {
                 server.status = ServerStatus::Unreachable;
                 server.last_error = Some(error.clone());
+                Self::Active(server)
+            }
+            (Self::Active(mut server), ServerEvent::ServerBecameUnreachable { error }) => {
+                server.status = ServerStatus::Unreachable;
+                server.last_error = Some(error.clone());
+                Self::Active(server)
+            }
+            (Self::Active(mut server), ServerEvent::ServerRecovered {}) => {
+                server.status = ServerStatus::Reachable;
+                server.last_error = None;
                 Self::Active(server)
             }
             (Self::Active(server), ServerEvent::ServerRemoved {}) => {
@@ -796,6 +844,65 @@ mod tests {
             let (kind, text) = event.encode_json().expect("encodes");
             assert_eq!(ServerEvent::decode_json(kind, 1, text.get()).expect("decodes"), event);
         }
+    }
+}
+
+#[cfg(test)]
+mod health_check_tests {
+    use super::*;
+
+    fn server(status: ServerStatus) -> Server {
+        let Server::Active(mut details) = Server::New.evolve(&ServerEvent::ServerCreated {
+            server_id: ServerId::new(),
+            team_id: TeamId::new(),
+            name: Name::parse("edge").expect("a name"),
+            connection: Connection {
+                host: Host::parse("127.0.0.1").expect("a host"),
+                port: Port::parse("22").expect("a port"),
+                user: UnixUser::parse("root").expect("a user"),
+                private_key_id: PrivateKeyId::new(),
+            },
+        }) else {
+            unreachable!("created")
+        };
+        details.status = status;
+        Server::Active(details)
+    }
+
+    #[test]
+    fn a_check_records_only_changes_of_reachability() {
+        let down = ServerCommand::RecordCheck { error: Some("connection refused".into()) };
+        let up = ServerCommand::RecordCheck { error: None };
+        let reachable = server(ServerStatus::Reachable);
+        let events = reachable.decide(&down).expect("decided");
+        assert_eq!(events, vec![ServerEvent::ServerBecameUnreachable { error: "connection refused".into() }]);
+        let unreachable = events.iter().fold(reachable.clone(), |s, e| s.evolve(e));
+        assert_eq!(unreachable.details().map(|d| d.status), Some(ServerStatus::Unreachable));
+        assert_eq!(unreachable.decide(&down), Ok(vec![]));
+        let events = unreachable.decide(&up).expect("decided");
+        assert_eq!(events, vec![ServerEvent::ServerRecovered {}]);
+        let recovered = events.iter().fold(unreachable, |s, e| s.evolve(e));
+        assert_eq!(
+            recovered.details().map(|d| (d.status, d.last_error.clone())),
+            Some((ServerStatus::Reachable, None))
+        );
+        assert_eq!(reachable.decide(&up), Ok(vec![]));
+        // A validation owns the status while it runs, and before the first one.
+        assert_eq!(server(ServerStatus::Validating).decide(&down), Ok(vec![]));
+        assert_eq!(server(ServerStatus::Unknown).decide(&up), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_check_is_asked_for_only_once_the_server_was_validated() {
+        assert_eq!(
+            server(ServerStatus::Reachable).decide(&ServerCommand::RequestCheck),
+            Ok(vec![ServerEvent::ServerCheckRequested {}])
+        );
+        assert_eq!(
+            server(ServerStatus::Unreachable).decide(&ServerCommand::RequestCheck),
+            Ok(vec![ServerEvent::ServerCheckRequested {}])
+        );
+        assert_eq!(server(ServerStatus::Unknown).decide(&ServerCommand::RequestCheck), Err(ServerError::NotValidated));
     }
 }
 

@@ -163,6 +163,7 @@ impl Zpanel {
             kafka: None,
             relay: false,
             lease_sweep: Duration::from_secs(config.lease_sweep_seconds),
+            server_checks: None,
             deploy: zpanel_workers::deploy::DeployConfig {
                 caddy_admin: caddy.admin.clone(),
                 proxy_listen: caddy.listen.clone(),

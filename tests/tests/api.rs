@@ -234,6 +234,7 @@ async fn another_teams_ids_answer_exactly_like_missing_ones() {
             json!({ "id": web }),
         ),
         ("mutation($id: ID!) { updateApplication(input: { id: $id, port: 81 }) { id } }", json!({ "id": web })),
+        ("mutation($id: ID!) { runServerCheck(input: { serverId: $id }) { id } }", json!({ "id": server })),
         (
             "mutation($p: ID!) { createApplication(input: { projectId: $p, name: \"x\", image: \"a:1\" }) { id } }",
             json!({ "p": pid }),

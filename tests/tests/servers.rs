@@ -23,9 +23,39 @@ struct Env {
 
 impl Env {
     async fn start() -> Self {
-        let app = App::start().await;
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(env: &[(&str, &str)]) -> Self {
+        let app = App::start_with(env).await;
         let token = app.bootstrap("ops");
         Self { app, token, sshd: Sshd::start() }
+    }
+
+    /// Polls the server until its status is `status` (60 s at most); returns it then.
+    async fn until_status(&self, server_id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let server = self.gql(SERVER, json!({ "id": server_id })).await["server"].clone();
+            if server["status"] == status {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "the server did not become {status}: {server}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The server's event types, oldest first.
+    async fn event_types(&self, server_id: &str) -> Vec<String> {
+        let events = self
+            .gql("query($s: ID!) { events(streamId: $s) { eventType } }", json!({ "s": format!("server-{server_id}") }))
+            .await;
+        events["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| e["eventType"].as_str().unwrap_or("").to_owned())
+            .collect()
     }
 
     async fn gql(&self, query: &str, variables: Value) -> Value {
@@ -164,6 +194,52 @@ async fn a_stopped_sshd_makes_the_server_unreachable_with_connection_refused_unt
     let server = env.validate(&server_id).await;
     assert_eq!(server["status"], "REACHABLE", "{server}");
     assert_eq!(server["lastError"], Value::Null, "{server}");
+}
+
+#[tokio::test]
+async fn the_periodic_check_records_when_a_server_goes_down_and_when_it_is_back() {
+    let mut env = Env::start_with(&[("ZPANEL_SERVER_CHECK_SECONDS", "1")]).await;
+    let (key_id, public_key) = env.key("ops key").await;
+    env.sshd.authorize(&public_key);
+    let server_id = env.server("local", &key_id).await;
+    assert_eq!(env.validate(&server_id).await["status"], "REACHABLE");
+
+    env.sshd.stop();
+    let server = env.until_status(&server_id, "UNREACHABLE").await;
+    assert!(last_error(&server).contains("connection refused"), "{server}");
+    env.sshd.resume();
+    let server = env.until_status(&server_id, "REACHABLE").await;
+    assert_eq!(server["lastError"], Value::Null, "{server}");
+    // Each change once, in order; the checks in between (every second) added nothing.
+    let types = env.event_types(&server_id).await;
+    let changes: Vec<&str> = types
+        .iter()
+        .map(String::as_str)
+        .filter(|t| matches!(*t, "ServerBecameUnreachable" | "ServerRecovered"))
+        .collect();
+    assert_eq!(changes, ["ServerBecameUnreachable", "ServerRecovered"], "{types:?}");
+}
+
+#[tokio::test]
+async fn run_server_check_checks_at_once_and_only_a_validated_server() {
+    let mut env = Env::start_with(&[("ZPANEL_SERVER_CHECK_SECONDS", "0")]).await;
+    let (key_id, public_key) = env.key("ops key").await;
+    env.sshd.authorize(&public_key);
+    let server_id = env.server("local", &key_id).await;
+    const CHECK: &str = "mutation($id: ID!) { runServerCheck(input: { serverId: $id }) { id status } }";
+    let early = env.app.graphql(Some(&env.token), CHECK, json!({ "id": server_id })).await;
+    assert_eq!(early.code(), "CONFLICT", "{:?}", early.errors);
+    assert_eq!(env.validate(&server_id).await["status"], "REACHABLE");
+
+    env.sshd.stop();
+    let asked = env.gql(CHECK, json!({ "id": server_id })).await;
+    assert_eq!(asked["runServerCheck"]["status"], "REACHABLE", "{asked}");
+    let server = env.until_status(&server_id, "UNREACHABLE").await;
+    assert!(last_error(&server).contains("connection refused"), "{server}");
+    assert!(env.event_types(&server_id).await.iter().any(|t| t == "ServerCheckRequested"));
+    env.sshd.resume();
+    env.gql(CHECK, json!({ "id": server_id })).await;
+    env.until_status(&server_id, "REACHABLE").await;
 }
 
 #[tokio::test]

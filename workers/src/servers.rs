@@ -6,6 +6,10 @@
 //! The host key is trusted on first use: the fingerprint recorded by the last successful
 //! validation is the only one accepted afterwards (it is forgotten when the server's host or
 //! port changes). The private key is opened from its sealed half here, only for the connection.
+//!
+//! Health checks connect the same way — every `ZPANEL_SERVER_CHECK_SECONDS`, one process at a
+//! time, and on `ServerCheckRequested` (`runServerCheck`) — and report `RecordCheck`; the
+//! domain records only changes (`ServerBecameUnreachable`, `ServerRecovered`).
 
 use crate::runtime::{Handler, HandlerError};
 use crate::ssh::{DOCKER_SOCKET, SshError, SshSession, SshTarget};
@@ -19,7 +23,10 @@ use zpanel_domain::ids::TeamId;
 use zpanel_domain::private_key::PrivateKey;
 use zpanel_domain::server::{Server, ServerCommand, ServerDetails, ServerError, ServerFacts, ServerStatus};
 
-const EVENT_TYPES: &[&str] = &["ServerValidationRequested"];
+const EVENT_TYPES: &[&str] = &["ServerValidationRequested", "ServerCheckRequested"];
+
+/// Servers checked at once by the periodic health check.
+const CHECKS_AT_ONCE: usize = 4;
 
 /// How long connecting, the handshake, logging in, and each command may take.
 pub const SSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +62,95 @@ impl ServerValidator {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Connects to a validated server as its validation does and says whether that worked:
+    /// `None` when the server is not validated (nothing to check), else the check's command.
+    async fn check(&self, team: TeamId, server_id: Uuid) -> anyhow::Result<Option<ServerCommand>> {
+        let (server, _) = self.handler.load::<Server>(team, server_id).await.context("loading the server")?;
+        let Some(details) =
+            server.details().filter(|s| matches!(s.status, ServerStatus::Reachable | ServerStatus::Unreachable))
+        else {
+            return Ok(None);
+        };
+        let error = match self.key_of(team, details).await? {
+            Ok(key) => self.look_around(details, key).await.err().map(|e| e.to_string()),
+            Err(reason) => Some(reason),
+        };
+        Ok(Some(ServerCommand::RecordCheck { error }))
+    }
+
+    /// Checks every validated server every `every`, until `until`; each change of
+    /// reachability is recorded (`ServerBecameUnreachable`, `ServerRecovered`). One process
+    /// checks at a time: a round holds an advisory lock that others skip.
+    ///
+    /// # Errors
+    /// Never on its own: failed rounds are logged and tried again at the next tick.
+    pub async fn check_periodically(
+        &self,
+        pool: sqlx::PgPool,
+        every: Duration,
+        until: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        tokio::pin!(until);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut until => return Ok(()),
+                _ = ticks.tick() => {}
+            }
+            if let Err(e) = self.check_round(&pool).await {
+                tracing::warn!(error = format!("{e:#}"), "a round of server health checks failed");
+            }
+        }
+    }
+
+    async fn check_round(&self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+        use futures::StreamExt as _;
+        // A transaction without writes takes no transaction id, so holding it does not hold
+        // back readers of the log.
+        let mut tx = pool.begin().await?;
+        let mine: bool =
+            sqlx::query_scalar("select pg_try_advisory_xact_lock(hashtextextended('zpanel.server-checks', 0))")
+                .fetch_one(&mut *tx)
+                .await?;
+        if !mine {
+            return Ok(());
+        }
+        let servers: Vec<(Uuid, Uuid)> = sqlx::query_as(
+            "select team_id, server_id from rm_servers where status in ('reachable', 'unreachable') order by server_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(servers)
+            .map(|(team, server_id)| async move {
+                let team = TeamId::from_uuid(team);
+                let Some(command) = self.check(team, server_id).await? else { return Ok(()) };
+                let ctx = CommandContext::new(team, Actor::worker(&self.worker_id), "worker:server");
+                self.record(&ctx, server_id, &command).await
+            })
+            .buffer_unordered(CHECKS_AT_ONCE)
+            .collect()
+            .await;
+        tx.commit().await?;
+        results.into_iter().collect()
+    }
+
+    /// Answers `ServerCheckRequested` (`runServerCheck`).
+    async fn check_requested(&self, event: &RecordedEvent) -> anyhow::Result<()> {
+        let team = TeamId::from_uuid(event.team_id);
+        let server_id = server_id_of(event)?;
+        let Some(command) = self.check(team, server_id).await? else { return Ok(()) };
+        let ctx = CommandContext::caused_by(event, Actor::worker(&self.worker_id), "worker:server", "check");
+        self.record(&ctx, server_id, &command).await
+    }
+
+    async fn record(&self, ctx: &CommandContext, server_id: Uuid, command: &ServerCommand) -> anyhow::Result<()> {
+        match self.handler.execute::<Server>(ctx, server_id, command).await {
+            Ok(_) | Err(CommandError::Rejected(ServerError::ServerNotFound)) => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("recording a check of server {server_id}: {e}")),
+        }
     }
 
     async fn validate(&self, event: &RecordedEvent) -> anyhow::Result<()> {
@@ -192,12 +288,23 @@ impl Handler for ServerValidator {
 
     fn handle<'a>(&'a self, event: &'a RecordedEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
         // Only the database can fail here: an unreachable server is a result, not a failure.
-        Box::pin(async move { self.validate(event).await.map_err(HandlerError::Transient) })
+        Box::pin(async move {
+            let handled = match event.event_type.as_str() {
+                "ServerCheckRequested" => self.check_requested(event).await,
+                _ => self.validate(event).await,
+            };
+            handled.map_err(HandlerError::Transient)
+        })
     }
 
     fn give_up<'a>(&'a self, event: &'a RecordedEvent, reason: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let server_id = server_id_of(event)?;
+            if event.event_type == "ServerCheckRequested" {
+                // A check that could not run changes nothing: the next one will tell.
+                tracing::warn!(server = %server_id, reason, "a requested server check could not run");
+                return Ok(());
+            }
             let error = format!("the server worker could not validate it: {reason}");
             self.report(event, server_id, &ServerCommand::RecordValidationFailed { error }, "give-up").await
         })

@@ -167,7 +167,7 @@ pub struct IdInput {
     pub command_id: Option<ID>,
 }
 
-/// `validateServer`.
+/// `validateServer`, `runServerCheck`.
 #[derive(Debug, InputObject)]
 pub struct ValidateServerInput {
     /// The server.
@@ -760,6 +760,18 @@ impl Mutation {
             &ServerCommand::RequestValidation,
         )
         .await?;
+        found("server", load::server(state, caller, id).await?)
+    }
+
+    /// Asks for a validated server to be checked now, as the periodic health check does; a
+    /// change of reachability shows in its `status` (`ServerBecameUnreachable`,
+    /// `ServerRecovered` in the audit log). `CONFLICT` before the server's first validation.
+    async fn run_server_check(&self, ctx: &Context<'_>, input: ValidateServerInput) -> ApiResult<Server> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.server_id, "server")?;
+        send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", id, &ServerCommand::RequestCheck)
+            .await?;
         found("server", load::server(state, caller, id).await?)
     }
 

@@ -23,21 +23,40 @@ pub enum KeyError {
     /// Not an OpenSSH private key.
     #[error("must be an OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY-----)")]
     Malformed,
-    /// Protected by a passphrase, which Zpanel could not use unattended.
-    #[error("must not be protected by a passphrase")]
-    Encrypted,
+    /// Protected by a passphrase, and none was given.
+    #[error("is required: the key is protected by a passphrase")]
+    PassphraseRequired,
+    /// The passphrase given does not open the key.
+    #[error("does not open the key")]
+    WrongPassphrase,
 }
 
-/// Parses a private key in OpenSSH format.
+impl KeyError {
+    /// The input field the error is about: `passphrase` or `privateKey`.
+    #[must_use]
+    pub const fn field(&self) -> &'static str {
+        match self {
+            Self::Malformed => "privateKey",
+            Self::PassphraseRequired | Self::WrongPassphrase => "passphrase",
+        }
+    }
+}
+
+/// Parses a private key in OpenSSH format, opening it with `passphrase` when it is protected
+/// by one. The key leaves here unprotected — to be sealed under the master key, which is what
+/// protects it at rest; the passphrase is used once and kept nowhere.
 ///
 /// # Errors
-/// When it is not an unencrypted OpenSSH private key. The error never quotes the key.
-pub fn parse(pem: &Plaintext) -> Result<KeyMaterial, KeyError> {
+/// When it is not an OpenSSH private key, or is protected and `passphrase` is missing or does
+/// not open it. The error never quotes the key or the passphrase.
+pub fn parse(pem: &Plaintext, passphrase: Option<&Plaintext>) -> Result<KeyMaterial, KeyError> {
     let key = ssh_key::PrivateKey::from_openssh(pem.expose().trim()).map_err(|_| KeyError::Malformed)?;
-    if key.is_encrypted() {
-        return Err(KeyError::Encrypted);
+    if !key.is_encrypted() {
+        return material(&key);
     }
-    material(&key)
+    let passphrase = passphrase.ok_or(KeyError::PassphraseRequired)?;
+    let opened = key.decrypt(passphrase.expose().as_bytes()).map_err(|_| KeyError::WrongPassphrase)?;
+    material(&opened)
 }
 
 /// Generates an Ed25519 key.
@@ -65,14 +84,31 @@ mod tests {
         let generated = generate_ed25519().expect("generates");
         assert!(generated.public_key.starts_with("ssh-ed25519 "));
         assert!(generated.fingerprint.starts_with("SHA256:"));
-        let parsed = parse(&generated.private_key).expect("parses");
+        let parsed = parse(&generated.private_key, None).expect("parses");
         assert_eq!(parsed.public_key, generated.public_key);
         assert_eq!(parsed.fingerprint, generated.fingerprint);
     }
 
     #[test]
     fn garbage_is_refused_without_being_quoted() {
-        let err = parse(&Plaintext::new("-----BEGIN OPENSSH PRIVATE KEY-----\nsecretgarbage\n")).expect_err("refused");
+        let err =
+            parse(&Plaintext::new("-----BEGIN OPENSSH PRIVATE KEY-----\nsecretgarbage\n"), None).expect_err("refused");
         assert!(!err.to_string().contains("secretgarbage"));
+    }
+
+    #[test]
+    fn a_protected_key_opens_only_with_its_passphrase_and_is_kept_unprotected() {
+        let key = ssh_key::PrivateKey::random(&mut OsRng, Algorithm::Ed25519).expect("a key");
+        let protected = key.encrypt(&mut OsRng, "correct horse").expect("encrypted");
+        let pem = Plaintext::new(protected.to_openssh(LineEnding::LF).expect("pem").to_string());
+        let missing = parse(&pem, None).expect_err("refused");
+        assert!(matches!(missing, KeyError::PassphraseRequired) && missing.field() == "passphrase");
+        let wrong = parse(&pem, Some(&Plaintext::new("battery staple"))).expect_err("refused");
+        assert!(matches!(wrong, KeyError::WrongPassphrase), "{wrong}");
+        assert!(!wrong.to_string().contains("battery"));
+        let opened = parse(&pem, Some(&Plaintext::new("correct horse"))).expect("opens");
+        assert_eq!(opened.fingerprint, key.public_key().fingerprint(HashAlg::Sha256).to_string());
+        let kept = ssh_key::PrivateKey::from_openssh(opened.private_key.expose()).expect("parses");
+        assert!(!kept.is_encrypted());
     }
 }

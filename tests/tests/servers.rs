@@ -265,6 +265,44 @@ async fn an_imported_rsa_key_logs_in() {
     assert_eq!(server["status"], "REACHABLE", "{server}");
 }
 
+#[tokio::test]
+async fn a_passphrase_protected_key_is_imported_with_its_passphrase_and_logs_in() {
+    const PASSPHRASE: &str = "correct horse battery";
+    let env = Env::start().await;
+    let dir = zpanel_tests::TempDir::new();
+    let path = dir.0.join("id_ed25519");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", PASSPHRASE, "-f"])
+        .arg(&path)
+        .status()
+        .expect("ssh-keygen");
+    assert!(made.success());
+    let pem = std::fs::read_to_string(&path).expect("the private key");
+    let import = "mutation($pem: String!, $passphrase: String) {
+        addPrivateKey(input: { name: \"protected\", privateKey: $pem, passphrase: $passphrase }) { id publicKey } }";
+    for (given, rule) in [(None, "is required"), (Some("wrong horse"), "does not open the key")] {
+        let refused = env.app.graphql(Some(&env.token), import, json!({ "pem": pem, "passphrase": given })).await;
+        assert_eq!(refused.code(), "INVALID_INPUT", "{:?}", refused.errors);
+        assert_eq!(refused.error()["extensions"]["field"], "passphrase");
+        let message = refused.error()["message"].as_str().unwrap_or_default();
+        assert!(message.contains(rule) && !message.contains("horse"), "{message}");
+    }
+    assert_eq!(env.gql("{ privateKeys { id } }", json!({})).await["privateKeys"], json!([]), "nothing was added");
+
+    let key = env.gql(import, json!({ "pem": pem, "passphrase": PASSPHRASE })).await;
+    let key = &key["addPrivateKey"];
+    let key_id = key["id"].as_str().expect("key id");
+    env.sshd.authorize(key["publicKey"].as_str().expect("public key"));
+    let server_id = env.server("protected", key_id).await;
+    assert_eq!(env.validate(&server_id).await["status"], "REACHABLE");
+    // The passphrase is nowhere in the key's history.
+    let events = env
+        .gql("query($s: ID!) { events(streamId: $s) { payload } }", json!({ "s": format!("private_key-{key_id}") }))
+        .await;
+    assert!(events["events"].as_array().is_some_and(|e| !e.is_empty()), "{events}");
+    assert!(!events.to_string().contains(PASSPHRASE), "{events}");
+}
+
 /// The SSH client itself, without the worker: a server with no Docker Engine, a port that never
 /// answers.
 mod ssh {

@@ -315,6 +315,9 @@ pub struct AddPrivateKeyInput {
     pub name: String,
     /// The private key (OpenSSH or PEM). Sealed at once; never shown again.
     pub private_key: Option<String>,
+    /// The passphrase protecting `privateKey`, if one does: used once to open it (the key is
+    /// then sealed under Zpanel's master key) and kept nowhere.
+    pub passphrase: Option<String>,
     /// For idempotent retries.
     pub command_id: Option<ID>,
 }
@@ -693,11 +696,12 @@ impl Mutation {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Write)?;
         let name = field("name", &input.name, Name::parse)?;
+        let passphrase = input.passphrase.map(Plaintext::new);
         let material = match input.private_key {
-            Some(pem) => zpanel_commands::ssh_keys::parse(&Plaintext::new(pem)),
+            Some(pem) => zpanel_commands::ssh_keys::parse(&Plaintext::new(pem), passphrase.as_ref()),
             None => zpanel_commands::ssh_keys::generate_ed25519(),
         }
-        .map_err(|e| ApiError::invalid("privateKey", e))?;
+        .map_err(|e| ApiError::invalid(e.field(), e))?;
         let id = created_before::<KeyAggregate>(state, input.command_id.as_ref())
             .await?
             .map_or_else(PrivateKeyId::new, PrivateKeyId::from_uuid);

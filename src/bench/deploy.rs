@@ -617,41 +617,76 @@ fn hand_domain(run: &str) -> String {
     format!("hand-{run}.bench.zpanel.test")
 }
 
+/// What both deploy benchmarks run on: a scratch directory, a Caddy on free loopback ports,
+/// and Zpanel in this process (API, projections, the deploy worker) with a build directory.
+struct Stage {
+    run: String,
+    scratch: PathBuf,
+    caddy: Caddy,
+    work_dir: PathBuf,
+    zpanel: Zpanel,
+}
+
+impl Stage {
+    /// Sets the stage up; whatever was made is removed again if a part fails to start.
+    async fn open(config: &Config, pool: &PgPool, kind: &str) -> anyhow::Result<Self> {
+        let run = Uuid::now_v7().simple().to_string()[20..].to_owned();
+        let scratch = std::env::temp_dir().join(format!("zpanel-bench-{kind}-{run}"));
+        tokio::fs::create_dir_all(&scratch).await.context("creating the scratch directory")?;
+        let caddy = match Caddy::start(scratch.join("caddy")).await {
+            Ok(caddy) => caddy,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&scratch).await;
+                return Err(e);
+            }
+        };
+        let work_dir = config.data_dir.join(format!("bench-builds-{run}"));
+        match Zpanel::start(config, pool, &caddy, work_dir.clone()).await {
+            Ok(zpanel) => Ok(Self { run, scratch, caddy, work_dir, zpanel }),
+            Err(e) => {
+                caddy.stop().await;
+                let _ = tokio::fs::remove_dir_all(&scratch).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops Zpanel, runs `cleanup` (what the benchmark left in the engine), stops Caddy and
+    /// removes the directories; `result` unless stopping failed.
+    async fn close(self, result: anyhow::Result<()>, cleanup: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let stopped = self.zpanel.stop().await;
+        cleanup.await;
+        self.caddy.stop().await;
+        let _ = tokio::fs::remove_dir_all(&self.work_dir).await;
+        let _ = tokio::fs::remove_dir_all(&self.scratch).await;
+        result.and(stopped)
+    }
+}
+
 /// `bench deploy`: `rounds` commits deployed by Zpanel and by hand, alternating, after a round
 /// of warm-up.
 pub(super) async fn overhead(config: &Config, pool: &PgPool, rounds: usize) -> anyhow::Result<()> {
-    let run = Uuid::now_v7().simple().to_string()[20..].to_owned();
-    let scratch = std::env::temp_dir().join(format!("zpanel-bench-deploy-{run}"));
-    tokio::fs::create_dir_all(&scratch).await.context("creating the scratch directory")?;
-    let result = overhead_in(config, pool, rounds, &run, &scratch).await;
-    let _ = tokio::fs::remove_dir_all(&scratch).await;
-    result
-}
-
-async fn overhead_in(config: &Config, pool: &PgPool, rounds: usize, run: &str, scratch: &Path) -> anyhow::Result<()> {
-    ensure_base_image(scratch).await?;
-    let caddy = Caddy::start(scratch.join("caddy")).await?;
-    let work_dir = config.data_dir.join(format!("bench-builds-{run}"));
-    let zpanel = match Zpanel::start(config, pool, &caddy, work_dir.clone()).await {
-        Ok(zpanel) => zpanel,
-        Err(e) => {
-            caddy.stop().await;
-            return Err(e);
-        }
-    };
+    let stage = Stage::open(config, pool, "deploy").await?;
     let mut application = None;
-    let result = overhead_rounds(pool, &zpanel, &caddy, scratch, run, rounds, &mut application).await;
-    let stopped = zpanel.stop().await;
-    if let Some(application) = application {
-        remove_labelled(&format!("{}={application}", zpanel_workers::docker::LABEL_APPLICATION)).await;
-        // Built images carry no labels: they are found by their repository.
-        remove_images(&format!("reference=zpanel/{application}")).await;
-    }
-    remove_containers(&format!("label={HAND_LABEL}={run}")).await;
-    remove_images(&format!("reference={HAND_REPOSITORY}:{run}-*")).await;
-    caddy.stop().await;
-    let _ = tokio::fs::remove_dir_all(&work_dir).await;
-    result.and(stopped)
+    let result = match ensure_base_image(&stage.scratch).await {
+        Ok(()) => {
+            overhead_rounds(pool, &stage.zpanel, &stage.caddy, &stage.scratch, &stage.run, rounds, &mut application)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let run = stage.run.clone();
+    stage
+        .close(result, async move {
+            if let Some(application) = application {
+                remove_labelled(&format!("{}={application}", zpanel_workers::docker::LABEL_APPLICATION)).await;
+                // Built images carry no labels: they are found by their repository.
+                remove_images(&format!("reference=zpanel/{application}")).await;
+            }
+            remove_containers(&format!("label={HAND_LABEL}={run}")).await;
+            remove_images(&format!("reference={HAND_REPOSITORY}:{run}-*")).await;
+        })
+        .await
 }
 
 async fn overhead_rounds(
@@ -814,38 +849,21 @@ async fn idle(what: &str) {
 /// `bench idle-memory`: this process's resident memory idle, before any application and with
 /// `apps` image applications deployed.
 pub(super) async fn idle_memory(config: &Config, pool: &PgPool, apps: usize) -> anyhow::Result<()> {
-    let run = Uuid::now_v7().simple().to_string()[20..].to_owned();
-    let scratch = std::env::temp_dir().join(format!("zpanel-bench-memory-{run}"));
-    tokio::fs::create_dir_all(&scratch).await.context("creating the scratch directory")?;
-    let result = idle_memory_in(config, pool, apps, &run, &scratch).await;
-    let _ = tokio::fs::remove_dir_all(&scratch).await;
-    result
-}
-
-async fn idle_memory_in(config: &Config, pool: &PgPool, apps: usize, run: &str, scratch: &Path) -> anyhow::Result<()> {
     let harness = Memory::now()?;
     println!("before zpanel starts (the bench's own pool open): {}", harness.describe(pool));
-    let caddy = Caddy::start(scratch.join("caddy")).await?;
-    let work_dir = config.data_dir.join(format!("bench-builds-{run}"));
-    let zpanel = match Zpanel::start(config, pool, &caddy, work_dir.clone()).await {
-        Ok(zpanel) => zpanel,
-        Err(e) => {
-            caddy.stop().await;
-            return Err(e);
-        }
-    };
+    let stage = Stage::open(config, pool, "memory").await?;
     // A registry on a closed loopback port: the worker's pull fails at once, and it deploys
     // the engine's local copy.
-    let image = format!("127.0.0.1:9/zpanel-bench/web:{run}");
-    let result = idle_memory_phases(pool, &zpanel, &caddy, scratch, &image, apps).await;
-    let team = zpanel.team_id;
-    let stopped = zpanel.stop().await;
-    // Every container and image Zpanel made for the team's applications.
-    remove_labelled(&format!("{}={}", zpanel_workers::docker::LABEL_TEAM, team.as_uuid())).await;
-    let _ = cli("docker", ["rmi", "-f", &image]).await;
-    caddy.stop().await;
-    let _ = tokio::fs::remove_dir_all(&work_dir).await;
-    result.and(stopped)
+    let image = format!("127.0.0.1:9/zpanel-bench/web:{}", stage.run);
+    let result = idle_memory_phases(pool, &stage.zpanel, &stage.caddy, &stage.scratch, &image, apps).await;
+    let team = stage.zpanel.team_id;
+    stage
+        .close(result, async {
+            // Every container and image Zpanel made for the team's applications.
+            remove_labelled(&format!("{}={}", zpanel_workers::docker::LABEL_TEAM, team.as_uuid())).await;
+            let _ = cli("docker", ["rmi", "-f", &image]).await;
+        })
+        .await
 }
 
 async fn idle_memory_phases(

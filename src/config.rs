@@ -69,6 +69,15 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_PROXY_LISTEN", default_value = zpanel_workers::proxy::DEFAULT_LISTEN, global = true)]
     pub proxy_listen: String,
 
+    /// The admin API of the Caddy on each remote server, as seen on that server (reached
+    /// through its SSH connection).
+    #[arg(long, env = "ZPANEL_REMOTE_CADDY_ADMIN", default_value = zpanel_workers::proxy::DEFAULT_ADMIN, global = true)]
+    pub remote_caddy_admin: String,
+
+    /// Address of the HTTP server Zpanel creates in each remote server's Caddy.
+    #[arg(long, env = "ZPANEL_REMOTE_PROXY_LISTEN", default_value = zpanel_workers::proxy::DEFAULT_LISTEN, global = true)]
+    pub remote_proxy_listen: String,
+
     /// How long a deployment may take in all (seconds) before it fails.
     #[arg(long, env = "ZPANEL_DEPLOY_TIMEOUT_SECONDS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(10..=86_400), global = true)]
     pub deploy_timeout_seconds: u64,
@@ -134,6 +143,8 @@ impl Config {
             docker_host: self.docker_host.clone(),
             caddy_admin: self.caddy_admin.clone(),
             proxy_listen: self.proxy_listen.clone(),
+            remote_caddy_admin: self.remote_caddy_admin.clone(),
+            remote_proxy_listen: self.remote_proxy_listen.clone(),
             work_dir: self.data_dir.join("builds"),
             keep_images: usize::try_from(self.deploy_keep_images).unwrap_or(5),
             grace: Duration::from_secs(self.deploy_grace_seconds),

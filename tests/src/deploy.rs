@@ -175,6 +175,40 @@ impl Repo {
     }
 }
 
+/// The deployment's log so far, one string per line.
+///
+/// # Panics
+/// When the id is not a UUID or the database fails.
+pub async fn deployment_log(pool: &sqlx::PgPool, deployment: &str) -> Vec<String> {
+    let id: uuid::Uuid = deployment.parse().expect("uuid");
+    sqlx::query_scalar("select text from deployment_logs where deployment_id = $1 order by sequence")
+        .bind(id)
+        .fetch_all(pool)
+        .await
+        .expect("log lines")
+}
+
+/// Polls the deployment's log until a line contains `needle` (60 s at most).
+///
+/// # Panics
+/// When no line does by then.
+pub async fn until_log_shows(pool: &sqlx::PgPool, deployment: &str, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !deployment_log(pool, deployment).await.iter().any(|l| l.contains(needle)) {
+        assert!(Instant::now() < deadline, "the log of {deployment} never showed {needle:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `GET /` with `Host: domain` through the Caddy server listening at `listen`: the status and
+/// the body, or why there was no answer.
+pub async fn page(http: &reqwest::Client, listen: &str, domain: &str) -> Result<(u16, String), String> {
+    let answer =
+        http.get(format!("http://{listen}/")).header("host", domain).send().await.map_err(|e| e.to_string())?;
+    let status = answer.status().as_u16();
+    Ok((status, answer.text().await.map_err(|e| e.to_string())?))
+}
+
 /// Removes every container and image Zpanel made for `application_id` (tests clean up after
 /// themselves; the engine is shared).
 pub fn remove_application(application_id: &str) {
@@ -270,6 +304,23 @@ impl Sshd {
         }
     }
 
+    /// Cuts every open connection (kills the processes sshd runs for them, as a crashed or
+    /// rebooted network path would end them); sshd itself keeps listening. Returns how many
+    /// processes it killed.
+    ///
+    /// # Panics
+    /// When sshd is not running.
+    pub fn drop_connections(&self) -> usize {
+        let master = self.child.as_ref().expect("sshd is running").id();
+        let mut killed = 0;
+        for pid in descendants(master) {
+            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+        killed
+    }
+
     /// Gives it a new host key (as a reinstalled server would have), restarting it.
     ///
     /// # Panics
@@ -302,6 +353,29 @@ impl Sshd {
         let mut file = std::fs::OpenOptions::new().append(true).open(&self.authorized_keys).expect("authorized_keys");
         writeln!(file, "{}", public_key.trim()).expect("writes");
     }
+}
+
+/// Every process below `root` (children, their children, …), read from `/proc`.
+fn descendants(root: u32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![i32::try_from(root).unwrap_or(i32::MAX)];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, _) in parents.iter().filter(|(_, ppid)| *ppid == parent) {
+            found.push(pid);
+            frontier.push(pid);
+        }
+    }
+    found
 }
 
 fn new_host_key(path: &Path) {

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use zpanel_tests::api::App;
-use zpanel_tests::deploy::{Caddy, Repo, ensure_base_image, remove_application};
+use zpanel_tests::deploy::{Caddy, Repo, deployment_log, ensure_base_image, remove_application, until_log_shows};
 
 const CREATE_PROJECT: &str = "mutation($name: String!) { createProject(input: { name: $name }) { id } }";
 const CREATE_APP: &str = "mutation($project: ID!, $name: String!, $url: String!, $domain: String!) {
@@ -113,21 +113,12 @@ impl Env {
 
     /// The deployment's log so far, one string per line.
     async fn log(&self, deployment: &str) -> Vec<String> {
-        let id: uuid::Uuid = deployment.parse().expect("uuid");
-        sqlx::query_scalar("select text from deployment_logs where deployment_id = $1 order by sequence")
-            .bind(id)
-            .fetch_all(&self.app.db.pool)
-            .await
-            .expect("log lines")
+        deployment_log(&self.app.db.pool, deployment).await
     }
 
     /// Polls the log until a line contains `needle`.
     async fn log_shows(&self, deployment: &str, needle: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.log(deployment).await.iter().any(|l| l.contains(needle)) {
-            assert!(Instant::now() < deadline, "the log of {deployment} never showed {needle:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        until_log_shows(&self.app.db.pool, deployment, needle).await;
     }
 
     /// Polls the page until `wanted` says it is as expected.
@@ -159,15 +150,7 @@ impl Env {
 
     /// `GET /` through Caddy with `Host: domain`.
     async fn page(&self, domain: &str) -> Result<(u16, String), String> {
-        let answer = self
-            .http
-            .get(format!("http://{}/", self.caddy.listen))
-            .header("host", domain)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = answer.status().as_u16();
-        Ok((status, answer.text().await.map_err(|e| e.to_string())?))
+        zpanel_tests::deploy::page(&self.http, &self.caddy.listen, domain).await
     }
 }
 

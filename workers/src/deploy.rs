@@ -21,7 +21,9 @@ pub use logs::DeployLog;
 use crate::docker::Engine;
 use crate::lease::LeaseKeeper;
 use crate::proxy::Proxy;
+use crate::remote::{Dial, Link, SshPool};
 use crate::runtime::{Handler, HandlerError};
+use crate::ssh::DOCKER_SOCKET;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sqlx::PgPool;
@@ -34,7 +36,7 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 use uuid::Uuid;
 use zpanel_commands::{Actor, CommandContext, CommandError, CommandHandler, Keyring, PgEventStore, RecordedEvent};
 use zpanel_domain::deployment::{Deployment, DeploymentCommand, DeploymentError, DeploymentEvent, DeploymentStep};
-use zpanel_domain::ids::TeamId;
+use zpanel_domain::ids::{ServerId, TeamId};
 
 /// How the deploy worker works.
 #[derive(Clone, Debug)]
@@ -45,6 +47,10 @@ pub struct DeployConfig {
     pub caddy_admin: String,
     /// The address of Zpanel's server in Caddy (`ZPANEL_PROXY_LISTEN`).
     pub proxy_listen: String,
+    /// Caddy's admin API on remote servers, as seen there (`ZPANEL_REMOTE_CADDY_ADMIN`).
+    pub remote_caddy_admin: String,
+    /// The address of Zpanel's server in remote servers' Caddy (`ZPANEL_REMOTE_PROXY_LISTEN`).
+    pub remote_proxy_listen: String,
     /// Where build directories go (under the data directory).
     pub work_dir: PathBuf,
     /// Images kept per application for rollbacks (besides the running one).
@@ -89,14 +95,26 @@ enum Stop {
     Shutdown,
 }
 
+/// Where a deployment runs: the Docker Engine, the Caddy in front of it, and how that place's
+/// loopback ports are reached (a container's published port, the proxy's listener).
+#[derive(Debug)]
+pub(crate) struct Place {
+    engine: Engine,
+    proxy: Proxy,
+    dial: Dial,
+    /// The server's pooled SSH connection; `None` on this machine.
+    link: Option<Arc<Link>>,
+}
+
 struct Inner {
     pool: PgPool,
     handler: CommandHandler<PgEventStore>,
     keyring: Arc<Keyring>,
     worker_id: String,
     config: DeployConfig,
-    engine: OnceCell<Engine>,
-    proxy: Proxy,
+    local: OnceCell<Arc<Place>>,
+    remote: Mutex<HashMap<Uuid, Arc<Place>>>,
+    ssh: SshPool,
     builds: Semaphore,
     jobs: Mutex<HashMap<Uuid, watch::Sender<Stop>>>,
     tasks: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
@@ -138,7 +156,10 @@ impl Deployer {
         worker_id: &str,
         config: DeployConfig,
     ) -> anyhow::Result<Self> {
-        let proxy = Proxy::new(&config.caddy_admin, &config.proxy_listen)?;
+        // Bad proxy addresses are refused at start, not at the first deployment.
+        Proxy::new(&config.caddy_admin, &config.proxy_listen)?;
+        Proxy::new(&config.remote_caddy_admin, &config.remote_proxy_listen)?;
+        let ssh = SshPool::new(handler.clone(), Arc::clone(&keyring), crate::servers::SSH_TIMEOUT);
         let builds = Semaphore::new(config.concurrent_builds.max(1));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -147,8 +168,9 @@ impl Deployer {
                 keyring,
                 worker_id: worker_id.to_owned(),
                 config,
-                engine: OnceCell::new(),
-                proxy,
+                local: OnceCell::new(),
+                remote: Mutex::default(),
+                ssh,
                 builds,
                 jobs: Mutex::default(),
                 tasks: tokio::sync::Mutex::default(),
@@ -157,9 +179,37 @@ impl Deployer {
         })
     }
 
-    /// The Docker Engine, connected on first use (and again after a failed first try).
-    async fn engine(&self) -> anyhow::Result<&Engine> {
-        self.inner.engine.get_or_try_init(|| Engine::connect(&self.inner.config.docker_host)).await
+    /// Where `team`'s applications on `server` run (`None`: this machine): the Docker Engine,
+    /// connected on first use (and again after a failed try), and the Caddy in front of it. A
+    /// server is reached through its pooled SSH connection; a changed server gets a new one.
+    async fn place(&self, team: TeamId, server: Option<ServerId>) -> anyhow::Result<Arc<Place>> {
+        let config = &self.inner.config;
+        let Some(server) = server else {
+            let local = self
+                .inner
+                .local
+                .get_or_try_init(|| async {
+                    let engine = Engine::connect(&config.docker_host).await?;
+                    let proxy = Proxy::new(&config.caddy_admin, &config.proxy_listen)?;
+                    anyhow::Ok(Arc::new(Place { engine, proxy, dial: Dial::local(), link: None }))
+                })
+                .await?;
+            return Ok(Arc::clone(local));
+        };
+        let server_id = *server.as_uuid();
+        let link = self.inner.ssh.link(team, server_id).await?;
+        let pooled = self.inner.remote.lock().ok().and_then(|places| places.get(&server_id).cloned());
+        if let Some(place) = pooled.filter(|p| p.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link))) {
+            return Ok(place);
+        }
+        let dial = Dial::ssh(Arc::clone(&link));
+        let engine = Engine::over(dial.clone().to_socket(DOCKER_SOCKET)).await?;
+        let proxy = Proxy::over(&config.remote_caddy_admin, &config.remote_proxy_listen, dial.clone())?;
+        let place = Arc::new(Place { engine, proxy, dial, link: Some(link) });
+        if let Ok(mut places) = self.inner.remote.lock() {
+            places.insert(server_id, Arc::clone(&place));
+        }
+        Ok(place)
     }
 
     /// Deployments this process is running now.
@@ -218,8 +268,8 @@ impl Deployer {
     pub async fn sync_routes_once(&self) -> anyhow::Result<usize> {
         // The latest release of each application not being deployed right now (a deployment
         // switches the route itself, before its release becomes the latest).
-        let releases: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
-            "select distinct on (d.application_id) d.application_id, d.deployment_id, d.state
+        let releases: Vec<(Uuid, Uuid, Uuid, String)> = sqlx::query_as(
+            "select distinct on (d.application_id) d.team_id, d.application_id, d.deployment_id, d.state
                from rm_deployments d
               where d.status = 'succeeded'
                 and not exists (select 1 from deploy_queue q where q.application_id = d.application_id and q.started)
@@ -228,13 +278,8 @@ impl Deployer {
         .fetch_all(&self.inner.pool)
         .await
         .context("reading the current releases")?;
-        if releases.is_empty() {
-            return Ok(0);
-        }
-        let engine = self.engine().await?;
-        let proxy = &self.inner.proxy;
         let mut repaired = 0;
-        for (application_id, deployment_id, state) in releases {
+        for (team_id, application_id, deployment_id, state) in releases {
             let deployment: Deployment = serde_json::from_str(&state).context("reading a release")?;
             let Some(release) = deployment.state().map(|s| &s.release) else {
                 continue;
@@ -242,20 +287,29 @@ impl Deployer {
             if release.domains.is_empty() {
                 continue;
             }
+            // A server that cannot be reached now is repaired in a later round; the others are
+            // not held up by it.
+            let place = match self.place(TeamId::from_uuid(team_id), release.server_id).await {
+                Ok(place) => place,
+                Err(e) => {
+                    tracing::debug!(%application_id, error = format!("{e:#}"), "route sync skipped an application");
+                    continue;
+                }
+            };
             // A release whose container is gone (replaced, removed) is not routed to.
             let container = format!("zpanel-{deployment_id}");
-            let Some(info) = engine.inspect(&container, release.port.get()).await? else {
+            let Some(info) = place.engine.inspect(&container, release.port.get()).await? else {
                 continue;
             };
             let Some(host_port) = info.host_port.filter(|_| info.running) else {
                 continue;
             };
             let upstream = format!("127.0.0.1:{host_port}");
-            if proxy.upstream(application_id).await?.as_deref() == Some(upstream.as_str()) {
+            if place.proxy.upstream(application_id).await?.as_deref() == Some(upstream.as_str()) {
                 continue;
             }
             let domains: Vec<String> = release.domains.iter().map(|d| d.as_str().to_owned()).collect();
-            proxy.route(application_id, &domains, &upstream).await?;
+            place.proxy.route(application_id, &domains, &upstream).await?;
             repaired += 1;
         }
         Ok(repaired)
@@ -524,7 +578,10 @@ impl Deployer {
         let Some(current) = current else {
             return Err(HandlerError::Permanent(anyhow::anyhow!("the application has no release to control")));
         };
-        let engine = self.engine().await.map_err(HandlerError::Transient)?;
+        let team = TeamId::from_uuid(current.team_id);
+        let place =
+            self.place(team, current.server_id.map(ServerId::from_uuid)).await.map_err(HandlerError::Transient)?;
+        let engine = &place.engine;
         let container = current.container();
         let grace = Duration::from_secs(10);
         let done = match event.event_type.as_str() {
@@ -541,7 +598,7 @@ impl Deployer {
             let info = engine.inspect(&container, current.port).await.map_err(HandlerError::Transient)?;
             if let Some(host_port) = info.and_then(|i| i.host_port) {
                 let upstream = format!("127.0.0.1:{host_port}");
-                self.inner.proxy.repoint(application_id, &upstream).await.map_err(HandlerError::Transient)?;
+                place.proxy.repoint(application_id, &upstream).await.map_err(HandlerError::Transient)?;
             }
         }
         tracing::info!(%application_id, %container, action = %event.event_type, "controlled an application's release");
@@ -629,6 +686,10 @@ pub struct CurrentRelease {
     pub deployment_id: Uuid,
     /// The application's port in the container.
     pub port: u16,
+    /// The team it belongs to.
+    pub team_id: Uuid,
+    /// The server it runs on; `None` on this machine.
+    pub server_id: Option<Uuid>,
 }
 
 impl CurrentRelease {
@@ -644,15 +705,20 @@ impl CurrentRelease {
 /// # Errors
 /// When the database fails.
 pub async fn current_release(pool: &PgPool, application_id: Uuid) -> anyhow::Result<Option<CurrentRelease>> {
-    let current: Option<(Uuid, i32)> = sqlx::query_as(
-        "select deployment_id, (release->>'port')::int from rm_deployments
+    let current: Option<(Uuid, Uuid, i32, Option<Uuid>)> = sqlx::query_as(
+        "select deployment_id, team_id, (release->>'port')::int, (release->>'serverId')::uuid from rm_deployments
           where application_id = $1 and status = 'succeeded' order by finished_at desc limit 1",
     )
     .bind(application_id)
     .fetch_optional(pool)
     .await
     .context("finding the current release")?;
-    Ok(current.map(|(deployment_id, port)| CurrentRelease { deployment_id, port: u16::try_from(port).unwrap_or(0) }))
+    Ok(current.map(|(deployment_id, team_id, port, server_id)| CurrentRelease {
+        deployment_id,
+        team_id,
+        port: u16::try_from(port).unwrap_or(0),
+        server_id,
+    }))
 }
 
 fn deployment_id_of(event: &RecordedEvent) -> anyhow::Result<Uuid> {

@@ -5,6 +5,7 @@
 //! What Zpanel creates carries labels (team, project, application, deployment), so it can
 //! always find its own containers and images again, whoever created them.
 
+use crate::remote::Dial;
 use anyhow::Context as _;
 use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
@@ -102,6 +103,34 @@ impl Engine {
         }
         .with_context(|| format!("connecting to the Docker Engine at {host}"))?;
         let docker = docker.negotiate_version().await.with_context(|| format!("the Docker Engine at {host}"))?;
+        Ok(Self { docker })
+    }
+
+    /// The engine reached with `dial` (which must go to its socket: [`Dial::to_socket`]), such
+    /// as a server's, through its pooled SSH connection; agrees on an API version. The
+    /// connections behind the engine's requests are kept for 30 s between them.
+    ///
+    /// # Errors
+    /// When the engine does not answer.
+    pub async fn over(dial: Dial) -> anyhow::Result<Self> {
+        let place = dial.describe();
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(4)
+            .build(dial);
+        let transport = move |request: bollard::BollardRequest| {
+            let client = client.clone();
+            async move { client.request(request).await.map_err(bollard::errors::Error::from) }
+        };
+        let docker = Docker::connect_with_custom_transport(
+            transport,
+            Some("http://docker.engine"),
+            REQUEST_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .with_context(|| format!("connecting to the Docker Engine on {place}"))?;
+        let docker =
+            docker.negotiate_version().await.with_context(|| format!("reaching the Docker Engine on {place}"))?;
         Ok(Self { docker })
     }
 

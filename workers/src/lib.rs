@@ -12,6 +12,9 @@
 //!   (Caddy's admin API).
 //! - [`servers`]: the server worker — validates servers over [`ssh`] (russh: host keys trusted
 //!   on first use, fixed commands on exec channels, the Docker socket through a forwarded stream).
+//! - [`remote`]: one pooled SSH connection per server, and [`remote::Dial`], which carries
+//!   [`http`] (Caddy, health checks) and the Docker Engine API to a server over it, so a
+//!   deployment runs the same pipeline on this machine and on a server.
 #![forbid(unsafe_code)]
 
 mod backoff;
@@ -21,10 +24,12 @@ pub mod docker;
 pub mod embedded;
 pub mod exclusive;
 pub mod git;
+pub mod http;
 pub mod kafka;
 pub mod lease;
 pub mod proxy;
 pub mod relay;
+pub mod remote;
 pub mod runtime;
 pub mod servers;
 pub mod ssh;

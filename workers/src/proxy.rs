@@ -6,7 +6,10 @@
 //! Switching a release is one `PATCH` of that route: Caddy swaps its config gracefully, so
 //! requests in flight finish on the old upstream and new ones go to the new one.
 
+use crate::http::{Answer, Http};
+use crate::remote::Dial;
 use anyhow::Context as _;
+use hyper::Method;
 use serde_json::json;
 use std::time::Duration;
 use uuid::Uuid;
@@ -18,30 +21,46 @@ pub const DEFAULT_LISTEN: &str = ":80";
 /// The server's name in Caddy's config.
 const SERVER: &str = "zpanel";
 
-/// Caddy's admin API.
+/// Caddy's admin API, on this machine or on a server.
 #[derive(Clone, Debug)]
 pub struct Proxy {
     admin: String,
     listen: String,
-    http: reqwest::Client,
+    http: Http,
+    place: String,
 }
 
 impl Proxy {
-    /// The Caddy whose admin API is at `admin`, serving applications on `listen`.
+    /// The Caddy on this machine whose admin API is at `admin`, serving applications on
+    /// `listen`.
     ///
     /// # Errors
-    /// When the HTTP client cannot be built.
+    /// When `admin` is not an `http://` address.
     pub fn new(admin: &str, listen: &str) -> anyhow::Result<Self> {
-        // No kept-alive connections: Caddy restarts its admin endpoint (and closes idle
-        // connections) on every config load, so a request of a concurrent deployment on a
-        // re-used connection could find it closed under it.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(0)
-            .no_proxy()
-            .build()
-            .context("building the proxy's HTTP client")?;
-        Ok(Self { admin: admin.trim_end_matches('/').to_owned(), listen: listen.to_owned(), http })
+        Self::over(admin, listen, Dial::local())
+    }
+
+    /// The Caddy reached with `dial` (on a server: `admin` and `listen` are addresses there).
+    ///
+    /// # Errors
+    /// When `admin` is not an `http://` address.
+    pub fn over(admin: &str, listen: &str, dial: Dial) -> anyhow::Result<Self> {
+        anyhow::ensure!(admin.starts_with("http://"), "Caddy's admin API address {admin:?} must start with http://");
+        let place = dial.describe();
+        Ok(Self {
+            admin: admin.trim_end_matches('/').to_owned(),
+            listen: listen.to_owned(),
+            http: Http::new(dial, Duration::from_secs(10)),
+            place,
+        })
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> anyhow::Result<Answer> {
+        let url = format!("{}{path}", self.admin);
+        self.http
+            .send(method, &url, None, body)
+            .await
+            .with_context(|| format!("reaching Caddy's admin API at {} on {}", self.admin, self.place))
     }
 
     /// The address requests reach the applications at (`ZPANEL_PROXY_LISTEN`).
@@ -60,22 +79,21 @@ impl Proxy {
     /// # Errors
     /// When Caddy cannot be reached or refuses.
     pub async fn ensure_server(&self) -> anyhow::Result<()> {
-        let url = format!("{}/config/apps/http/servers/{SERVER}", self.admin);
-        let existing = self.http.get(&url).send().await.context("reaching Caddy's admin API")?;
-        let found = existing.status().is_success();
-        let body = existing.text().await.context("reading Caddy's config")?;
-        if found && body.trim() != "null" && !body.trim().is_empty() {
+        let path = format!("/config/apps/http/servers/{SERVER}");
+        let existing = self.call(Method::GET, &path, None).await?;
+        let body = existing.text();
+        if existing.status.is_success() && body.trim() != "null" && !body.trim().is_empty() {
             return Ok(());
         }
         // TLS comes with the DNS integration; until then Zpanel's server is plain HTTP.
         let server = json!({ "listen": [self.listen], "routes": [], "automatic_https": { "disable": true } });
-        let answer = self.http.put(&url).json(&server).send().await.context("creating Zpanel's server in Caddy")?;
+        let answer = self.call(Method::PUT, &path, Some(&server)).await.context("creating Zpanel's server in Caddy")?;
         // Another worker may have created it meanwhile.
-        if answer.status().is_success() || answer.status().as_u16() == 409 {
+        if answer.status.is_success() || answer.status.as_u16() == 409 {
             return Ok(());
         }
-        let status = answer.status();
-        let text = answer.text().await.unwrap_or_default();
+        let status = answer.status;
+        let text = answer.text();
         if text.contains("already exists") {
             return Ok(());
         }
@@ -96,27 +114,20 @@ impl Proxy {
             "terminal": true,
         });
         let patched = self
-            .http
-            .patch(format!("{}/id/{id}", self.admin))
-            .json(&route)
-            .send()
+            .call(Method::PATCH, &format!("/id/{id}"), Some(&route))
             .await
             .context("updating the route in Caddy")?;
-        if patched.status().is_success() {
+        if patched.status.is_success() {
             return Ok(());
         }
         let added = self
-            .http
-            .post(format!("{}/config/apps/http/servers/{SERVER}/routes", self.admin))
-            .json(&route)
-            .send()
+            .call(Method::POST, &format!("/config/apps/http/servers/{SERVER}/routes"), Some(&route))
             .await
             .context("adding the route in Caddy")?;
-        if added.status().is_success() {
+        if added.status.is_success() {
             return Ok(());
         }
-        let status = added.status();
-        anyhow::bail!("Caddy refused the route ({status}): {}", added.text().await.unwrap_or_default().trim())
+        anyhow::bail!("Caddy refused the route ({}): {}", added.status, added.text().trim())
     }
 
     /// Points the application's existing route at `upstream`; `false` when it has no route.
@@ -126,13 +137,10 @@ impl Proxy {
     pub async fn repoint(&self, application_id: Uuid, upstream: &str) -> anyhow::Result<bool> {
         let id = Self::route_id(application_id);
         let answer = self
-            .http
-            .patch(format!("{}/id/{id}/handle/0/upstreams/0/dial", self.admin))
-            .json(&upstream)
-            .send()
+            .call(Method::PATCH, &format!("/id/{id}/handle/0/upstreams/0/dial"), Some(&json!(upstream)))
             .await
             .context("updating the route's upstream in Caddy")?;
-        Ok(answer.status().is_success())
+        Ok(answer.status.is_success())
     }
 
     /// The upstream the application's route points at, if it has one.
@@ -142,11 +150,11 @@ impl Proxy {
     pub async fn upstream(&self, application_id: Uuid) -> anyhow::Result<Option<String>> {
         let id = Self::route_id(application_id);
         let answer =
-            self.http.get(format!("{}/id/{id}", self.admin)).send().await.context("reading the route from Caddy")?;
-        if !answer.status().is_success() {
+            self.call(Method::GET, &format!("/id/{id}"), None).await.context("reading the route from Caddy")?;
+        if !answer.status.is_success() {
             return Ok(None);
         }
-        let route: serde_json::Value = answer.json().await.context("reading the route from Caddy")?;
+        let route: serde_json::Value = serde_json::from_slice(&answer.body).context("reading the route from Caddy")?;
         Ok(route.pointer("/handle/0/upstreams/0/dial").and_then(serde_json::Value::as_str).map(str::to_owned))
     }
 
@@ -156,7 +164,7 @@ impl Proxy {
     /// When Caddy cannot be reached.
     pub async fn remove_route(&self, application_id: Uuid) -> anyhow::Result<()> {
         let id = Self::route_id(application_id);
-        self.http.delete(format!("{}/id/{id}", self.admin)).send().await.context("removing the route in Caddy")?;
+        self.call(Method::DELETE, &format!("/id/{id}"), None).await.context("removing the route in Caddy")?;
         Ok(())
     }
 
@@ -166,17 +174,14 @@ impl Proxy {
     /// When the proxy cannot be reached.
     pub async fn probe(&self, domain: &str, path: &str) -> anyhow::Result<u16> {
         let address = self.client_address();
-        let answer = self
-            .http
-            .get(format!("http://{address}{path}"))
-            .header(reqwest::header::HOST, domain)
-            .send()
-            .await
-            .with_context(|| format!("requesting {domain}{path} through the proxy at {address}"))?;
-        Ok(answer.status().as_u16())
+        let answer =
+            self.http.send(Method::GET, &format!("http://{address}{path}"), Some(domain), None).await.with_context(
+                || format!("requesting {domain}{path} through the proxy at {address} on {}", self.place),
+            )?;
+        Ok(answer.status.as_u16())
     }
 
-    /// Where a client on this machine reaches the server: `:80` means 127.0.0.1:80.
+    /// Where a client on the proxy's machine reaches the server: `:80` means 127.0.0.1:80.
     fn client_address(&self) -> String {
         match self.listen.strip_prefix(':') {
             Some(port) => format!("127.0.0.1:{port}"),

@@ -31,6 +31,29 @@ const CHECKS_AT_ONCE: usize = 4;
 /// How long connecting, the handshake, logging in, and each command may take.
 pub const SSH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `server`'s private key, opened from its sealed half; `Err` with a reason for the user when it
+/// cannot be (removed, or not readable).
+///
+/// # Errors
+/// When the key cannot be loaded.
+pub(crate) async fn open_key(
+    handler: &CommandHandler<PgEventStore>,
+    keyring: &Keyring,
+    team: TeamId,
+    server: &ServerDetails,
+) -> anyhow::Result<Result<russh::keys::PrivateKey, String>> {
+    let key_id = *server.connection.private_key_id.as_uuid();
+    let (key, _) = handler.load::<PrivateKey>(team, key_id).await.context("loading the private key")?;
+    let Some(key) = key.details() else {
+        return Ok(Err("the server's private key was removed: choose another".into()));
+    };
+    let opened = match keyring.open(&key.private_key) {
+        Ok(opened) => opened,
+        Err(e) => return Ok(Err(format!("the private key could not be opened: {e}"))),
+    };
+    Ok(crate::ssh::parse_private_key(opened.expose()).map_err(|e| e.to_string()))
+}
+
 /// Free disk is measured where Docker keeps its data, or at `/` on a server without it. A
 /// constant: no value from a user or a server goes into a command line.
 const DISK_FREE: &str = "df -P -B1 /var/lib/docker 2>/dev/null || df -P -B1 /";
@@ -180,16 +203,7 @@ impl ServerValidator {
         team: TeamId,
         server: &ServerDetails,
     ) -> anyhow::Result<Result<russh::keys::PrivateKey, String>> {
-        let key_id = *server.connection.private_key_id.as_uuid();
-        let (key, _) = self.handler.load::<PrivateKey>(team, key_id).await.context("loading the private key")?;
-        let Some(key) = key.details() else {
-            return Ok(Err("the server's private key was removed: choose another".into()));
-        };
-        let opened = match self.keyring.open(&key.private_key) {
-            Ok(opened) => opened,
-            Err(e) => return Ok(Err(format!("the private key could not be opened: {e}"))),
-        };
-        Ok(crate::ssh::parse_private_key(opened.expose()).map_err(|e| e.to_string()))
+        open_key(&self.handler, &self.keyring, team, server).await
     }
 
     async fn look_around(

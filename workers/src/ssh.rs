@@ -100,6 +100,19 @@ pub enum SshError {
         /// What was wrong.
         reason: String,
     },
+    /// The server would not open a stream to an address it should reach.
+    #[error(
+        "{address} could not reach {to} for Zpanel ({reason}): is the service running there, and does sshd \
+         allow TCP forwarding (AllowTcpForwarding)?"
+    )]
+    Forward {
+        /// `host:port` of the server.
+        address: String,
+        /// The address asked for, as seen from the server.
+        to: String,
+        /// The server's reason.
+        reason: String,
+    },
     /// A command could not be run or failed.
     #[error("`{command}` on {address} failed: {reason}")]
     Command {
@@ -349,13 +362,7 @@ impl SshSession {
         let address = self.target.address();
         let bad = |reason: String| SshError::DockerAnswer { address: address.clone(), reason };
         let asking = async {
-            let channel =
-                self.handle.channel_open_direct_streamlocal(socket).await.map_err(|_| SshError::DockerMissing {
-                    address: address.clone(),
-                    user: self.target.user.clone(),
-                    socket: socket.to_owned(),
-                })?;
-            let mut stream = channel.into_stream();
+            let mut stream = self.open_socket(socket).await?;
             // HTTP/1.0: the engine closes the stream after its answer, which is not chunked.
             stream
                 .write_all(b"GET /version HTTP/1.0\r\nHost: docker\r\n\r\n")
@@ -373,6 +380,59 @@ impl SshSession {
             .await
             .map_err(|_| bad(format!("no answer within {} s", self.timeout.as_secs())))??;
         parse_version_answer(&answer).map_err(bad)
+    }
+
+    /// Whether the connection is gone (the server hung up, keepalives went unanswered, or
+    /// the transport failed): no channel can be opened on it any more.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
+    }
+
+    /// `host:port` of the server.
+    #[must_use]
+    pub fn address(&self) -> String {
+        self.target.address()
+    }
+
+    /// A stream to the Unix socket at `path` on the server (`direct-streamlocal`), opened
+    /// within the session's timeout.
+    ///
+    /// # Errors
+    /// [`SshError::DockerMissing`] when the server refuses it (no such socket, or not
+    /// allowed); [`SshError::Protocol`] when the connection failed.
+    pub async fn open_socket(&self, path: &str) -> Result<russh::ChannelStream<client::Msg>, SshError> {
+        let address = self.target.address();
+        let opening = self.handle.channel_open_direct_streamlocal(path);
+        match tokio::time::timeout(self.timeout, opening).await {
+            Ok(Ok(channel)) => Ok(channel.into_stream()),
+            Ok(Err(russh::Error::ChannelOpenFailure(_))) => {
+                Err(SshError::DockerMissing { address, user: self.target.user.clone(), socket: path.to_owned() })
+            }
+            Ok(Err(e)) => Err(protocol(&address, &e)),
+            Err(_) => Err(SshError::Timeout { address, seconds: self.timeout.as_secs(), during: "opening a channel" }),
+        }
+    }
+
+    /// A stream to `host:port` as seen from the server (`direct-tcpip`): its loopback
+    /// services, such as Caddy's admin API or a container's published port.
+    ///
+    /// # Errors
+    /// [`SshError::Forward`] when the server refuses it (nothing listens there, or
+    /// forwarding is not allowed); [`SshError::Protocol`] when the connection failed.
+    pub async fn open_tcp(&self, host: &str, port: u16) -> Result<russh::ChannelStream<client::Msg>, SshError> {
+        let address = self.target.address();
+        let opening = self.handle.channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0);
+        match tokio::time::timeout(self.timeout, opening).await {
+            Ok(Ok(channel)) => Ok(channel.into_stream()),
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => Err(SshError::Forward {
+                address,
+                to: if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") },
+                reason: format!("{reason:?}"),
+            }),
+            Ok(Err(e)) => Err(protocol(&address, &e)),
+            Err(_) => Err(SshError::Timeout { address, seconds: self.timeout.as_secs(), during: "opening a channel" }),
+        }
     }
 
     /// Says goodbye; the connection closes.

@@ -10,13 +10,16 @@
 //! and the route if it was switched — so the previous release keeps serving.
 
 use super::logs::{DeployLog, Stream};
-use super::{Deployer, Ending, Stop};
+use super::{Deployer, Ending, Place, Stop};
 use crate::docker::{ContainerSpec, LABEL_APPLICATION, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, OutputLine};
 use crate::git::{Git, KeyFile};
+use crate::http::{Http, HttpError};
+use crate::remote::Dial;
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use zpanel_commands::{Actor, CommandContext, CommandError, Keyring};
@@ -90,6 +93,10 @@ pub(super) struct Pipeline {
     switched_from: Option<Option<String>>,
     /// Scratch files of this deployment (clone, build context).
     scratch: PathBuf,
+    /// Where it runs, once reached.
+    place: Option<Arc<Place>>,
+    /// How many times the server's SSH connection had been made when the deployment began.
+    connects: Option<u64>,
 }
 
 impl Pipeline {
@@ -101,7 +108,19 @@ impl Pipeline {
         stop: watch::Receiver<Stop>,
     ) -> Self {
         let scratch = deployer.inner.config.work_dir.join(state.id.as_uuid().to_string());
-        Self { deployer, state, secrets, log, stop, step: None, container: None, switched_from: None, scratch }
+        Self {
+            deployer,
+            state,
+            secrets,
+            log,
+            stop,
+            step: None,
+            container: None,
+            switched_from: None,
+            scratch,
+            place: None,
+            connects: None,
+        }
     }
 
     pub(super) fn current_step(&self) -> Option<DeploymentStep> {
@@ -119,7 +138,7 @@ impl Pipeline {
     pub(super) async fn run(&mut self) -> Ending {
         let ending = match self.steps().await {
             Ok(image) => Ending::Released { image },
-            Err(Interrupt::Failed(reason)) => Ending::Failed { step: self.step, reason },
+            Err(Interrupt::Failed(reason)) => Ending::Failed { step: self.step, reason: self.explained(reason).await },
             Err(Interrupt::Stopped(Stop::Cancel)) => Ending::Cancelled,
             Err(Interrupt::Stopped(_)) => Ending::HandedBack,
         };
@@ -128,8 +147,28 @@ impl Pipeline {
         ending
     }
 
+    /// A failure's reason, saying so when the server's SSH connection was lost during the
+    /// deployment (the reason itself then names only the symptom, such as a body cut short).
+    async fn explained(&self, reason: String) -> String {
+        let Some((link, connects)) = self.place.as_ref().and_then(|p| p.link.as_ref()).zip(self.connects) else {
+            return reason;
+        };
+        if link.connects() != connects || link.is_down().await {
+            format!("{reason} (the SSH connection to {} was lost)", link.describe())
+        } else {
+            reason
+        }
+    }
+
     async fn steps(&mut self) -> StepResult<String> {
-        let engine = self.deployer.engine().await.context("reaching the Docker Engine")?.clone();
+        let server = self.state.release.server_id;
+        let place = self.deployer.place(self.state.team_id, server).await.context("reaching the Docker Engine")?;
+        if let Some(link) = &place.link {
+            self.log.system(format!("deploying to {}", link.describe()));
+            self.connects = Some(link.connects());
+        }
+        self.place = Some(Arc::clone(&place));
+        let engine = place.engine.clone();
         tokio::fs::create_dir_all(&self.deployer.inner.config.work_dir).await.context("creating the work directory")?;
         let image = if let Some(image) = self.state.image.clone() {
             // A rollback: the past release's image, exactly.
@@ -228,7 +267,7 @@ impl Pipeline {
 
         self.begin(DeploymentStep::HealthCheck)?;
         let health = release.health_check.clone();
-        let checking = health_check(&engine, &name, port, &health, &self.log);
+        let checking = health_check(&engine, &place.dial, &name, port, &health, &self.log);
         let host_port = self.interruptible(checking).await??;
         self.complete(DeploymentStep::HealthCheck).await?;
 
@@ -237,7 +276,7 @@ impl Pipeline {
         if domains.is_empty() {
             self.log.system(format!("no domains to route; the release serves on 127.0.0.1:{host_port}"));
         } else {
-            let proxy = self.deployer.inner.proxy.clone();
+            let proxy = place.proxy.clone();
             let application_id = *self.state.application_id.as_uuid();
             let previous = proxy.upstream(application_id).await?;
             let upstream = format!("127.0.0.1:{host_port}");
@@ -268,8 +307,10 @@ impl Pipeline {
 
     /// Puts things back as they were before this deployment: the route, then the container.
     pub(super) async fn undo(&mut self) {
-        if let Some(previous) = self.switched_from.take() {
-            let proxy = &self.deployer.inner.proxy;
+        if let Some(previous) = self.switched_from.take()
+            && let Some(place) = &self.place
+        {
+            let proxy = &place.proxy;
             let application_id = *self.state.application_id.as_uuid();
             let domains: Vec<String> = self.state.release.domains.iter().map(|d| d.as_str().to_owned()).collect();
             let restored = match &previous {
@@ -282,9 +323,9 @@ impl Pipeline {
             }
         }
         if let Some(container) = self.container.take()
-            && let Ok(engine) = self.deployer.engine().await
+            && let Some(place) = &self.place
         {
-            match engine.remove(&container).await {
+            match place.engine.remove(&container).await {
                 Ok(()) => self.log.system(format!("removed container {container}")),
                 Err(e) => self.log.system(format!("could not remove container {container}: {e:#}")),
             }
@@ -506,17 +547,13 @@ fn tar_context(dir: &Path, target: &Path) -> anyhow::Result<()> {
 /// quick application is released quickly.
 async fn health_check(
     engine: &crate::docker::Engine,
+    dial: &Dial,
     container: &str,
     port: u16,
     check: &HealthCheck,
     log: &DeployLog,
 ) -> anyhow::Result<u16> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(u64::from(check.timeout_secs)))
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .context("building the health check's HTTP client")?;
+    let http = Http::new(dial.clone(), Duration::from_secs(u64::from(check.timeout_secs)));
     let interval = Duration::from_secs(u64::from(check.interval_secs));
     let start_period = Duration::from_secs(u64::from(check.start_period_secs));
     let started = Instant::now();
@@ -546,26 +583,28 @@ async fn health_check(
             );
         }
         let (host_port, attempt) = match info.host_port {
-            Some(port) => (port, http.get(format!("http://127.0.0.1:{port}{}", check.path)).send().await.map_err(Some)),
+            Some(port) => (port, http.get(&format!("http://127.0.0.1:{port}{}", check.path)).await.map_err(Some)),
             None => (0, Err(None)),
         };
         let problem = match attempt {
-            Ok(answer) if answer.status().is_success() || answer.status().is_redirection() => {
+            Ok(answer) if answer.status.is_success() || answer.status.is_redirection() => {
                 log.line(
                     Stream::System,
                     &format!(
                         "healthy after {:.1} s: {} answered {}",
                         started.elapsed().as_secs_f32(),
                         check.path,
-                        answer.status()
+                        answer.status
                     ),
                 );
                 return Ok(host_port);
             }
-            Ok(answer) => format!("{} answered {}", check.path, answer.status()),
+            Ok(answer) => format!("{} answered {}", check.path, answer.status),
             Err(None) => "the container publishes no port yet".to_owned(),
-            Err(Some(e)) if e.is_timeout() => format!("{} did not answer within {} s", check.path, check.timeout_secs),
-            Err(Some(e)) => format!("{} could not be reached: {}", check.path, root_cause(&e)),
+            Err(Some(HttpError::Timeout(_))) => {
+                format!("{} did not answer within {} s", check.path, check.timeout_secs)
+            }
+            Err(Some(HttpError::Failed(e))) => format!("{} could not be reached: {e}", check.path),
         };
         let elapsed = started.elapsed();
         if elapsed >= next_counted {
@@ -586,14 +625,6 @@ async fn health_check(
         })
         .await;
     }
-}
-
-fn root_cause(e: &dyn std::error::Error) -> String {
-    let mut cause = e;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }
 
 /// Requests the application through the proxy until it answers (Caddy applies a config

@@ -1,0 +1,200 @@
+//! Deployments to a remote server: the deploy worker reaches the server's Docker Engine and
+//! its Caddy through one pooled SSH connection to a real OpenSSH server (on loopback, reaching
+//! this machine's engine), and the application serves through *that* server's proxy.
+
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use zpanel_tests::api::App;
+use zpanel_tests::deploy::{Caddy, Repo, Sshd, deployment_log, ensure_base_image, remove_application, until_log_shows};
+
+const ADD_KEY: &str = "mutation($name: String!) { addPrivateKey(input: { name: $name }) { id publicKey } }";
+const CREATE_SERVER: &str = "mutation($name: String!, $port: Int!, $key: ID!) {
+    createServer(input: { name: $name, host: \"127.0.0.1\", port: $port, user: \"root\", privateKeyId: $key }) { id } }";
+const VALIDATE: &str = "mutation($id: ID!) { validateServer(input: { serverId: $id }) { id status } }";
+const SERVER_STATUS: &str = "query($id: ID!) { server(id: $id) { status lastError } }";
+const CREATE_PROJECT: &str = "mutation($name: String!) { createProject(input: { name: $name }) { id } }";
+const CREATE_APP: &str = "mutation($project: ID!, $url: String!, $domain: String!, $server: ID) {
+    createApplication(input: { projectId: $project, name: \"web\", gitUrl: $url, gitRef: \"main\",
+                               port: 8080, healthCheckPath: \"/\", domains: [$domain], serverId: $server }) { id } }";
+const DEPLOY: &str = "mutation($app: ID!) { deployApplication(input: { applicationId: $app }) { id } }";
+const DEPLOYMENT: &str = "query($id: ID!) { deployment(id: $id) { id status failedStep failure image } }";
+
+/// A Zpanel whose remote servers' Caddy is `server_caddy` (this machine's is `caddy`), with
+/// one team, and an sshd standing for the server.
+struct Env {
+    app: App,
+    token: String,
+    caddy: Caddy,
+    server_caddy: Caddy,
+    sshd: Sshd,
+    http: reqwest::Client,
+}
+
+impl Env {
+    async fn start() -> Self {
+        ensure_base_image();
+        let caddy = Caddy::start();
+        let server_caddy = Caddy::start();
+        let mut env = caddy.env();
+        env.push(("ZPANEL_REMOTE_CADDY_ADMIN", server_caddy.admin.as_str()));
+        env.push(("ZPANEL_REMOTE_PROXY_LISTEN", server_caddy.listen.as_str()));
+        let app = App::start_subcommand("serve", &env).await;
+        let token = app.bootstrap("Acme");
+        let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build().expect("client");
+        Self { app, token, caddy, server_caddy, sshd: Sshd::start(), http }
+    }
+
+    async fn gql(&self, query: &str, variables: Value) -> Value {
+        self.app.graphql(Some(&self.token), query, variables).await.ok()
+    }
+
+    /// A server for the sshd, with a key it lets in, validated.
+    async fn server(&self) -> String {
+        let key = self.gql(ADD_KEY, json!({ "name": "deploy" })).await;
+        self.sshd.authorize(key["addPrivateKey"]["publicKey"].as_str().expect("public key"));
+        let key_id = key["addPrivateKey"]["id"].as_str().expect("key id");
+        let created = self.gql(CREATE_SERVER, json!({ "name": "web-1", "port": self.sshd.port, "key": key_id })).await;
+        let server = created["createServer"]["id"].as_str().expect("server id").to_owned();
+        self.gql(VALIDATE, json!({ "id": server })).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.gql(SERVER_STATUS, json!({ "id": server })).await["server"].clone();
+            match status["status"].as_str() {
+                Some("REACHABLE") => return server,
+                Some("VALIDATING" | "UNKNOWN") => {}
+                _ => panic!("the server did not validate: {status}"),
+            }
+            assert!(Instant::now() < deadline, "the validation did not finish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn create_app(&self, repo: &Repo, domain: &str, server: &str) -> String {
+        let project = self.gql(CREATE_PROJECT, json!({ "name": "shop" })).await;
+        let project = project["createProject"]["id"].as_str().expect("project");
+        let vars = json!({ "project": project, "url": repo.url(), "domain": domain, "server": server });
+        self.gql(CREATE_APP, vars).await["createApplication"]["id"].as_str().expect("app").to_owned()
+    }
+
+    async fn deploy(&self, application: &str) -> String {
+        self.gql(DEPLOY, json!({ "app": application })).await["deployApplication"]["id"]
+            .as_str()
+            .expect("deployment")
+            .to_owned()
+    }
+
+    async fn finished(&self, deployment: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let d = self.gql(DEPLOYMENT, json!({ "id": deployment })).await["deployment"].clone();
+            if matches!(d["status"].as_str(), Some("SUCCEEDED" | "FAILED" | "CANCELLED")) {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "deployment {deployment} did not finish: {d}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The deployment's log so far, one string per line.
+    async fn log(&self, deployment: &str) -> Vec<String> {
+        deployment_log(&self.app.db.pool, deployment).await
+    }
+
+    /// Polls the log until a line contains `needle`.
+    async fn log_shows(&self, deployment: &str, needle: &str) {
+        until_log_shows(&self.app.db.pool, deployment, needle).await;
+    }
+
+    /// `GET /` with `Host: domain` through the Caddy listening at `listen`.
+    async fn page(&self, listen: &str, domain: &str) -> Result<(u16, String), String> {
+        zpanel_tests::deploy::page(&self.http, listen, domain).await
+    }
+}
+
+/// The names of the application's containers on the engine.
+fn containers(application: &str) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}}", "--filter"])
+        .arg(format!("label=zpanel.application={application}"))
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn an_application_on_a_remote_server_is_deployed_over_ssh_and_served_by_that_servers_proxy() {
+    let env = Env::start().await;
+    let server = env.server().await;
+    let repo = Repo::new("remote v1");
+    let application = env.create_app(&repo, "remote.example.test", &server).await;
+
+    let deployment = env.deploy(&application).await;
+    let done = env.finished(&deployment).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}\n{:#?}", env.log(&deployment).await);
+    let log = env.log(&deployment).await;
+    assert!(log.iter().any(|l| l.contains("deploying to server web-1 (127.0.0.1:")), "{log:#?}");
+
+    // The route is in the server's Caddy, not in this machine's.
+    let served = env.page(&env.server_caddy.listen, "remote.example.test").await;
+    assert!(matches!(&served, Ok((200, body)) if body.contains("remote v1")), "{served:?}");
+    let here = env.page(&env.caddy.listen, "remote.example.test").await;
+    assert!(!matches!(&here, Ok((200, _))), "this machine's Caddy has no route for it: {here:?}");
+
+    // Stopping and starting the release goes to the server too; the route follows the new port.
+    let stop = "mutation($id: ID!) { stopApplication(input: { id: $id }) { id } }";
+    let start = "mutation($id: ID!) { startApplication(input: { id: $id }) { id } }";
+    env.gql(stop, json!({ "id": application })).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while matches!(env.page(&env.server_caddy.listen, "remote.example.test").await, Ok((200, _))) {
+        assert!(Instant::now() < deadline, "the stopped release still serves");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.gql(start, json!({ "id": application })).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = env.page(&env.server_caddy.listen, "remote.example.test").await;
+        if matches!(&page, Ok((200, body)) if body.contains("remote v1")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the started release does not serve: {page:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    remove_application(&application);
+}
+
+#[tokio::test]
+async fn a_connection_cut_mid_build_fails_the_deployment_cleanly_and_the_next_one_reconnects() {
+    let env = Env::start().await;
+    let server = env.server().await;
+    let repo = Repo::new("cut v1");
+    let application = env.create_app(&repo, "cut.example.test", &server).await;
+    let first = env.deploy(&application).await;
+    assert_eq!(env.finished(&first).await["status"], "SUCCEEDED");
+
+    // A build that prints, then takes a while: the cut comes while its output streams.
+    repo.commit_app("cut v2", "RUN echo build-under-way && sleep 20");
+    let second = env.deploy(&application).await;
+    env.log_shows(&second, "build-under-way").await;
+    assert!(env.sshd.drop_connections() > 0, "sshd had connections to cut");
+
+    let failed = env.finished(&second).await;
+    assert_eq!(failed["status"], "FAILED", "{failed}\n{:#?}", env.log(&second).await);
+    assert_eq!(failed["failedStep"], "build", "{failed}");
+    let failure = failed["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("the SSH connection to server web-1 (127.0.0.1:"), "{failure}");
+    // Cleanly: the previous release still serves through the server's proxy, and nothing of
+    // the failed deployment is left on the engine.
+    let page = env.page(&env.server_caddy.listen, "cut.example.test").await;
+    assert!(matches!(&page, Ok((200, body)) if body.contains("cut v1")), "{page:?}");
+    let left: Vec<String> = containers(&application);
+    assert!(!left.iter().any(|c| c.contains(&second)), "{left:?}");
+
+    // The next deployment connects anew and serves.
+    repo.commit_app("cut v3", "");
+    let third = env.deploy(&application).await;
+    let done = env.finished(&third).await;
+    assert_eq!(done["status"], "SUCCEEDED", "{done}\n{:#?}", env.log(&third).await);
+    let page = env.page(&env.server_caddy.listen, "cut.example.test").await;
+    assert!(matches!(&page, Ok((200, body)) if body.contains("cut v3")), "{page:?}");
+    remove_application(&application);
+}

@@ -198,7 +198,7 @@ const DEPLOY_SHUTDOWN_PATIENCE: Duration = Duration::from_secs(20);
 pub fn start(
     pool: sqlx::PgPool,
     signal: AppendSignal,
-    keyring: Keyring,
+    keyring: Arc<Keyring>,
     listener: tokio::net::TcpListener,
     rate: RateLimiter,
     container_logs: Option<Arc<dyn zpanel_api::logs::ContainerLogs>>,
@@ -210,7 +210,7 @@ pub fn start(
     let state = ApiState {
         handler: CommandHandler::new(PgEventStore::new(pool.clone(), signal.clone())),
         pool,
-        keyring: Arc::new(keyring),
+        keyring,
         feed: feed.clone(),
         rate: Arc::new(rate),
         metrics: Arc::default(),
@@ -229,32 +229,44 @@ pub fn start(
     Ok(App { state, address, parts })
 }
 
-/// The running release's output, straight from the Docker Engine, for `containerLogs`.
+/// The running release's output, straight from the Docker Engine where it runs (this machine's,
+/// or a server's through its pooled SSH connection), for `containerLogs`.
 #[derive(Debug)]
 pub struct EngineLogs {
     pool: sqlx::PgPool,
-    docker_host: String,
-    engine: Arc<tokio::sync::OnceCell<zpanel_workers::docker::Engine>>,
+    places: Arc<zpanel_workers::place::Places>,
 }
 
 impl EngineLogs {
-    /// Logs of containers on the engine at `docker_host`, connected on first use.
-    #[must_use]
-    pub fn new(pool: sqlx::PgPool, docker_host: &str) -> Arc<Self> {
-        Arc::new(Self { pool, docker_host: docker_host.to_owned(), engine: Arc::default() })
+    /// Logs of releases wherever `config` says they run; engines are connected on first use,
+    /// servers reached with keys `keyring` opens.
+    ///
+    /// # Errors
+    /// When a proxy address in `config` is malformed.
+    pub fn new(
+        pool: sqlx::PgPool,
+        signal: AppendSignal,
+        keyring: &Arc<Keyring>,
+        config: &zpanel_workers::place::PlaceConfig,
+    ) -> anyhow::Result<Arc<Self>> {
+        let handler = CommandHandler::new(PgEventStore::new(pool.clone(), signal));
+        let places = zpanel_workers::place::Places::new(handler, Arc::clone(keyring), config)?;
+        Ok(Arc::new(Self { pool, places: Arc::new(places) }))
     }
 
     async fn lines(
-        self,
+        pool: sqlx::PgPool,
+        places: Arc<zpanel_workers::place::Places>,
         application_id: uuid::Uuid,
         tail: u32,
     ) -> anyhow::Result<futures::stream::BoxStream<'static, anyhow::Result<zpanel_api::logs::ContainerLogLine>>> {
         use futures::StreamExt as _;
-        let Some(current) = zpanel_workers::deploy::current_release(&self.pool, application_id).await? else {
+        let Some(current) = zpanel_workers::deploy::current_release(&pool, application_id).await? else {
             return Ok(futures::stream::empty().boxed());
         };
-        let engine = self.engine.get_or_try_init(|| zpanel_workers::docker::Engine::connect(&self.docker_host)).await?;
-        let lines = engine.logs(&current.container(), tail, true).map(|line| {
+        let team = zpanel_domain::ids::TeamId::from_uuid(current.team_id);
+        let place = places.get(team, current.server_id.map(zpanel_domain::ids::ServerId::from_uuid)).await?;
+        let lines = place.engine.logs(&current.container(), tail, true).map(|line| {
             line.map(|l| zpanel_api::logs::ContainerLogLine {
                 at: time::OffsetDateTime::now_utc(),
                 stream: if l.is_error {
@@ -276,9 +288,7 @@ impl zpanel_api::logs::ContainerLogs for EngineLogs {
         tail: u32,
     ) -> futures::stream::BoxStream<'static, anyhow::Result<zpanel_api::logs::ContainerLogLine>> {
         use futures::{StreamExt as _, TryFutureExt as _};
-        let this =
-            Self { pool: self.pool.clone(), docker_host: self.docker_host.clone(), engine: Arc::clone(&self.engine) };
-        this.lines(application_id, tail).try_flatten_stream().boxed()
+        Self::lines(self.pool.clone(), Arc::clone(&self.places), application_id, tail).try_flatten_stream().boxed()
     }
 }
 

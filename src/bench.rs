@@ -4,6 +4,7 @@
 
 mod api;
 mod deploy;
+mod ssh;
 mod workers;
 
 use crate::config::Config;
@@ -107,6 +108,16 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         apps: usize,
     },
+    /// A Docker API call (`version`) through a server's pooled SSH connection, beside the local
+    /// socket, one SSH round trip and a fresh `ssh host docker version` (starts its own sshd).
+    Ssh {
+        /// Timed calls per way.
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
+        /// Timed runs of the `ssh` process.
+        #[arg(long, default_value_t = 20)]
+        fresh: usize,
+    },
     /// Projection lag (command committed → read model shows it) at a steady command rate,
     /// beside the commit latency of the commands themselves.
     Lag {
@@ -126,6 +137,9 @@ pub enum BenchCommand {
 pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
     if let BenchCommand::SubscribeClients { url, count, events } = &command {
         return api::subscribe_clients(url, *count, *events).await;
+    }
+    if let BenchCommand::Ssh { calls, fresh } = &command {
+        return ssh::latency(&config.docker_host, *calls, *fresh).await;
     }
     let server = Database::open(config, 2).await?;
     let name = format!("zpanel_bench_{}", uuid::Uuid::now_v7().simple());
@@ -152,7 +166,7 @@ pub async fn run(config: &Config, command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Deploy { rounds } => deploy::overhead(config, &pool, rounds).await,
         BenchCommand::IdleMemory { apps } => deploy::idle_memory(config, &pool, apps).await,
-        BenchCommand::SubscribeClients { .. } => Ok(()),
+        BenchCommand::SubscribeClients { .. } | BenchCommand::Ssh { .. } => Ok(()),
     };
     pool.close().await;
     let _ = sqlx::query(&format!("drop database {name}")).execute(&server.pool).await;

@@ -152,7 +152,9 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
     let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
-    let container_logs = crate::app::EngineLogs::new(db.pool.clone(), &config.docker_host);
+    let keyring = Arc::new(keyring);
+    let places = config.deploy().places();
+    let container_logs = crate::app::EngineLogs::new(db.pool.clone(), signal.clone(), &keyring, &places)?;
     let mut app = crate::app::start(db.pool.clone(), signal.clone(), keyring, listener, rate, Some(container_logs))?;
     if with_workers {
         let metrics = Arc::clone(&app.state.metrics);

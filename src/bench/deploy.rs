@@ -155,8 +155,9 @@ impl Zpanel {
         let signal = AppendSignal::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
-        let logs = crate::app::EngineLogs::new(pool.clone(), &config.docker_host);
-        let mut app = crate::app::start(pool.clone(), signal.clone(), Keyring::generate(), listener, rate, Some(logs))?;
+        let keyring = Arc::new(Keyring::generate());
+        let logs = crate::app::EngineLogs::new(pool.clone(), signal.clone(), &keyring, &config.deploy().places())?;
+        let mut app = crate::app::start(pool.clone(), signal.clone(), keyring, listener, rate, Some(logs))?;
         let keyring = Arc::clone(&app.state.keyring);
         let mode = crate::app::WorkerMode {
             only: None,

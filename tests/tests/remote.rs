@@ -126,6 +126,13 @@ async fn an_application_on_a_remote_server_is_deployed_over_ssh_and_served_by_th
     let env = Env::start().await;
     let server = env.server().await;
     let repo = Repo::new("remote v1");
+    // It says hello on its output, for `containerLogs`.
+    let dockerfile = format!(
+        "FROM {}\nCOPY index.html /www/index.html\n\
+         CMD [\"sh\", \"-c\", \"echo hello from the server; exec httpd -f -p 8080 -h /www\"]\n",
+        zpanel_tests::deploy::BASE_IMAGE
+    );
+    repo.commit_files(&[("Dockerfile", &dockerfile)], "say hello");
     let application = env.create_app(&repo, "remote.example.test", &server).await;
 
     let deployment = env.deploy(&application).await;
@@ -139,6 +146,19 @@ async fn an_application_on_a_remote_server_is_deployed_over_ssh_and_served_by_th
     assert!(matches!(&served, Ok((200, body)) if body.contains("remote v1")), "{served:?}");
     let here = env.page(&env.caddy.listen, "remote.example.test").await;
     assert!(!matches!(&here, Ok((200, _))), "this machine's Caddy has no route for it: {here:?}");
+
+    // Its output comes from the server's engine too.
+    let mut output = env
+        .app
+        .subscribe(
+            &env.token,
+            "subscription($app: ID!) { containerLogs(applicationId: $app, tail: 10) { text } }",
+            json!({ "app": application }),
+        )
+        .await;
+    let first = output.next_data().await.expect("a container log line");
+    assert_eq!(first["containerLogs"]["text"], "hello from the server", "{first}");
+    drop(output);
 
     // Stopping and starting the release goes to the server too; the route follows the new port.
     let stop = "mutation($id: ID!) { stopApplication(input: { id: $id }) { id } }";

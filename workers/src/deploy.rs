@@ -18,12 +18,9 @@ mod pipeline;
 
 pub use logs::DeployLog;
 
-use crate::docker::Engine;
 use crate::lease::LeaseKeeper;
-use crate::proxy::Proxy;
-use crate::remote::{Dial, Link, SshPool};
+use crate::place::{Place, PlaceConfig, Places};
 use crate::runtime::{Handler, HandlerError};
-use crate::ssh::DOCKER_SOCKET;
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sqlx::PgPool;
@@ -32,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::{OnceCell, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 use uuid::Uuid;
 use zpanel_commands::{Actor, CommandContext, CommandError, CommandHandler, Keyring, PgEventStore, RecordedEvent};
 use zpanel_domain::deployment::{Deployment, DeploymentCommand, DeploymentError, DeploymentEvent, DeploymentStep};
@@ -69,6 +66,20 @@ pub struct DeployConfig {
     pub route_sync: Duration,
 }
 
+impl DeployConfig {
+    /// Where the engine and the proxy are, on this machine and on servers.
+    #[must_use]
+    pub fn places(&self) -> PlaceConfig {
+        PlaceConfig {
+            docker_host: self.docker_host.clone(),
+            caddy_admin: self.caddy_admin.clone(),
+            proxy_listen: self.proxy_listen.clone(),
+            remote_caddy_admin: self.remote_caddy_admin.clone(),
+            remote_proxy_listen: self.remote_proxy_listen.clone(),
+        }
+    }
+}
+
 /// What a job ended with.
 #[derive(Debug)]
 enum Ending {
@@ -95,26 +106,13 @@ enum Stop {
     Shutdown,
 }
 
-/// Where a deployment runs: the Docker Engine, the Caddy in front of it, and how that place's
-/// loopback ports are reached (a container's published port, the proxy's listener).
-#[derive(Debug)]
-pub(crate) struct Place {
-    engine: Engine,
-    proxy: Proxy,
-    dial: Dial,
-    /// The server's pooled SSH connection; `None` on this machine.
-    link: Option<Arc<Link>>,
-}
-
 struct Inner {
     pool: PgPool,
     handler: CommandHandler<PgEventStore>,
     keyring: Arc<Keyring>,
     worker_id: String,
     config: DeployConfig,
-    local: OnceCell<Arc<Place>>,
-    remote: Mutex<HashMap<Uuid, Arc<Place>>>,
-    ssh: SshPool,
+    places: Places,
     builds: Semaphore,
     jobs: Mutex<HashMap<Uuid, watch::Sender<Stop>>>,
     tasks: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
@@ -156,10 +154,7 @@ impl Deployer {
         worker_id: &str,
         config: DeployConfig,
     ) -> anyhow::Result<Self> {
-        // Bad proxy addresses are refused at start, not at the first deployment.
-        Proxy::new(&config.caddy_admin, &config.proxy_listen)?;
-        Proxy::new(&config.remote_caddy_admin, &config.remote_proxy_listen)?;
-        let ssh = SshPool::new(handler.clone(), Arc::clone(&keyring), crate::servers::SSH_TIMEOUT);
+        let places = Places::new(handler.clone(), Arc::clone(&keyring), &config.places())?;
         let builds = Semaphore::new(config.concurrent_builds.max(1));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -168,9 +163,7 @@ impl Deployer {
                 keyring,
                 worker_id: worker_id.to_owned(),
                 config,
-                local: OnceCell::new(),
-                remote: Mutex::default(),
-                ssh,
+                places,
                 builds,
                 jobs: Mutex::default(),
                 tasks: tokio::sync::Mutex::default(),
@@ -179,37 +172,9 @@ impl Deployer {
         })
     }
 
-    /// Where `team`'s applications on `server` run (`None`: this machine): the Docker Engine,
-    /// connected on first use (and again after a failed try), and the Caddy in front of it. A
-    /// server is reached through its pooled SSH connection; a changed server gets a new one.
+    /// Where `team`'s applications on `server` run (`None`: this machine).
     async fn place(&self, team: TeamId, server: Option<ServerId>) -> anyhow::Result<Arc<Place>> {
-        let config = &self.inner.config;
-        let Some(server) = server else {
-            let local = self
-                .inner
-                .local
-                .get_or_try_init(|| async {
-                    let engine = Engine::connect(&config.docker_host).await?;
-                    let proxy = Proxy::new(&config.caddy_admin, &config.proxy_listen)?;
-                    anyhow::Ok(Arc::new(Place { engine, proxy, dial: Dial::local(), link: None }))
-                })
-                .await?;
-            return Ok(Arc::clone(local));
-        };
-        let server_id = *server.as_uuid();
-        let link = self.inner.ssh.link(team, server_id).await?;
-        let pooled = self.inner.remote.lock().ok().and_then(|places| places.get(&server_id).cloned());
-        if let Some(place) = pooled.filter(|p| p.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link))) {
-            return Ok(place);
-        }
-        let dial = Dial::ssh(Arc::clone(&link));
-        let engine = Engine::over(dial.clone().to_socket(DOCKER_SOCKET)).await?;
-        let proxy = Proxy::over(&config.remote_caddy_admin, &config.remote_proxy_listen, dial.clone())?;
-        let place = Arc::new(Place { engine, proxy, dial, link: Some(link) });
-        if let Ok(mut places) = self.inner.remote.lock() {
-            places.insert(server_id, Arc::clone(&place));
-        }
-        Ok(place)
+        self.inner.places.get(team, server).await
     }
 
     /// Deployments this process is running now.

@@ -134,6 +134,15 @@ impl Engine {
         Ok(Self { docker })
     }
 
+    /// Asks the engine whether it is there (`GET /_ping`, the cheapest call it answers).
+    ///
+    /// # Errors
+    /// When the engine does not answer.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        self.docker.ping().await.context("pinging the Docker Engine")?;
+        Ok(())
+    }
+
     /// The engine's version (`24.0.7`).
     ///
     /// # Errors

@@ -27,6 +27,7 @@ pub mod git;
 pub mod http;
 pub mod kafka;
 pub mod lease;
+pub mod place;
 pub mod proxy;
 pub mod relay;
 pub mod remote;

@@ -10,10 +10,11 @@
 //! and the route if it was switched — so the previous release keeps serving.
 
 use super::logs::{DeployLog, Stream};
-use super::{Deployer, Ending, Place, Stop};
+use super::{Deployer, Ending, Stop};
 use crate::docker::{ContainerSpec, LABEL_APPLICATION, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, OutputLine};
 use crate::git::{Git, KeyFile};
 use crate::http::{Http, HttpError};
+use crate::place::Place;
 use crate::remote::Dial;
 use anyhow::Context as _;
 use sha2::{Digest as _, Sha256};

@@ -316,6 +316,7 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
             port: valid(Port::try_from(22u32))?,
             user: valid(UnixUser::parse("deploy"))?,
             private_key_id: key_id,
+            jump: None,
             names_in_use: BTreeSet::new(),
             key_exists: true,
         },
@@ -332,7 +333,11 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
     sink.execute::<Server>(
         team_id,
         s,
-        &ServerCommand::RecordValidationSucceeded { facts, host_key_fingerprint: "SHA256:sample".into() },
+        &ServerCommand::RecordValidationSucceeded {
+            facts,
+            host_key_fingerprint: "SHA256:sample".into(),
+            jump_host_key_fingerprint: None,
+        },
     )
     .await?;
 

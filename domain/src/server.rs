@@ -91,6 +91,20 @@ pub struct Connection {
     pub user: UnixUser,
     /// The key it logs in with.
     pub private_key_id: PrivateKeyId,
+    /// A bastion to reach it through (OpenSSH's `ProxyJump`), logged in to with the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump: Option<JumpHost>,
+}
+
+/// A host Zpanel logs in to first, and reaches a server from (a bastion).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct JumpHost {
+    /// Host name or IP address.
+    pub host: Host,
+    /// SSH port.
+    pub port: Port,
+    /// The account Zpanel logs in as there.
+    pub user: UnixUser,
 }
 
 /// What a server is, once created.
@@ -110,6 +124,9 @@ pub struct ServerDetails {
     pub facts: Option<ServerFacts>,
     /// The SSH host key seen by the last successful validation (`SHA256:…`).
     pub host_key_fingerprint: Option<String>,
+    /// The jump host's SSH host key seen then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump_host_key_fingerprint: Option<String>,
     /// Why the last validation failed.
     pub last_error: Option<String>,
 }
@@ -157,6 +174,8 @@ pub struct ServerPatch {
     pub user: Option<UnixUser>,
     /// A new login key.
     pub private_key_id: Option<PrivateKeyId>,
+    /// A new jump host (`Some(None)`: none any more).
+    pub jump: Option<Option<JumpHost>>,
 }
 
 /// What can be asked of a server.
@@ -178,6 +197,8 @@ pub enum ServerCommand {
         user: UnixUser,
         /// Login key.
         private_key_id: PrivateKeyId,
+        /// A bastion to reach it through.
+        jump: Option<JumpHost>,
         /// The names of the team's other servers (outside fact).
         names_in_use: BTreeSet<Name>,
         /// Whether `private_key_id` is a key of the team (outside fact).
@@ -200,6 +221,8 @@ pub enum ServerCommand {
         facts: ServerFacts,
         /// The host key it saw.
         host_key_fingerprint: String,
+        /// The jump host's host key it saw, if it went through one.
+        jump_host_key_fingerprint: Option<String>,
     },
     /// The worker could not connect or found no Docker (sent by the worker).
     RecordValidationFailed {
@@ -258,6 +281,9 @@ pub enum ServerEvent {
         facts: ServerFacts,
         /// The host key it saw.
         host_key_fingerprint: String,
+        /// The jump host's host key it saw, if it went through one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        jump_host_key_fingerprint: Option<String>,
     },
     /// The validation failed.
     ServerValidationFailed {
@@ -338,6 +364,7 @@ impl Aggregate for Server {
                     port,
                     user,
                     private_key_id,
+                    jump,
                     names_in_use,
                     key_exists,
                 },
@@ -357,6 +384,7 @@ impl Aggregate for Server {
                         port: *port,
                         user: user.clone(),
                         private_key_id: *private_key_id,
+                        jump: jump.clone(),
                     },
                 }]);
             }
@@ -380,10 +408,11 @@ impl Aggregate for Server {
             {
                 Err(ServerError::NoValidationPending)
             }
-            ServerCommand::RecordValidationSucceeded { facts, host_key_fingerprint } => {
+            ServerCommand::RecordValidationSucceeded { facts, host_key_fingerprint, jump_host_key_fingerprint } => {
                 Ok(vec![ServerEvent::ServerValidationSucceeded {
                     facts: facts.clone(),
                     host_key_fingerprint: host_key_fingerprint.clone(),
+                    jump_host_key_fingerprint: jump_host_key_fingerprint.clone(),
                 }])
             }
             ServerCommand::RecordValidationFailed { error } => {
@@ -421,6 +450,7 @@ impl Aggregate for Server {
                     status: ServerStatus::Unknown,
                     facts: None,
                     host_key_fingerprint: None,
+                    jump_host_key_fingerprint: None,
                     last_error: None,
                 })
             }
@@ -434,6 +464,14 @@ impl Aggregate for Server {
                     server.facts = None;
                     server.host_key_fingerprint = None;
                 }
+                // Likewise for the jump host; and a server reached another way may answer
+                // with another machine on the same address.
+                let jump_at = |c: &Connection| c.jump.as_ref().map(|j| (j.host.clone(), j.port));
+                if jump_at(&server.connection) != jump_at(connection) {
+                    server.jump_host_key_fingerprint = None;
+                    server.host_key_fingerprint = None;
+                    server.facts = None;
+                }
                 server.connection = connection.clone();
                 server.status = ServerStatus::Unknown;
                 server.last_error = None;
@@ -443,10 +481,14 @@ impl Aggregate for Server {
                 server.status = ServerStatus::Validating;
                 Self::Active(server)
             }
-            (Self::Active(mut server), ServerEvent::ServerValidationSucceeded { facts, host_key_fingerprint }) => {
+            (
+                Self::Active(mut server),
+                ServerEvent::ServerValidationSucceeded { facts, host_key_fingerprint, jump_host_key_fingerprint },
+            ) => {
                 server.status = ServerStatus::Reachable;
                 server.facts = Some(facts.clone());
                 server.host_key_fingerprint = Some(host_key_fingerprint.clone());
+                server.jump_host_key_fingerprint.clone_from(jump_host_key_fingerprint);
                 server.last_error = None;
                 Self::Active(server)
             }
@@ -493,6 +535,7 @@ fn update(
         port: patch.port.unwrap_or(current.port),
         user: patch.user.clone().unwrap_or_else(|| current.user.clone()),
         private_key_id: patch.private_key_id.unwrap_or(current.private_key_id),
+        jump: patch.jump.clone().unwrap_or_else(|| current.jump.clone()),
     };
     if connection.private_key_id != current.private_key_id && !key_exists {
         return Err(ServerError::PrivateKeyNotFound);
@@ -529,6 +572,17 @@ impl Describe for Server {
         if let Some(fingerprint) = &server.host_key_fingerprint {
             fields.insert("hostKeyFingerprint".to_owned(), plain(fingerprint.as_str().into()));
         }
+        if let Some(jump) = &server.connection.jump {
+            let at = if jump.host.as_str().contains(':') {
+                format!("{}@[{}]:{}", jump.user.as_str(), jump.host.as_str(), jump.port.get())
+            } else {
+                format!("{}@{}:{}", jump.user.as_str(), jump.host.as_str(), jump.port.get())
+            };
+            fields.insert("jumpHost".to_owned(), plain(at.into()));
+        }
+        if let Some(fingerprint) = &server.jump_host_key_fingerprint {
+            fields.insert("jumpHostKeyFingerprint".to_owned(), plain(fingerprint.as_str().into()));
+        }
         if let Some(error) = &server.last_error {
             fields.insert("lastError".to_owned(), plain(error.as_str().into()));
         }
@@ -564,6 +618,7 @@ mod tests {
             port: port(22),
             user: UnixUser::parse("deploy").expect("valid user"),
             private_key_id: PrivateKeyId::from_uuid(uuid::Uuid::from_u128(1)),
+            jump: None,
         }
     }
 
@@ -602,6 +657,7 @@ mod tests {
             port: c.port,
             user: c.user,
             private_key_id: c.private_key_id,
+            jump: None,
             names_in_use,
             key_exists,
         }
@@ -682,6 +738,7 @@ mod tests {
                 port: Some(c.port),
                 user: Some(c.user),
                 private_key_id: same_key,
+                jump: Some(None),
             })),
             Ok(vec![])
         );
@@ -701,8 +758,11 @@ mod tests {
     #[test]
     fn changing_the_connection_resets_the_status_and_refuses_the_stale_result() {
         let mut history = validating();
-        history
-            .push(ServerEvent::ServerValidationSucceeded { facts: facts(), host_key_fingerprint: "SHA256:old".into() });
+        history.push(ServerEvent::ServerValidationSucceeded {
+            facts: facts(),
+            host_key_fingerprint: "SHA256:old".into(),
+            jump_host_key_fingerprint: None,
+        });
         history.push(ServerEvent::ServerValidationRequested { connection: connection() });
         let changed =
             given(&history).decide(&update(ServerPatch { host: Some(host("10.0.0.6")), ..ServerPatch::default() }));
@@ -723,6 +783,7 @@ mod tests {
             server.decide(&ServerCommand::RecordValidationSucceeded {
                 facts: facts(),
                 host_key_fingerprint: "SHA256:old".into(),
+                jump_host_key_fingerprint: None,
             }),
             Err(ServerError::NoValidationPending)
         );
@@ -748,12 +809,14 @@ mod tests {
         let recorded = given(&history).decide(&ServerCommand::RecordValidationSucceeded {
             facts: facts(),
             host_key_fingerprint: "SHA256:abc".into(),
+            jump_host_key_fingerprint: None,
         });
         assert_eq!(
             recorded,
             Ok(vec![ServerEvent::ServerValidationSucceeded {
                 facts: facts(),
-                host_key_fingerprint: "SHA256:abc".into()
+                host_key_fingerprint: "SHA256:abc".into(),
+                jump_host_key_fingerprint: None
             }])
         );
         history.extend(recorded.unwrap_or_default());
@@ -787,6 +850,7 @@ mod tests {
             server.decide(&ServerCommand::RecordValidationSucceeded {
                 facts: facts(),
                 host_key_fingerprint: "SHA256:abc".into(),
+                jump_host_key_fingerprint: None,
             }),
             Err(ServerError::NoValidationPending)
         );
@@ -816,8 +880,11 @@ mod tests {
     fn a_server_describes_its_settings_and_what_validation_found() {
         assert!(given(&[]).describe().is_empty());
         let mut history = validating();
-        history
-            .push(ServerEvent::ServerValidationSucceeded { facts: facts(), host_key_fingerprint: "SHA256:abc".into() });
+        history.push(ServerEvent::ServerValidationSucceeded {
+            facts: facts(),
+            host_key_fingerprint: "SHA256:abc".into(),
+            jump_host_key_fingerprint: None,
+        });
         let described = given(&history).describe();
         assert_eq!(described["host"], FieldValue::Plain(json!("10.0.0.5")));
         assert_eq!(described["port"], FieldValue::Plain(json!(22)));
@@ -833,7 +900,11 @@ mod tests {
         events.extend([
             ServerEvent::ServerRenamed { name: name("x") },
             ServerEvent::ServerConnectionChanged { connection: connection() },
-            ServerEvent::ServerValidationSucceeded { facts: facts(), host_key_fingerprint: "SHA256:abc".into() },
+            ServerEvent::ServerValidationSucceeded {
+                facts: facts(),
+                host_key_fingerprint: "SHA256:abc".into(),
+                jump_host_key_fingerprint: None,
+            },
             ServerEvent::ServerValidationFailed { error: "timeout".into() },
             ServerEvent::ServerRemoved {},
         ]);
@@ -844,6 +915,93 @@ mod tests {
             let (kind, text) = event.encode_json().expect("encodes");
             assert_eq!(ServerEvent::decode_json(kind, 1, text.get()).expect("decodes"), event);
         }
+    }
+}
+
+#[cfg(test)]
+mod jump_host_tests {
+    use super::*;
+
+    fn bastion(port: &str) -> JumpHost {
+        JumpHost {
+            host: Host::parse("bastion.example.com").expect("a host"),
+            port: Port::parse(port).expect("a port"),
+            user: UnixUser::parse("hop").expect("a user"),
+        }
+    }
+
+    fn validated() -> Server {
+        let connection = Connection {
+            host: Host::parse("10.0.0.7").expect("a host"),
+            port: Port::parse("22").expect("a port"),
+            user: UnixUser::parse("root").expect("a user"),
+            private_key_id: PrivateKeyId::new(),
+            jump: Some(bastion("22")),
+        };
+        Server::fold(&[
+            ServerEvent::ServerCreated {
+                server_id: ServerId::new(),
+                team_id: TeamId::new(),
+                name: Name::parse("inner").expect("a name"),
+                connection: connection.clone(),
+            },
+            ServerEvent::ServerValidationRequested { connection },
+            ServerEvent::ServerValidationSucceeded {
+                facts: ServerFacts {
+                    os: "Debian".into(),
+                    docker_version: "26.1.0".into(),
+                    cpus: 2,
+                    memory_bytes: 1,
+                    disk_free_bytes: 1,
+                },
+                host_key_fingerprint: "SHA256:inner".into(),
+                jump_host_key_fingerprint: Some("SHA256:bastion".into()),
+            },
+        ])
+    }
+
+    fn change(server: &Server, patch: ServerPatch) -> Server {
+        let command = ServerCommand::UpdateServer { patch, names_in_use: BTreeSet::new(), key_exists: true };
+        let events = server.decide(&command).expect("accepted");
+        events.iter().fold(server.clone(), |s, e| s.clone().evolve(e))
+    }
+
+    #[test]
+    fn a_validation_through_a_jump_host_records_both_host_keys() {
+        let server = validated();
+        let details = server.details().expect("a server");
+        assert_eq!(details.host_key_fingerprint.as_deref(), Some("SHA256:inner"));
+        assert_eq!(details.jump_host_key_fingerprint.as_deref(), Some("SHA256:bastion"));
+        assert_eq!(details.connection.jump, Some(bastion("22")));
+    }
+
+    #[test]
+    fn another_jump_host_forgets_both_host_keys_and_another_user_there_forgets_neither() {
+        let server = validated();
+        let moved = change(&server, ServerPatch { jump: Some(Some(bastion("2222"))), ..ServerPatch::default() });
+        let details = moved.details().expect("a server");
+        assert_eq!(
+            (details.host_key_fingerprint.as_deref(), details.jump_host_key_fingerprint.as_deref()),
+            (None, None)
+        );
+        assert_eq!(details.status, ServerStatus::Unknown);
+
+        let direct = change(&server, ServerPatch { jump: Some(None), ..ServerPatch::default() });
+        assert_eq!(direct.details().and_then(|d| d.host_key_fingerprint.clone()), None);
+
+        let other_user = JumpHost { user: UnixUser::parse("ops").expect("a user"), ..bastion("22") };
+        let renamed = change(&server, ServerPatch { jump: Some(Some(other_user)), ..ServerPatch::default() });
+        let details = renamed.details().expect("a server");
+        assert_eq!(details.host_key_fingerprint.as_deref(), Some("SHA256:inner"));
+        assert_eq!(details.jump_host_key_fingerprint.as_deref(), Some("SHA256:bastion"));
+    }
+
+    #[test]
+    fn events_without_a_jump_host_still_decode() {
+        let old =
+            r#"{"host":"10.0.0.7","port":22,"user":"root","private_key_id":"00000000-0000-0000-0000-000000000001"}"#;
+        let connection: Connection = serde_json::from_str(old).expect("decodes");
+        assert_eq!(connection.jump, None);
     }
 }
 
@@ -861,6 +1019,7 @@ mod health_check_tests {
                 port: Port::parse("22").expect("a port"),
                 user: UnixUser::parse("root").expect("a user"),
                 private_key_id: PrivateKeyId::new(),
+                jump: None,
             },
         }) else {
             unreachable!("created")

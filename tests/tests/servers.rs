@@ -243,6 +243,49 @@ async fn run_server_check_checks_at_once_and_only_a_validated_server() {
 }
 
 #[tokio::test]
+async fn a_server_behind_a_jump_host_is_reached_through_it_and_both_host_keys_are_recorded() {
+    let env = Env::start_with(&[("ZPANEL_SERVER_CHECK_SECONDS", "0")]).await;
+    let mut bastion = Sshd::start();
+    let (key_id, public_key) = env.key("ops key").await;
+    env.sshd.authorize(&public_key);
+    bastion.authorize(&public_key);
+    let create = "mutation($port: Int!, $jump: Int!, $key: ID!) {
+        createServer(input: { name: \"inner\", host: \"127.0.0.1\", port: $port, user: \"root\", privateKeyId: $key,
+                              jumpHost: { host: \"127.0.0.1\", port: $jump } }) { id jumpHost { host port user } } }";
+    let created = env.gql(create, json!({ "port": env.sshd.port, "jump": bastion.port, "key": key_id })).await;
+    let server_id = created["createServer"]["id"].as_str().expect("server id").to_owned();
+    let jump = &created["createServer"]["jumpHost"];
+    assert_eq!(*jump, json!({ "host": "127.0.0.1", "port": bastion.port, "user": "root" }));
+
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "REACHABLE", "{server}");
+    assert_eq!(server["hostKeyFingerprint"], env.sshd.host_key_fingerprint(), "the server's own key");
+    let keys =
+        env.gql("query($id: ID!) { server(id: $id) { jumpHostKeyFingerprint } }", json!({ "id": server_id })).await;
+    assert_eq!(keys["server"]["jumpHostKeyFingerprint"], bastion.host_key_fingerprint(), "the bastion's key");
+
+    // The way in is the bastion: without it, the server cannot be reached, though it runs.
+    bastion.stop();
+    const CHECK: &str = "mutation($id: ID!) { runServerCheck(input: { serverId: $id }) { id } }";
+    env.gql(CHECK, json!({ "id": server_id })).await;
+    let server = env.until_status(&server_id, "UNREACHABLE").await;
+    let refused_by = format!("connection refused by 127.0.0.1:{}", bastion.port);
+    assert!(last_error(&server).contains(&refused_by), "{server}");
+    bastion.resume();
+    env.gql(CHECK, json!({ "id": server_id })).await;
+    env.until_status(&server_id, "REACHABLE").await;
+
+    // A bad jump host is refused naming its field, and nothing is created.
+    let bad = "mutation($key: ID!) { createServer(input: { name: \"bad\", host: \"127.0.0.1\", privateKeyId: $key,
+        jumpHost: { host: \"-oProxyCommand=x\" } }) { id } }";
+    let refused = env.app.graphql(Some(&env.token), bad, json!({ "key": key_id })).await;
+    assert_eq!(refused.code(), "INVALID_INPUT", "{:?}", refused.errors);
+    assert_eq!(refused.error()["extensions"]["field"], "jumpHost.host", "{:?}", refused.errors);
+    let servers = env.gql("{ servers { name } }", json!({})).await;
+    assert_eq!(servers["servers"].as_array().map(Vec::len), Some(1), "{servers}");
+}
+
+#[tokio::test]
 async fn an_imported_rsa_key_logs_in() {
     let env = Env::start().await;
     let dir = zpanel_tests::TempDir::new();

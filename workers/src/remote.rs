@@ -11,7 +11,7 @@
 //! - Channels at once per server are bounded ([`CHANNELS_PER_SERVER`]); more work waits for one.
 //! - Keepalives (every 15 s, three missed) notice a dead peer while the connection is idle.
 
-use crate::ssh::{SshError, SshSession, SshTarget};
+use crate::ssh::{Jump, SshError, SshSession, SshTarget};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use hyper::Uri;
@@ -40,6 +40,8 @@ struct Settings {
     target: SshTarget,
     private_key_id: Uuid,
     host_key: String,
+    /// The jump host and its recorded host key.
+    jump: Option<(SshTarget, String)>,
 }
 
 /// One server's pooled SSH connection.
@@ -79,7 +81,7 @@ impl Link {
     pub fn new(name: &str, target: SshTarget, key: russh::keys::PrivateKey, host_key: &str, timeout: Duration) -> Self {
         Self::with_settings(
             name,
-            Settings { target, private_key_id: Uuid::nil(), host_key: host_key.to_owned() },
+            Settings { target, private_key_id: Uuid::nil(), host_key: host_key.to_owned(), jump: None },
             key,
             timeout,
         )
@@ -120,8 +122,10 @@ impl Link {
         if let Some(session) = current.as_ref().filter(|s| !s.is_closed()) {
             return Ok(Arc::clone(session));
         }
+        let settings = &self.settings;
+        let jump = settings.jump.as_ref().map(|(target, host_key)| Jump { target, expected_host_key: Some(host_key) });
         let session =
-            SshSession::connect(&self.settings.target, self.key.clone(), Some(&self.settings.host_key), self.timeout)
+            SshSession::connect_via(jump, &settings.target, self.key.clone(), Some(&settings.host_key), self.timeout)
                 .await?;
         let session = Arc::new(session);
         self.connects.fetch_add(1, Ordering::Relaxed);
@@ -180,16 +184,19 @@ impl Link {
 
 /// Where and as whom a server's pool entry was made, so a changed server gets a new link.
 impl Settings {
-    fn of(server: &zpanel_domain::server::ServerDetails, host_key: &str) -> Self {
-        Self {
-            target: SshTarget {
-                host: server.connection.host.as_str().to_owned(),
-                port: server.connection.port.get(),
-                user: server.connection.user.as_str().to_owned(),
-            },
+    /// `None` while the jump host's key was not recorded yet.
+    fn of(server: &zpanel_domain::server::ServerDetails, host_key: &str) -> Option<Self> {
+        let (target, jump) = crate::servers::targets(server);
+        let jump = match jump {
+            Some(jump) => Some((jump, server.jump_host_key_fingerprint.clone()?)),
+            None => None,
+        };
+        Some(Self {
+            target,
             private_key_id: *server.connection.private_key_id.as_uuid(),
             host_key: host_key.to_owned(),
-        }
+            jump,
+        })
     }
 }
 
@@ -229,7 +236,9 @@ impl SshPool {
         let host_key = details.host_key_fingerprint.as_deref().with_context(|| {
             format!("the server {name} has not been validated yet: validate it (validateServer) before deploying to it")
         })?;
-        let settings = Settings::of(details, host_key);
+        let settings = Settings::of(details, host_key).with_context(|| {
+            format!("the jump host of server {name} has not been validated yet: validate the server (validateServer)")
+        })?;
         if let Some(link) = self.links.lock().ok().and_then(|links| links.get(&server_id).cloned())
             && link.settings == settings
         {

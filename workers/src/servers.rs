@@ -12,7 +12,7 @@
 //! domain records only changes (`ServerBecameUnreachable`, `ServerRecovered`).
 
 use crate::runtime::{Handler, HandlerError};
-use crate::ssh::{DOCKER_SOCKET, SshError, SshSession, SshTarget};
+use crate::ssh::{DOCKER_SOCKET, Jump, SshError, SshSession, SshTarget};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use std::sync::Arc;
@@ -52,6 +52,22 @@ pub(crate) async fn open_key(
         Err(e) => return Ok(Err(format!("the private key could not be opened: {e}"))),
     };
     Ok(crate::ssh::parse_private_key(opened.expose()).map_err(|e| e.to_string()))
+}
+
+/// Where and as whom to log in to `server`, and to its jump host on the way (same key).
+pub(crate) fn targets(server: &ServerDetails) -> (SshTarget, Option<SshTarget>) {
+    let connection = &server.connection;
+    let target = SshTarget {
+        host: connection.host.as_str().to_owned(),
+        port: connection.port.get(),
+        user: connection.user.as_str().to_owned(),
+    };
+    let jump = connection.jump.as_ref().map(|jump| SshTarget {
+        host: jump.host.as_str().to_owned(),
+        port: jump.port.get(),
+        user: jump.user.as_str().to_owned(),
+    });
+    (target, jump)
 }
 
 /// Free disk is measured where Docker keeps its data, or at `/` on a server without it. A
@@ -189,8 +205,8 @@ impl ServerValidator {
             Err(reason) => Err(reason),
         };
         let command = match result {
-            Ok((facts, host_key_fingerprint)) => {
-                ServerCommand::RecordValidationSucceeded { facts, host_key_fingerprint }
+            Ok((facts, host_key_fingerprint, jump_host_key_fingerprint)) => {
+                ServerCommand::RecordValidationSucceeded { facts, host_key_fingerprint, jump_host_key_fingerprint }
             }
             Err(error) => ServerCommand::RecordValidationFailed { error },
         };
@@ -206,21 +222,23 @@ impl ServerValidator {
         open_key(&self.handler, &self.keyring, team, server).await
     }
 
+    /// Connects (through the jump host, if any) and gathers the facts; returns them with the
+    /// host keys seen: the server's, and the jump host's.
     async fn look_around(
         &self,
         server: &ServerDetails,
         key: russh::keys::PrivateKey,
-    ) -> Result<(ServerFacts, String), SshError> {
-        let target = SshTarget {
-            host: server.connection.host.as_str().to_owned(),
-            port: server.connection.port.get(),
-            user: server.connection.user.as_str().to_owned(),
-        };
-        let session = SshSession::connect(&target, key, server.host_key_fingerprint.as_deref(), self.timeout).await?;
+    ) -> Result<(ServerFacts, String, Option<String>), SshError> {
+        let (target, jump) = targets(server);
+        let jump =
+            jump.as_ref().map(|target| Jump { target, expected_host_key: server.jump_host_key_fingerprint.as_deref() });
+        let session =
+            SshSession::connect_via(jump, &target, key, server.host_key_fingerprint.as_deref(), self.timeout).await?;
         let facts = gather(&session).await;
         let fingerprint = session.host_key_fingerprint().to_owned();
+        let jump_fingerprint = session.jump_host_key_fingerprint().map(str::to_owned);
         session.close().await;
-        Ok((facts?, fingerprint))
+        Ok((facts?, fingerprint, jump_fingerprint))
     }
 
     async fn report(

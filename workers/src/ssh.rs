@@ -217,6 +217,17 @@ pub struct SshSession {
     handle: client::Handle<HostKeyCheck>,
     host_key_fingerprint: String,
     timeout: Duration,
+    /// The jump host's session this one runs inside, kept open while this one is.
+    via: Option<Arc<SshSession>>,
+}
+
+/// A jump host to go through, and the host key it must present (`None`: trust on first use).
+#[derive(Clone, Copy, Debug)]
+pub struct Jump<'a> {
+    /// Where and as whom.
+    pub target: &'a SshTarget,
+    /// Its recorded host key, `SHA256:…`.
+    pub expected_host_key: Option<&'a str>,
 }
 
 impl std::fmt::Debug for SshSession {
@@ -261,6 +272,47 @@ impl SshSession {
             .map_err(|_| timed_out("connecting"))?
             .map_err(|e| connect_error(target, &address, &e, timeout))?;
         let _ = socket.set_nodelay(true);
+        Self::handshake(socket, target, key, expected_host_key, timeout, None).await
+    }
+
+    /// Connects to `target` through `jump` (a bastion, OpenSSH's `ProxyJump`): logs in there
+    /// first, with the same key, checking its host key against `jump.expected_host_key`, then
+    /// runs the SSH session with `target` inside a stream forwarded from there. Without
+    /// `jump`, as [`Self::connect`].
+    ///
+    /// # Errors
+    /// As [`Self::connect`], for either host; [`SshError::Forward`] when the jump host cannot
+    /// reach the target.
+    pub async fn connect_via(
+        jump: Option<Jump<'_>>,
+        target: &SshTarget,
+        key: PrivateKey,
+        expected_host_key: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, SshError> {
+        let Some(jump) = jump else {
+            return Self::connect(target, key, expected_host_key, timeout).await;
+        };
+        let bastion = Arc::new(Self::connect(jump.target, key.clone(), jump.expected_host_key, timeout).await?);
+        let stream = bastion.open_tcp(&target.host, target.port).await?;
+        Self::handshake(stream, target, key, expected_host_key, timeout, Some(bastion)).await
+    }
+
+    /// The SSH session over `stream`: handshake, host key check, login.
+    async fn handshake<S>(
+        stream: S,
+        target: &SshTarget,
+        key: PrivateKey,
+        expected_host_key: Option<&str>,
+        timeout: Duration,
+        via: Option<Arc<SshSession>>,
+    ) -> Result<Self, SshError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let address = target.address();
+        let timed_out =
+            |during: &'static str| SshError::Timeout { address: address.clone(), seconds: timeout.as_secs(), during };
         let config = client::Config {
             // A dead peer is noticed within a minute even while no channel is busy.
             keepalive_interval: Some(Duration::from_secs(15)),
@@ -273,7 +325,7 @@ impl SshSession {
             expected: expected_host_key.map(str::to_owned),
             seen: Arc::clone(&seen),
         };
-        let mut handle = tokio::time::timeout(timeout, client::connect_stream(Arc::new(config), socket, check))
+        let mut handle = tokio::time::timeout(timeout, client::connect_stream(Arc::new(config), stream, check))
             .await
             .map_err(|_| timed_out("the SSH handshake"))?
             .map_err(|e| match e {
@@ -305,13 +357,25 @@ impl SshSession {
         if !outcome.success() {
             return Err(SshError::AuthenticationFailed { user: target.user.clone(), fingerprint: key_fingerprint });
         }
-        Ok(Self { target: target.clone(), handle, host_key_fingerprint, timeout })
+        Ok(Self { target: target.clone(), handle, host_key_fingerprint, timeout, via })
     }
 
     /// The server's host key, `SHA256:…`.
     #[must_use]
     pub fn host_key_fingerprint(&self) -> &str {
         &self.host_key_fingerprint
+    }
+
+    /// The jump host's host key, when the session runs through one.
+    #[must_use]
+    pub fn jump_host_key_fingerprint(&self) -> Option<&str> {
+        self.via.as_deref().map(Self::host_key_fingerprint)
+    }
+
+    /// Whether the connection is gone: this one's, or the jump host's it runs through.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed() || self.via.as_deref().is_some_and(Self::is_closed)
     }
 
     /// Runs `command` — a constant of the caller, never built from user input — on a channel of
@@ -382,13 +446,6 @@ impl SshSession {
         parse_version_answer(&answer).map_err(bad)
     }
 
-    /// Whether the connection is gone (the server hung up, keepalives went unanswered, or
-    /// the transport failed): no channel can be opened on it any more.
-    #[must_use]
-    pub fn is_closed(&self) -> bool {
-        self.handle.is_closed()
-    }
-
     /// `host:port` of the server.
     #[must_use]
     pub fn address(&self) -> String {
@@ -435,9 +492,12 @@ impl SshSession {
         }
     }
 
-    /// Says goodbye; the connection closes.
+    /// Says goodbye; the connection (and the jump host's, if only this one used it) closes.
     pub async fn close(self) {
         let _ = self.handle.disconnect(russh::Disconnect::ByApplication, "", "en").await;
+        if let Some(bastion) = self.via.and_then(Arc::into_inner) {
+            Box::pin(bastion.close()).await;
+        }
     }
 }
 

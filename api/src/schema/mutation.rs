@@ -335,8 +335,32 @@ pub struct CreateServerInput {
     pub user: Option<String>,
     /// Login key.
     pub private_key_id: ID,
+    /// A bastion to reach it through, logged in to with the same key.
+    pub jump_host: Option<JumpHostInput>,
     /// For idempotent retries.
     pub command_id: Option<ID>,
+}
+
+/// A jump host (bastion) of `createServer`.
+#[derive(Debug, InputObject)]
+pub struct JumpHostInput {
+    /// Host name or IP address.
+    pub host: String,
+    /// SSH port (default 22).
+    pub port: Option<i32>,
+    /// Login account there (default `root`).
+    pub user: Option<String>,
+}
+
+impl JumpHostInput {
+    /// The jump host, each field checked and named (`jumpHost.host`, …) when refused.
+    fn parse(&self) -> ApiResult<zpanel_domain::server::JumpHost> {
+        Ok(zpanel_domain::server::JumpHost {
+            host: field("jumpHost.host", &self.host, Host::parse)?,
+            port: port("jumpHost.port", self.port.unwrap_or(22))?,
+            user: field("jumpHost.user", self.user.as_deref().unwrap_or("root"), UnixUser::parse)?,
+        })
+    }
 }
 
 /// `createApiToken`.
@@ -728,6 +752,7 @@ impl Mutation {
         let name = field("name", &input.name, Name::parse)?;
         let host = field("host", &input.host, Host::parse)?;
         let user = field("user", input.user.as_deref().unwrap_or("root"), UnixUser::parse)?;
+        let jump = input.jump_host.as_ref().map(JumpHostInput::parse).transpose()?;
         let key = team_key(state, caller, "privateKeyId", &input.private_key_id).await?;
         let id = created_before::<ServerAggregate>(state, input.command_id.as_ref())
             .await?
@@ -741,6 +766,7 @@ impl Mutation {
             port: port("port", input.port.unwrap_or(22))?,
             user,
             private_key_id: key,
+            jump,
             names_in_use: load::names_in_use(state, SERVER_NAMES, team, None).await?,
             key_exists: true,
         };

@@ -619,8 +619,23 @@ pub struct Server {
     pub host_key_fingerprint: Option<String>,
     /// What validation found.
     pub facts: Option<ServerFacts>,
+    /// The bastion it is reached through, if any (logged in to with the same key).
+    pub jump_host: Option<JumpHost>,
+    /// The jump host's host key, as first seen.
+    pub jump_host_key_fingerprint: Option<String>,
     /// How many events it has had.
     pub version: i64,
+}
+
+/// A bastion a server is reached through (OpenSSH's `ProxyJump`).
+#[derive(Clone, Debug, SimpleObject)]
+pub struct JumpHost {
+    /// Host name or IP address.
+    pub host: String,
+    /// SSH port.
+    pub port: i32,
+    /// Login account there.
+    pub user: String,
 }
 
 impl Server {
@@ -628,6 +643,15 @@ impl Server {
         let status: zpanel_domain::server::ServerStatus = wire(row.try_get("status")?)?;
         let facts = row.try_get::<Option<SqlJson<Option<zpanel_domain::server::ServerFacts>>>, _>("facts")?;
         let facts = facts.and_then(|SqlJson(facts)| facts).map(ServerFacts::from);
+        let folded: zpanel_domain::server::Server = serde_json::from_str(&row.try_get::<String, _>("state")?)
+            .map_err(|e| anyhow::anyhow!("decoding a server's state: {e}"))?;
+        let details = folded.details();
+        let jump_host = details.and_then(|d| d.connection.jump.as_ref()).map(|jump| JumpHost {
+            host: jump.host.as_str().to_owned(),
+            port: i32::from(jump.port.get()),
+            user: jump.user.as_str().to_owned(),
+        });
+        let jump_host_key_fingerprint = details.and_then(|d| d.jump_host_key_fingerprint.clone());
         Ok(Self {
             id: id(row.try_get("server_id")?),
             name: row.try_get("name")?,
@@ -639,6 +663,8 @@ impl Server {
             last_error: row.try_get("last_error")?,
             host_key_fingerprint: row.try_get("host_key_fingerprint")?,
             facts,
+            jump_host,
+            jump_host_key_fingerprint,
             version: row.try_get("version")?,
         })
     }

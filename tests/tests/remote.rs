@@ -123,7 +123,7 @@ fn containers(application: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn an_application_on_a_remote_server_is_deployed_over_ssh_and_served_by_that_servers_proxy() {
-    let env = Env::start().await;
+    let mut env = Env::start().await;
     let server = env.server().await;
     let repo = Repo::new("remote v1");
     // It says hello on its output, for `containerLogs`.
@@ -179,6 +179,21 @@ async fn an_application_on_a_remote_server_is_deployed_over_ssh_and_served_by_th
         assert!(Instant::now() < deadline, "the started release does not serve: {page:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The logs really come over SSH: with the server unreachable, they cannot be read,
+    // though the container runs on (this test's server shares this machine's engine).
+    env.sshd.drop_connections();
+    env.sshd.stop();
+    let mut output = env
+        .app
+        .subscribe(
+            &env.token,
+            "subscription($app: ID!) { containerLogs(applicationId: $app, tail: 10) { text } }",
+            json!({ "app": application }),
+        )
+        .await;
+    let cut = output.next_data().await;
+    assert!(cut.is_err(), "logs read without reaching the server: {cut:?}");
     remove_application(&application);
 }
 

@@ -171,15 +171,6 @@ impl Link {
             }
         }
     }
-
-    /// Runs `command` (a constant of the caller) on a channel of the pooled connection.
-    ///
-    /// # Errors
-    /// As [`SshSession::run`], or when no connection can be made.
-    pub async fn run(&self, command: &'static str) -> Result<crate::ssh::Output, SshError> {
-        let _permit = Arc::clone(&self.channels).acquire_owned().await.ok();
-        self.session().await?.run(command).await
-    }
 }
 
 /// Where and as whom a server's pool entry was made, so a changed server gets a new link.

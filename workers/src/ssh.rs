@@ -446,12 +446,6 @@ impl SshSession {
         parse_version_answer(&answer).map_err(bad)
     }
 
-    /// `host:port` of the server.
-    #[must_use]
-    pub fn address(&self) -> String {
-        self.target.address()
-    }
-
     /// A stream to the Unix socket at `path` on the server (`direct-streamlocal`), opened
     /// within the session's timeout.
     ///

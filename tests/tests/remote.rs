@@ -105,6 +105,12 @@ impl Env {
         until_log_shows(&self.app.db.pool, deployment, needle).await;
     }
 
+    /// A `containerLogs` subscription to the application's running release.
+    async fn container_logs(&self, application: &str) -> zpanel_tests::api::Subscription {
+        let query = "subscription($app: ID!) { containerLogs(applicationId: $app, tail: 10) { text } }";
+        self.app.subscribe(&self.token, query, json!({ "app": application })).await
+    }
+
     /// `GET /` with `Host: domain` through the Caddy listening at `listen`.
     async fn page(&self, listen: &str, domain: &str) -> Result<(u16, String), String> {
         zpanel_tests::deploy::page(&self.http, listen, domain).await
@@ -148,14 +154,7 @@ async fn an_application_on_a_remote_server_is_deployed_over_ssh_and_served_by_th
     assert!(!matches!(&here, Ok((200, _))), "this machine's Caddy has no route for it: {here:?}");
 
     // Its output comes from the server's engine too.
-    let mut output = env
-        .app
-        .subscribe(
-            &env.token,
-            "subscription($app: ID!) { containerLogs(applicationId: $app, tail: 10) { text } }",
-            json!({ "app": application }),
-        )
-        .await;
+    let mut output = env.container_logs(&application).await;
     let first = output.next_data().await.expect("a container log line");
     assert_eq!(first["containerLogs"]["text"], "hello from the server", "{first}");
     drop(output);
@@ -184,14 +183,7 @@ async fn an_application_on_a_remote_server_is_deployed_over_ssh_and_served_by_th
     // though the container runs on (this test's server shares this machine's engine).
     env.sshd.drop_connections();
     env.sshd.stop();
-    let mut output = env
-        .app
-        .subscribe(
-            &env.token,
-            "subscription($app: ID!) { containerLogs(applicationId: $app, tail: 10) { text } }",
-            json!({ "app": application }),
-        )
-        .await;
+    let mut output = env.container_logs(&application).await;
     let cut = output.next_data().await;
     assert!(cut.is_err(), "logs read without reaching the server: {cut:?}");
     remove_application(&application);

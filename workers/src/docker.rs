@@ -57,7 +57,8 @@ pub struct ContainerInfo {
     pub name: String,
     /// Whether it runs.
     pub running: bool,
-    /// Its exit code, once it stopped.
+    /// Its exit code, once it stopped (or while its restart policy waits to start it again);
+    /// `None` while a life of it runs.
     pub exit_code: Option<i64>,
     /// The host port (on 127.0.0.1) published for the application's port.
     pub host_port: Option<u16>,
@@ -345,7 +346,13 @@ impl Engine {
             id: info.id.unwrap_or_default(),
             name: info.name.unwrap_or_default().trim_start_matches('/').to_owned(),
             running,
-            exit_code: if running { None } else { state.exit_code },
+            // The engine keeps the exit code only until the next life starts; a crashed
+            // container alive again has none to tell.
+            exit_code: if state.running.unwrap_or(false) && !state.restarting.unwrap_or(false) {
+                None
+            } else {
+                state.exit_code
+            },
             host_port,
             image: info.image.unwrap_or_default(),
             labels: config.labels.unwrap_or_default(),

@@ -564,6 +564,14 @@ async fn health_check(
     loop {
         let info = engine.inspect(container, port).await?.context("the new container disappeared")?;
         if !info.running {
+            // A crashed container its policy already started again tells no exit code; it
+            // does between lives, while the policy waits (longer each time).
+            let mut exit_code = info.exit_code;
+            let asked = Instant::now();
+            while exit_code.is_none() && asked.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                exit_code = engine.inspect(container, port).await?.and_then(|i| i.exit_code);
+            }
             // The engine may not have written a crashed container's output yet.
             let mut last = Vec::new();
             for _ in 0..20 {
@@ -579,7 +587,7 @@ async fn health_check(
             let tail: Vec<&str> = last.iter().rev().take(5).rev().map(|l| l.text.as_str()).collect();
             anyhow::bail!(
                 "the container exited with code {} before it was healthy; its last lines: {}",
-                info.exit_code.unwrap_or(-1),
+                exit_code.map_or_else(|| "unknown".to_owned(), |code| code.to_string()),
                 if tail.is_empty() { "(none)".to_owned() } else { tail.join(" / ") }
             );
         }

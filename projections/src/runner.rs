@@ -131,7 +131,10 @@ impl ProjectionRunner {
         };
         let memos = self.apply_locked(&mut tx, &checkpoints, &batch.events).await?;
         tx.commit().await.context("committing a projection batch")?;
-        self.committed(last, memos);
+        // Only a batch that held every projection moves what this runner says it projected:
+        // another instance may be applying the rest, which are then not at `last` yet.
+        let complete = checkpoints.len() == names.len();
+        self.committed(last, complete, memos);
         Ok(Step { read: batch.events.len(), held_back: batch.held_back })
     }
 
@@ -169,7 +172,7 @@ impl ProjectionRunner {
         }
         let memos = self.apply_locked(&mut tx, &checkpoints, events).await?;
         tx.commit().await.context("committing a projection batch")?;
-        self.committed(last, memos);
+        self.committed(last, true, memos);
         Ok(())
     }
 
@@ -222,15 +225,18 @@ impl ProjectionRunner {
         }
     }
 
-    /// Records a committed batch: the read models reached `last`, and the memos describe them.
-    fn committed(&self, last: Cursor, memos: Vec<(&'static str, Memo)>) {
+    /// Records a committed batch that took its projections to `last`: the memos describe them,
+    /// and when `complete`, every projection of this runner reached it.
+    fn committed(&self, last: Cursor, complete: bool, memos: Vec<(&'static str, Memo)>) {
         if let Some(kept) = &self.memos {
             let mut kept = kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for (name, memo) in memos {
                 kept.insert(name, (last, memo));
             }
         }
-        self.mark_projected(last);
+        if complete {
+            self.mark_projected(last);
+        }
     }
 
     /// A batch's transaction. It commits without waiting for its WAL to reach disk: a read

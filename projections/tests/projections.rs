@@ -158,6 +158,38 @@ async fn two_runners_racing_apply_every_event_exactly_once() {
 }
 
 #[tokio::test]
+async fn a_runner_says_it_projected_a_position_only_once_all_its_projections_reached_it() {
+    // Mutations answer once the runner of their process says it projected their events; a
+    // batch that could not lock every projection (another process held one) must not say so.
+    let f = fixture().await;
+    team(&f, "Acme").await;
+    let mut projected = f.runner.projected();
+    let held = f.runner.names()[0];
+    let checkpoint_of = |all: Vec<(String, zpanel_commands::Cursor)>| all.into_iter().find(|(n, _)| n == held);
+    let before = checkpoint_of(f.runner.checkpoints().await.expect("checkpoints"));
+    let mut other = f.db.pool.begin().await.expect("begins");
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('zpanel.projection.' || $1, 0))")
+        .bind(held)
+        .execute(&mut *other)
+        .await
+        .expect("locks");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while f.runner.step().await.expect("steps").read == 0 {
+        assert!(std::time::Instant::now() < deadline, "the team's events are read");
+        tokio::task::yield_now().await;
+    }
+    assert!(!projected.has_changed().expect("open"), "{held} was held elsewhere: {:?}", *projected.borrow());
+    assert_eq!(checkpoint_of(f.runner.checkpoints().await.expect("checkpoints")), before, "{held} did not move");
+    other.rollback().await.expect("releases");
+
+    f.runner.catch_up().await.expect("catches up");
+    assert!(projected.has_changed().expect("open"), "every projection holds the team now");
+    let horizon = *projected.borrow_and_update();
+    let checkpoints = f.runner.checkpoints().await.expect("checkpoints");
+    assert!(checkpoints.iter().all(|(_, c)| *c >= horizon), "{horizon:?} <= {checkpoints:?}");
+}
+
+#[tokio::test]
 async fn a_rebuild_produces_identical_tables() {
     let f = fixture().await;
     for i in 0..5 {

@@ -87,8 +87,9 @@ impl ApiError {
     }
 
     /// A command's failure, for an aggregate called `what` in messages.
-    pub fn from_command<E: std::fmt::Display>(what: &'static str, error: CommandError<E>) -> Self {
+    pub fn from_command<E: zpanel_domain::Rejection>(what: &'static str, error: CommandError<E>) -> Self {
         match error {
+            CommandError::Rejected(rule) if rule.is_not_found() => Self::NotFound(what),
             CommandError::Rejected(rule) => Self::Conflict(rule.to_string()),
             CommandError::NotFound => Self::NotFound(what),
             CommandError::Conflict { kind } => {

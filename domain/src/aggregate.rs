@@ -127,6 +127,13 @@ pub enum UpcastError {
     },
 }
 
+/// A rule a command broke.
+pub trait Rejection: std::error::Error + Send + Sync + 'static {
+    /// Whether the rule is that the aggregate does not exist (never did, or was removed):
+    /// clients are told it is not found, exactly as for another team's id.
+    fn is_not_found(&self) -> bool;
+}
+
 /// An aggregate: a consistency boundary whose state is the fold of its events.
 ///
 /// `decide` holds every rule and never changes state; `evolve` holds no rule and never fails.
@@ -139,7 +146,7 @@ pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Se
     /// What happened to it.
     type Event: DomainEvent;
     /// Which rule a command broke.
-    type Error: std::error::Error + Send + Sync + 'static;
+    type Error: Rejection;
 
     /// Decides what a command does to this state: the events to record, or the broken rule.
     ///

@@ -147,6 +147,12 @@ pub enum ApiTokenError {
     AlreadyRevoked,
 }
 
+impl crate::Rejection for ApiTokenError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::ApiTokenNotFound)
+    }
+}
+
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
 }

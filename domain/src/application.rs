@@ -588,6 +588,12 @@ pub enum ApplicationError {
     },
 }
 
+impl crate::Rejection for ApplicationError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::ApplicationNotFound)
+    }
+}
+
 impl Aggregate for Application {
     const KIND: &'static str = ApplicationId::KIND;
     type Command = ApplicationCommand;

@@ -487,6 +487,12 @@ pub enum DeploymentError {
     MissingImage,
 }
 
+impl crate::Rejection for DeploymentError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::DeploymentNotFound)
+    }
+}
+
 fn is_commit(commit: &str) -> bool {
     commit.len() == 40 && commit.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
 }

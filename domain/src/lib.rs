@@ -26,4 +26,4 @@ pub mod server;
 pub mod team;
 pub mod values;
 
-pub use aggregate::{Aggregate, DomainEvent};
+pub use aggregate::{Aggregate, DomainEvent, Rejection};

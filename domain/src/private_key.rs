@@ -85,8 +85,8 @@ pub enum PrivateKeyCommand {
     },
     /// Remove it.
     RemovePrivateKey {
-        /// How many servers log in with it (outside fact).
-        used_by_servers: usize,
+        /// How many servers log in with it and applications clone with it (outside fact).
+        in_use_by: usize,
     },
 }
 
@@ -140,9 +140,15 @@ pub enum PrivateKeyError {
     /// Another key of the team has that name.
     #[error("another private key of the team is already named so")]
     PrivateKeyNameTaken,
-    /// Removing a key that servers log in with.
-    #[error("servers still log in with the private key")]
+    /// Removing a key that servers log in with or applications clone with.
+    #[error("servers still log in with the private key, or applications clone with it")]
     PrivateKeyInUse,
+}
+
+impl crate::Rejection for PrivateKeyError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::PrivateKeyNotFound)
+    }
 }
 
 impl Aggregate for PrivateKey {
@@ -194,7 +200,7 @@ impl Aggregate for PrivateKey {
             PrivateKeyCommand::RenamePrivateKey { name, .. } => {
                 Ok(vec![PrivateKeyEvent::PrivateKeyRenamed { name: name.clone() }])
             }
-            PrivateKeyCommand::RemovePrivateKey { used_by_servers } if *used_by_servers > 0 => {
+            PrivateKeyCommand::RemovePrivateKey { in_use_by } if *in_use_by > 0 => {
                 Err(PrivateKeyError::PrivateKeyInUse)
             }
             PrivateKeyCommand::RemovePrivateKey { .. } => Ok(vec![PrivateKeyEvent::PrivateKeyRemoved {}]),
@@ -308,7 +314,7 @@ mod tests {
     #[test]
     fn a_missing_key_rejects_everything_but_adding() {
         assert_eq!(
-            given(&[]).decide(&PrivateKeyCommand::RemovePrivateKey { used_by_servers: 0 }),
+            given(&[]).decide(&PrivateKeyCommand::RemovePrivateKey { in_use_by: 0 }),
             Err(PrivateKeyError::PrivateKeyNotFound)
         );
     }
@@ -343,7 +349,7 @@ mod tests {
     #[test]
     fn a_key_servers_log_in_with_is_not_removed() {
         assert_eq!(
-            given(&added()).decide(&PrivateKeyCommand::RemovePrivateKey { used_by_servers: 1 }),
+            given(&added()).decide(&PrivateKeyCommand::RemovePrivateKey { in_use_by: 1 }),
             Err(PrivateKeyError::PrivateKeyInUse)
         );
     }
@@ -351,14 +357,14 @@ mod tests {
     #[test]
     fn a_removed_key_is_gone_with_its_sealed_half() {
         let mut history = added();
-        let removed = given(&history).decide(&PrivateKeyCommand::RemovePrivateKey { used_by_servers: 0 });
+        let removed = given(&history).decide(&PrivateKeyCommand::RemovePrivateKey { in_use_by: 0 });
         assert_eq!(removed, Ok(vec![PrivateKeyEvent::PrivateKeyRemoved {}]));
         history.extend(removed.unwrap_or_default());
         let key = given(&history);
         assert!(key.details().is_none());
         assert!(!serde_json::to_string(&key).expect("serializes").contains("Y2lwaGVydGV4dA=="));
         assert_eq!(
-            key.decide(&PrivateKeyCommand::RemovePrivateKey { used_by_servers: 0 }),
+            key.decide(&PrivateKeyCommand::RemovePrivateKey { in_use_by: 0 }),
             Err(PrivateKeyError::PrivateKeyNotFound)
         );
     }

@@ -195,6 +195,12 @@ pub enum ProjectError {
     LastEnvironment,
 }
 
+impl crate::Rejection for ProjectError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::ProjectNotFound)
+    }
+}
+
 impl Aggregate for Project {
     const KIND: &'static str = ProjectId::KIND;
     type Command = ProjectCommand;

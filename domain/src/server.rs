@@ -346,6 +346,12 @@ pub enum ServerError {
     ServerInUse,
 }
 
+impl crate::Rejection for ServerError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::ServerNotFound)
+    }
+}
+
 impl Aggregate for Server {
     const KIND: &'static str = ServerId::KIND;
     type Command = ServerCommand;

@@ -142,6 +142,12 @@ pub enum TeamError {
     LastOwner,
 }
 
+impl crate::Rejection for TeamError {
+    fn is_not_found(&self) -> bool {
+        matches!(self, Self::TeamNotFound)
+    }
+}
+
 impl Aggregate for Team {
     const KIND: &'static str = TeamId::KIND;
     type Command = TeamCommand;

@@ -200,10 +200,17 @@ async fn another_teams_ids_answer_exactly_like_missing_ones() {
             json!({ "a": web, "d": deployment }),
         ),
         ("mutation($id: ID!) { validateServer(input: { serverId: $id }) { id } }", json!({ "id": server })),
+        ("mutation($id: ID!) { updateServer(input: { id: $id, name: \"Mine\" }) { id } }", json!({ "id": server })),
+        ("mutation($id: ID!) { removeServer(input: { id: $id }) { id } }", json!({ "id": server })),
+        // A's key is in use by A's server: B is not told so, only that there is no such key.
+        ("mutation($id: ID!) { removePrivateKey(input: { id: $id }) { id } }", json!({ "id": key })),
         ("mutation($id: ID!) { revokeApiToken(input: { id: $id }) { id } }", json!({ "id": a_token })),
     ] {
         let answer = app.graphql(Some(&b), mutation, vars).await;
         assert_eq!(answer.code(), "NOT_FOUND", "{mutation}: {:?}", answer.errors);
+        // And exactly so for an id that exists nowhere.
+        let answer = app.graphql(Some(&b), mutation, json!({ "id": missing, "a": missing, "d": missing })).await;
+        assert_eq!(answer.code(), "NOT_FOUND", "{mutation} of a missing id: {:?}", answer.errors);
     }
     // Another team's key cannot be used for one's own server: it does not exist for B.
     let borrowed = app

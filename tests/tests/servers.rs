@@ -202,7 +202,8 @@ async fn the_periodic_check_records_when_a_server_goes_down_and_when_it_is_back(
     let (key_id, public_key) = env.key("ops key").await;
     env.sshd.authorize(&public_key);
     let server_id = env.server("local", &key_id).await;
-    assert_eq!(env.validate(&server_id).await["status"], "REACHABLE");
+    let first = env.validate(&server_id).await;
+    assert_eq!(first["status"], "REACHABLE", "{first}");
 
     env.sshd.stop();
     let server = env.until_status(&server_id, "UNREACHABLE").await;
@@ -229,7 +230,8 @@ async fn run_server_check_checks_at_once_and_only_a_validated_server() {
     const CHECK: &str = "mutation($id: ID!) { runServerCheck(input: { serverId: $id }) { id status } }";
     let early = env.app.graphql(Some(&env.token), CHECK, json!({ "id": server_id })).await;
     assert_eq!(early.code(), "CONFLICT", "{:?}", early.errors);
-    assert_eq!(env.validate(&server_id).await["status"], "REACHABLE");
+    let first = env.validate(&server_id).await;
+    assert_eq!(first["status"], "REACHABLE", "{first}");
 
     env.sshd.stop();
     let asked = env.gql(CHECK, json!({ "id": server_id })).await;
@@ -337,7 +339,8 @@ async fn a_passphrase_protected_key_is_imported_with_its_passphrase_and_logs_in(
     let key_id = key["id"].as_str().expect("key id");
     env.sshd.authorize(key["publicKey"].as_str().expect("public key"));
     let server_id = env.server("protected", key_id).await;
-    assert_eq!(env.validate(&server_id).await["status"], "REACHABLE");
+    let first = env.validate(&server_id).await;
+    assert_eq!(first["status"], "REACHABLE", "{first}");
     // The passphrase is nowhere in the key's history.
     let events = env
         .gql("query($s: ID!) { events(streamId: $s) { payload } }", json!({ "s": format!("private_key-{key_id}") }))
@@ -394,4 +397,114 @@ mod ssh {
         assert!(started.elapsed() < Duration::from_secs(5));
         holding.abort();
     }
+}
+
+#[tokio::test]
+async fn a_server_is_renamed_moved_and_removed_and_a_key_in_use_is_kept() {
+    const UPDATE: &str = "mutation($input: UpdateServerInput!) { updateServer(input: $input) {
+        id name port version hostKeyFingerprint facts { os } jumpHost { host } } }";
+    const REMOVE_SERVER: &str =
+        "mutation($id: ID!, $c: ID) { removeServer(input: { id: $id, commandId: $c }) { id name port } }";
+    const REMOVE_KEY: &str = "mutation($id: ID!) { removePrivateKey(input: { id: $id }) { id name fingerprint } }";
+    let env = Env::start().await;
+    let elsewhere = Sshd::start();
+    let (key_id, public_key) = env.key("ops key").await;
+    env.sshd.authorize(&public_key);
+    elsewhere.authorize(&public_key);
+    let server_id = env.server("db-1", &key_id).await;
+    env.server("db-3", &key_id).await;
+    let first = env.validate(&server_id).await;
+    assert_eq!(first["status"], "REACHABLE", "{first}");
+
+    // A new name keeps what was learnt of the machine.
+    let renamed =
+        env.gql(UPDATE, json!({ "input": { "id": server_id, "name": "db-2" } })).await["updateServer"].clone();
+    assert_eq!(renamed["name"], "db-2");
+    assert_eq!(renamed["hostKeyFingerprint"], env.sshd.host_key_fingerprint(), "{renamed}");
+    assert!(renamed["facts"]["os"].is_string(), "{renamed}");
+
+    // Bad input is refused naming the field, and changes nothing.
+    for (input, code, field) in [
+        (json!({ "id": server_id, "port": 0 }), "INVALID_INPUT", Some("port")),
+        (json!({ "id": server_id, "host": "-oProxyCommand=x" }), "INVALID_INPUT", Some("host")),
+        (json!({ "id": server_id, "user": "root;id" }), "INVALID_INPUT", Some("user")),
+        (json!({ "id": server_id, "privateKeyId": server_id }), "INVALID_INPUT", Some("privateKeyId")),
+        (json!({ "id": server_id }), "INVALID_INPUT", Some("input")),
+        (
+            json!({ "id": server_id, "jumpHost": { "host": "127.0.0.1" }, "clearJumpHost": true }),
+            "INVALID_INPUT",
+            Some("clearJumpHost"),
+        ),
+        (json!({ "id": server_id, "name": "db-3" }), "CONFLICT", None),
+    ] {
+        let refused = env.app.graphql(Some(&env.token), UPDATE, json!({ "input": input })).await;
+        assert_eq!(refused.code(), code, "{input}: {:?}", refused.errors);
+        if let Some(field) = field {
+            assert_eq!(refused.error()["extensions"]["field"], field, "{input}");
+        }
+    }
+    let unchanged = env.gql(SERVER, json!({ "id": server_id })).await;
+    assert_eq!(unchanged["server"]["hostKeyFingerprint"], env.sshd.host_key_fingerprint());
+
+    // Another port may be another machine: its host key and facts are forgotten until validated.
+    let moved =
+        env.gql(UPDATE, json!({ "input": { "id": server_id, "port": elsewhere.port } })).await["updateServer"].clone();
+    assert_eq!(moved["port"], elsewhere.port);
+    assert_eq!(moved["hostKeyFingerprint"], Value::Null, "{moved}");
+    assert_eq!(moved["facts"], Value::Null, "{moved}");
+    let server = env.validate(&server_id).await;
+    assert_eq!(server["status"], "REACHABLE", "{server}");
+    assert_eq!(server["hostKeyFingerprint"], elsewhere.host_key_fingerprint(), "the other machine's key");
+    let types = env.event_types(&server_id).await;
+    assert!(types.contains(&"ServerRenamed".to_owned()) && types.contains(&"ServerConnectionChanged".to_owned()));
+
+    // In use: an application deploys to the server and clones with the key. Both removals are
+    // refused naming who uses them.
+    let project = env.gql("mutation { createProject(input: { name: \"shop\" }) { id } }", json!({})).await;
+    let project = project["createProject"]["id"].as_str().expect("project").to_owned();
+    let create_app = "mutation($p: ID!, $name: String!, $s: ID, $k: ID) {
+        createApplication(input: { projectId: $p, name: $name, gitUrl: \"/srv/shop.git\", serverId: $s, deployKeyId: $k }) { id } }";
+    let on_server = env.gql(create_app, json!({ "p": project, "name": "web", "s": server_id })).await;
+    let on_server = on_server["createApplication"]["id"].as_str().expect("app").to_owned();
+    let cloner = env.gql(create_app, json!({ "p": project, "name": "site", "k": key_id })).await;
+    let cloner = cloner["createApplication"]["id"].as_str().expect("app").to_owned();
+    let refused = env.app.graphql(Some(&env.token), REMOVE_SERVER, json!({ "id": server_id })).await;
+    assert_eq!(refused.code(), "CONFLICT");
+    assert!(
+        refused.error()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("applications still deploy to the server: web"),
+        "{:?}",
+        refused.errors
+    );
+    let refused = env.app.graphql(Some(&env.token), REMOVE_KEY, json!({ "id": key_id })).await;
+    assert_eq!(refused.code(), "CONFLICT");
+    let why = refused.error()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(why.contains("servers db-2, db-3 log in with it") && why.contains("applications site clone"), "{why}");
+
+    // Archived, the application no longer holds the server; it goes, answered as it was.
+    let archive = "mutation($id: ID!) { archiveApplication(input: { id: $id }) { id } }";
+    env.gql(archive, json!({ "id": on_server })).await;
+    let command = uuid::Uuid::now_v7().to_string();
+    let removed = env.gql(REMOVE_SERVER, json!({ "id": server_id, "c": command })).await;
+    assert_eq!(removed["removeServer"], json!({ "id": server_id, "name": "db-2", "port": elsewhere.port }));
+    let again = env.gql(REMOVE_SERVER, json!({ "id": server_id, "c": command })).await;
+    assert_eq!(again, removed, "a retry with its command id answers the same");
+    let gone = env.gql(SERVER, json!({ "id": server_id })).await;
+    assert_eq!(gone["server"], Value::Null);
+    assert_eq!(env.event_types(&server_id).await.last().map(String::as_str), Some("ServerRemoved"));
+    let refused = env.app.graphql(Some(&env.token), REMOVE_SERVER, json!({ "id": server_id })).await;
+    assert_eq!(refused.code(), "NOT_FOUND", "removed once");
+
+    // The key goes once nothing uses it; its sealed half with it.
+    let servers = env.gql("{ servers { id } }", json!({})).await;
+    for server in servers["servers"].as_array().expect("servers") {
+        env.gql(REMOVE_SERVER, json!({ "id": server["id"] })).await;
+    }
+    env.gql(archive, json!({ "id": cloner })).await;
+    let removed = env.gql(REMOVE_KEY, json!({ "id": key_id })).await;
+    assert_eq!(removed["removePrivateKey"]["name"], "ops key");
+    assert!(removed["removePrivateKey"]["fingerprint"].as_str().is_some_and(|f| f.starts_with("SHA256:")));
+    assert_eq!(env.gql("{ privateKeys { id } }", json!({})).await["privateKeys"], json!([]));
 }

@@ -24,11 +24,12 @@ use zpanel_domain::deployment::{Deployment as DeploymentAggregate, DeploymentCom
 use zpanel_domain::ids::{ApiTokenId, ApplicationId, DeploymentId, PrivateKeyId, ProjectId, ServerId};
 use zpanel_domain::private_key::{PrivateKey as KeyAggregate, PrivateKeyCommand};
 use zpanel_domain::project::{Project as ProjectAggregate, ProjectCommand};
-use zpanel_domain::server::{Server as ServerAggregate, ServerCommand};
+use zpanel_domain::server::{Server as ServerAggregate, ServerCommand, ServerPatch};
 use zpanel_domain::values::{
     Abilities, Ability, DomainName, EnvKey, EnvironmentName, GitRef, GitUrl, HealthCheck, HealthPath, Host, ImageRef,
     Name, Port, RepoPath, ResourceLimits, UnixUser, ValueError,
 };
+use zpanel_projections::history::{AsOf, load_as_of};
 
 /// The mutation root.
 #[derive(Debug, Default)]
@@ -132,6 +133,29 @@ fn found<T>(what: &'static str, value: Option<T>) -> ApiResult<T> {
     value.ok_or(ApiError::NotFound(what))
 }
 
+/// The names of the caller's team's objects that `sql` selects with `$1` the team and `$2` the
+/// object they use.
+async fn users_of(state: &ApiState, caller: &Caller, sql: &str, id: Uuid) -> ApiResult<Vec<String>> {
+    Ok(sqlx::query_scalar(sql).bind(caller.team_id.as_uuid()).bind(id).fetch_all(&state.pool).await?)
+}
+
+/// An aggregate as it was just before the removal `outcome` recorded (the same for a retried
+/// removal, whose read-model row is long gone).
+async fn before_removal<A: Aggregate + serde::de::DeserializeOwned>(
+    state: &ApiState,
+    caller: &Caller,
+    id: Uuid,
+    outcome: &Outcome<A>,
+) -> ApiResult<zpanel_projections::history::Snapshot<A>> {
+    let at = AsOf::Version(outcome.version - 1);
+    load_as_of::<A>(&state.pool, *caller.team_id.as_uuid(), id, at).await?.ok_or(ApiError::NotFound(A::KIND))
+}
+
+const APPLICATIONS_ON_SERVER: &str = "select name from rm_applications
+  where team_id = $1 and not archived and config->>'serverId' = $2::text order by name";
+const SERVERS_WITH_KEY: &str = "select name from rm_servers where team_id = $1 and private_key_id = $2 order by name";
+const APPLICATIONS_WITH_KEY: &str = "select name from rm_applications
+  where team_id = $1 and not archived and config->'source'->>'deployKeyId' = $2::text order by name";
 const PROJECT_NAMES: &str = "select name from rm_projects where team_id = $1 and project_id is distinct from $2";
 const APPLICATION_NAMES: &str =
     "select name from rm_applications where project_id = $1 and application_id is distinct from $2";
@@ -341,7 +365,30 @@ pub struct CreateServerInput {
     pub command_id: Option<ID>,
 }
 
-/// A jump host (bastion) of `createServer`.
+/// `updateServer`: each field given is changed.
+#[derive(Debug, InputObject)]
+pub struct UpdateServerInput {
+    /// The server.
+    pub id: ID,
+    /// A new name.
+    pub name: Option<String>,
+    /// A new host name or IP address.
+    pub host: Option<String>,
+    /// A new SSH port.
+    pub port: Option<i32>,
+    /// A new login account.
+    pub user: Option<String>,
+    /// A new login key.
+    pub private_key_id: Option<ID>,
+    /// A new jump host; `clearJumpHost` to connect directly.
+    pub jump_host: Option<JumpHostInput>,
+    /// Connect directly, without a jump host.
+    pub clear_jump_host: Option<bool>,
+    /// For idempotent retries.
+    pub command_id: Option<ID>,
+}
+
+/// A jump host (bastion) of `createServer` and `updateServer`.
 #[derive(Debug, InputObject)]
 pub struct JumpHostInput {
     /// Host name or IP address.
@@ -745,6 +792,34 @@ impl Mutation {
         found("private key", load::private_key(state, caller, outcome_id(&outcome)?).await?)
     }
 
+    /// Removes an SSH key that no server logs in with and no application clones with; its
+    /// sealed private half is gone with it. Answers with the key as it was just before.
+    async fn remove_private_key(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<PrivateKey> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "private key")?;
+        let servers = users_of(state, caller, SERVERS_WITH_KEY, id).await?;
+        let applications = users_of(state, caller, APPLICATIONS_WITH_KEY, id).await?;
+        let mut users = Vec::new();
+        if !servers.is_empty() {
+            users.push(format!("servers {} log in with it", servers.join(", ")));
+        }
+        if !applications.is_empty() {
+            users.push(format!("applications {} clone with it", applications.join(", ")));
+        }
+        if !users.is_empty() {
+            return Err(ApiError::Conflict(format!("the private key is in use: {}", users.join("; "))));
+        }
+        let command = PrivateKeyCommand::RemovePrivateKey { in_use_by: servers.len() + applications.len() };
+        let outcome =
+            send::<KeyAggregate>(state, caller, input.command_id.as_ref(), "private key", id, &command).await?;
+        let before = before_removal(state, caller, id, &outcome).await?;
+        let added = load_as_of::<KeyAggregate>(&state.pool, *caller.team_id.as_uuid(), id, AsOf::Version(1)).await?;
+        let details = before.state.details().ok_or(ApiError::NotFound("private key"))?;
+        let created_at = added.and_then(|a| a.at).ok_or(ApiError::NotFound("private key"))?;
+        Ok(PrivateKey::from_details(details, created_at))
+    }
+
     /// Registers a server reached over SSH.
     async fn create_server(&self, ctx: &Context<'_>, input: CreateServerInput) -> ApiResult<Server> {
         let (state, caller) = caller(ctx)?;
@@ -774,6 +849,62 @@ impl Mutation {
             send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", *id.as_uuid(), &command)
                 .await?;
         found("server", load::server(state, caller, outcome_id(&outcome)?).await?)
+    }
+
+    /// Changes a server's name or how it is reached. A new host, port or jump host forgets the
+    /// host keys and facts recorded for the old one: validate the server again before deploying
+    /// to it.
+    async fn update_server(&self, ctx: &Context<'_>, input: UpdateServerInput) -> ApiResult<Server> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "server")?;
+        let jump = match (&input.jump_host, input.clear_jump_host.unwrap_or(false)) {
+            (Some(_), true) => return Err(ApiError::invalid("clearJumpHost", "give either jumpHost or clearJumpHost")),
+            (Some(jump), false) => Some(Some(jump.parse()?)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let mut patch = ServerPatch {
+            name: optional("name", input.name.as_deref(), Name::parse)?,
+            host: optional("host", input.host.as_deref(), Host::parse)?,
+            port: input.port.map(|p| port("port", p)).transpose()?,
+            user: optional("user", input.user.as_deref(), UnixUser::parse)?,
+            private_key_id: None,
+            jump,
+        };
+        if let Some(key) = &input.private_key_id {
+            patch.private_key_id = Some(team_key(state, caller, "privateKeyId", key).await?);
+        }
+        if patch == ServerPatch::default() {
+            return Err(ApiError::invalid("input", "give at least one field to change"));
+        }
+        let command = ServerCommand::UpdateServer {
+            patch,
+            names_in_use: load::names_in_use(state, SERVER_NAMES, *caller.team_id.as_uuid(), Some(id)).await?,
+            key_exists: true,
+        };
+        send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", id, &command).await?;
+        found("server", load::server(state, caller, id).await?)
+    }
+
+    /// Removes a server that no application deploys to. Answers with the server as it was
+    /// just before; its history stays in the audit log.
+    async fn remove_server(&self, ctx: &Context<'_>, input: IdInput) -> ApiResult<Server> {
+        let (state, caller) = caller(ctx)?;
+        caller.require(Ability::Write)?;
+        let id = parse_id(&input.id, "server")?;
+        let users = users_of(state, caller, APPLICATIONS_ON_SERVER, id).await?;
+        if !users.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "applications still deploy to the server: {}; move them to another server or archive them first",
+                users.join(", ")
+            )));
+        }
+        let command = ServerCommand::RemoveServer { applications_using_it: users.len() };
+        let outcome = send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", id, &command).await?;
+        let before = before_removal(state, caller, id, &outcome).await?;
+        let details = before.state.details().ok_or(ApiError::NotFound("server"))?;
+        Ok(Server::from_details(details, before.version))
     }
 
     /// Asks for a server to be connected to and checked.

@@ -640,33 +640,34 @@ pub struct JumpHost {
 
 impl Server {
     pub(crate) fn from_row(row: &PgRow) -> ApiResult<Self> {
-        let status: zpanel_domain::server::ServerStatus = wire(row.try_get("status")?)?;
-        let facts = row.try_get::<Option<SqlJson<Option<zpanel_domain::server::ServerFacts>>>, _>("facts")?;
-        let facts = facts.and_then(|SqlJson(facts)| facts).map(ServerFacts::from);
         let folded: zpanel_domain::server::Server = serde_json::from_str(&row.try_get::<String, _>("state")?)
             .map_err(|e| anyhow::anyhow!("decoding a server's state: {e}"))?;
-        let details = folded.details();
-        let jump_host = details.and_then(|d| d.connection.jump.as_ref()).map(|jump| JumpHost {
-            host: jump.host.as_str().to_owned(),
-            port: i32::from(jump.port.get()),
-            user: jump.user.as_str().to_owned(),
-        });
-        let jump_host_key_fingerprint = details.and_then(|d| d.jump_host_key_fingerprint.clone());
-        Ok(Self {
-            id: id(row.try_get("server_id")?),
-            name: row.try_get("name")?,
-            host: row.try_get("host")?,
-            port: row.try_get("port")?,
-            user: row.try_get("username")?,
-            private_key_id: id(row.try_get("private_key_id")?),
-            status: status.into(),
-            last_error: row.try_get("last_error")?,
-            host_key_fingerprint: row.try_get("host_key_fingerprint")?,
-            facts,
-            jump_host,
-            jump_host_key_fingerprint,
-            version: row.try_get("version")?,
-        })
+        let details = folded.details().ok_or_else(|| anyhow::anyhow!("a server row of a removed server"))?;
+        Ok(Self::from_details(details, row.try_get("version")?))
+    }
+
+    /// The server as its folded state at `version` describes it.
+    pub(crate) fn from_details(details: &zpanel_domain::server::ServerDetails, version: i64) -> Self {
+        let connection = &details.connection;
+        Self {
+            id: id(*details.id.as_uuid()),
+            name: details.name.as_str().to_owned(),
+            host: connection.host.as_str().to_owned(),
+            port: i32::from(connection.port.get()),
+            user: connection.user.as_str().to_owned(),
+            private_key_id: id(*connection.private_key_id.as_uuid()),
+            status: details.status.into(),
+            last_error: details.last_error.clone(),
+            host_key_fingerprint: details.host_key_fingerprint.clone(),
+            facts: details.facts.clone().map(ServerFacts::from),
+            jump_host: connection.jump.as_ref().map(|jump| JumpHost {
+                host: jump.host.as_str().to_owned(),
+                port: i32::from(jump.port.get()),
+                user: jump.user.as_str().to_owned(),
+            }),
+            jump_host_key_fingerprint: details.jump_host_key_fingerprint.clone(),
+            version,
+        }
     }
 }
 
@@ -694,6 +695,20 @@ impl PrivateKey {
             fingerprint: row.try_get("fingerprint")?,
             created_at: rfc3339(row.try_get("created_at")?),
         })
+    }
+
+    /// The key as its folded state describes it, added at `created_at`.
+    pub(crate) fn from_details(
+        details: &zpanel_domain::private_key::PrivateKeyDetails,
+        created_at: OffsetDateTime,
+    ) -> Self {
+        Self {
+            id: id(*details.id.as_uuid()),
+            name: details.name.as_str().to_owned(),
+            public_key: details.public_key.clone(),
+            fingerprint: details.fingerprint.clone(),
+            created_at: rfc3339(created_at),
+        }
     }
 }
 

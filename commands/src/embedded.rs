@@ -17,6 +17,13 @@ use std::time::{Duration, Instant};
 /// The role and database Zpanel uses in its private cluster.
 pub const DATABASE: &str = "zpanel";
 
+/// Settings given to the server on every start, so that clusters made by earlier versions get
+/// them too. The defaults checkpoint after 1 GB of WAL, which a burst of writes such as a
+/// replay of the read models fills in under half a minute, and every checkpoint makes the
+/// next change of each page log the whole page again: more room between checkpoints, and
+/// those page images compressed.
+const SERVER_SETTINGS: &[(&str, &str)] = &[("max_wal_size", "4GB"), ("wal_compression", "lz4")];
+
 /// How durable the private cluster is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
@@ -238,6 +245,7 @@ impl EmbeddedPostgres {
             .command("postgres")
             .arg("-D")
             .arg(&self.data_dir)
+            .args(SERVER_SETTINGS.iter().flat_map(|(name, value)| ["-c".to_owned(), format!("{name}={value}")]))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

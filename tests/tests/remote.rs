@@ -225,3 +225,63 @@ async fn a_connection_cut_mid_build_fails_the_deployment_cleanly_and_the_next_on
     assert!(matches!(&page, Ok((200, body)) if body.contains("cut v3")), "{page:?}");
     remove_application(&application);
 }
+
+#[tokio::test]
+async fn an_application_that_moves_leaves_the_place_it_ran_before() {
+    const MOVE: &str = "mutation($id: ID!, $server: ID, $clear: Boolean) {
+        updateApplication(input: { id: $id, serverId: $server, clearServer: $clear }) { id serverId } }";
+    let env = Env::start().await;
+    let server = env.server().await;
+    let repo = Repo::new("moving v1");
+    let project = env.gql(CREATE_PROJECT, json!({ "name": "shop" })).await;
+    let vars = json!({ "project": project["createProject"]["id"], "url": repo.url(), "domain": "moving.example.test" });
+    let application = env.gql(CREATE_APP, vars).await["createApplication"]["id"].as_str().expect("app").to_owned();
+    let serves = |listen: String, page: &'static str| {
+        let env = &env;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let got = env.page(&listen, "moving.example.test").await;
+                if matches!(&got, Ok((200, body)) if body.contains(page)) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{listen} does not serve {page}: {got:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let first = env.deploy(&application).await;
+    assert_eq!(env.finished(&first).await["status"], "SUCCEEDED", "{:#?}", env.log(&first).await);
+    serves(env.caddy.listen.clone(), "moving v1").await;
+    let local = containers(&application);
+    assert_eq!(local.len(), 1, "{local:?}");
+
+    // Onto the server: it serves there, and this machine's route and container are gone.
+    env.gql(MOVE, json!({ "id": application, "server": server })).await;
+    repo.commit_app("moving v2", "");
+    let second = env.deploy(&application).await;
+    assert_eq!(env.finished(&second).await["status"], "SUCCEEDED", "{:#?}", env.log(&second).await);
+    serves(env.server_caddy.listen.clone(), "moving v2").await;
+    let here = env.page(&env.caddy.listen, "moving.example.test").await;
+    assert!(!matches!(&here, Ok((200, body)) if body.contains("moving")), "this machine still routes it: {here:?}");
+    let log = env.log(&second).await;
+    assert!(
+        log.iter().any(|l| l.contains("the application moved: removing the previous release from this machine")),
+        "{log:#?}"
+    );
+    let now = containers(&application);
+    assert!(now.len() == 1 && now != local, "only the new release runs: {now:?}, before {local:?}");
+
+    // And back off it: the server's route goes.
+    env.gql(MOVE, json!({ "id": application, "clear": true })).await;
+    repo.commit_app("moving v3", "");
+    let third = env.deploy(&application).await;
+    assert_eq!(env.finished(&third).await["status"], "SUCCEEDED", "{:#?}", env.log(&third).await);
+    serves(env.caddy.listen.clone(), "moving v3").await;
+    let there = env.page(&env.server_caddy.listen, "moving.example.test").await;
+    assert!(!matches!(&there, Ok((200, body)) if body.contains("moving")), "the server still routes it: {there:?}");
+    let log = env.log(&third).await;
+    assert!(log.iter().any(|l| l.contains("removing the previous release from server web-1 (127.0.0.1:")), "{log:#?}");
+    assert_eq!(containers(&application).len(), 1);
+    remove_application(&application);
+}

@@ -163,6 +163,13 @@ impl Pipeline {
 
     async fn steps(&mut self) -> StepResult<String> {
         let server = self.state.release.server_id;
+        // Where the release this one replaces runs, when that is somewhere else: the
+        // application moved (to a server, off one, or between two).
+        let application_id = *self.state.application_id.as_uuid();
+        let moved_from = super::current_release(&self.deployer.inner.pool, application_id)
+            .await?
+            .map(|before| before.server_id.map(zpanel_domain::ids::ServerId::from_uuid))
+            .filter(|before| *before != server);
         let place = self.deployer.place(self.state.team_id, server).await.context("reaching the Docker Engine")?;
         if let Some(link) = &place.link {
             self.log.system(format!("deploying to {}", link.describe()));
@@ -300,6 +307,9 @@ impl Pipeline {
             tokio::time::sleep(grace).await;
         }
         self.remove_previous(&engine).await;
+        if let Some(before) = moved_from {
+            self.leave(before).await;
+        }
         self.prune_images(&engine).await;
         self.complete(DeploymentStep::Cleanup).await?;
         self.log.flush().await;
@@ -462,6 +472,25 @@ impl Pipeline {
                 self.log.system(format!("could not remove {}: {e:#}", old.name));
             }
         }
+    }
+
+    /// Takes the previous release off the place it ran on before the application moved
+    /// (`server`, or this machine when `None`): its route in that place's proxy, then its
+    /// containers. The new release serves by then, so what cannot be removed is logged and left.
+    async fn leave(&self, server: Option<zpanel_domain::ids::ServerId>) {
+        let place = match self.deployer.place(self.state.team_id, server).await {
+            Ok(place) => place,
+            Err(e) => {
+                self.log.system(format!("could not reach where the previous release runs, to remove it: {e:#}"));
+                return;
+            }
+        };
+        let there = place.link.as_ref().map_or_else(|| "this machine".to_owned(), |link| link.describe());
+        self.log.system(format!("the application moved: removing the previous release from {there}"));
+        if let Err(e) = place.proxy.remove_route(*self.state.application_id.as_uuid()).await {
+            self.log.system(format!("could not remove the route on {there}: {e:#}"));
+        }
+        self.remove_previous(&place.engine).await;
     }
 
     /// Keeps the newest images of the application (for rollbacks) and removes the rest.

@@ -47,6 +47,15 @@ pub(super) async fn relay(pool: &PgPool, kafka: &KafkaConfig, events: u64) -> an
     let plain = fresh_topic(kafka, "plain");
     plain.ensure_topics().await?;
     let producer = plain.producer()?;
+    // Warmed up: connected, its producer id given, the topic's metadata known — as the relay
+    // is once its first batch is acknowledged, from when its rate is timed.
+    if let Some((key, value, event)) = messages.first() {
+        let record = rdkafka::producer::FutureRecord::to(&plain.topic)
+            .key(key.as_str())
+            .payload(value)
+            .headers(zpanel_workers::kafka::headers(event));
+        producer.send(record, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+    }
     let started = Instant::now();
     let mut deliveries = Vec::with_capacity(messages.len());
     for (key, value, event) in &messages {
@@ -85,17 +94,28 @@ pub(super) async fn relay(pool: &PgPool, kafka: &KafkaConfig, events: u64) -> an
     let bar = ProgressBar::new(written);
     bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")?.progress_chars("=> "));
     bar.set_message("relaying");
+    // The relay's rate is timed from its first acknowledged batch: before that it takes its
+    // lock, reads its checkpoint, makes sure of its topics and starts its producer.
+    let mut first = None;
     while stats.relayed.load(Ordering::Relaxed) < written {
-        bar.set_position(stats.relayed.load(Ordering::Relaxed));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let relayed = stats.relayed.load(Ordering::Relaxed);
+        if relayed > 0 && first.is_none() {
+            first = Some((started.elapsed().as_secs_f64(), relayed));
+        }
+        bar.set_position(relayed);
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let relay_secs = started.elapsed().as_secs_f64();
+    let (start_up, first_batch) = first.unwrap_or((0.0, 0));
     bar.finish_and_clear();
     let _ = stop.send(());
     running.await??;
-    let (plain_rate, relay_rate) = (written as f64 / plain_secs, written as f64 / relay_secs);
+    let plain_rate = written as f64 / plain_secs;
+    let relay_rate = (written - first_batch) as f64 / (relay_secs - start_up);
     println!(
-        "| relay of {written} events | plain producer {plain_rate:.0} messages/s ({plain_secs:.1}s) | relay {relay_rate:.0} events/s ({relay_secs:.1}s), ratio {:.2} | target ≥ 0.80 × plain |",
+        "| relay of {written} events | plain producer (warmed up) {plain_rate:.0} messages/s ({plain_secs:.2}s) | relay {relay_rate:.0} events/s after its first batch ({:.2}s; first batch acknowledged {start_up:.2}s after start; {:.0} events/s start-up included), ratio {:.2} | target ≥ 0.80 × plain |",
+        relay_secs - start_up,
+        written as f64 / relay_secs,
         relay_rate / plain_rate
     );
     Ok(())

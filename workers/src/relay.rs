@@ -127,7 +127,7 @@ impl Relay {
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut read_to = checkpoint;
         // The batch after `read_to`, read while the one before it was being enqueued.
-        let mut prefetched: Option<MessageBatch> = None;
+        let mut prefetched: Option<ReadAhead> = None;
         let mut producer: Option<FutureProducer> = None;
         let mut appended = self.signal.subscribe();
         let mut backoff = Backoff::new();
@@ -200,41 +200,59 @@ impl Relay {
         }
     }
 
-    /// Enqueues the next batch after `after` on the producer, in log order, reading the batch
-    /// after it meanwhile (PostgreSQL works on that read while this process enqueues).
+    /// Enqueues the next batch after `after` on the producer, in log order, while the batch
+    /// after it is read in a task of its own: PostgreSQL runs the query, and that task decodes
+    /// the rows and writes the envelopes, on another core than the one enqueueing.
     async fn enqueue_next(
         &self,
         producer: &mut Option<FutureProducer>,
         after: Cursor,
-        prefetched: &mut Option<MessageBatch>,
+        prefetched: &mut Option<ReadAhead>,
     ) -> anyhow::Result<Read> {
         let batch = match prefetched.take() {
-            Some(batch) => batch,
-            None => read_messages(&self.pool, after, BATCH).await?,
+            // A failed read ahead is simply read again, and so is an empty one: events may
+            // have been appended since.
+            Some(mut ahead) if ahead.after == after => match (&mut ahead.task).await {
+                Ok(Ok(batch)) if !batch.messages.is_empty() => batch,
+                _ => read_messages(&self.pool, after, BATCH).await?,
+            },
+            _ => read_messages(&self.pool, after, BATCH).await?,
         };
         let Some(last) = batch.messages.last().map(|m| m.cursor) else {
             return Ok(if batch.held_back { Read::HeldBack } else { Read::Nothing });
         };
+        let pool = self.pool.clone();
+        *prefetched =
+            Some(ReadAhead { after: last, task: tokio::spawn(async move { read_messages(&pool, last, BATCH).await }) });
         if producer.is_none() {
             self.kafka.ensure_topics().await?;
             *producer = Some(self.kafka.producer()?);
         }
         let producer = producer.as_ref().context("no producer")?;
-        let enqueueing = async {
-            let mut deliveries = Vec::with_capacity(batch.messages.len());
-            for message in &batch.messages {
-                let record = FutureRecord::to(&self.kafka.topic)
-                    .key(message.stream_id.as_str())
-                    .payload(message.envelope.as_slice())
-                    .headers(message.headers());
-                deliveries.push(enqueue(producer, record).await?);
+        let count = batch.messages.len() as u64;
+        let mut deliveries = Vec::with_capacity(batch.messages.len());
+        for mut message in batch.messages {
+            let mut record = FutureRecord::to(&self.kafka.topic)
+                .key(message.stream_id.as_str())
+                .payload(message.envelope.as_slice());
+            if let Some(headers) = message.headers.take() {
+                record = record.headers(headers);
             }
-            anyhow::Ok(deliveries)
-        };
-        let (deliveries, following) = tokio::join!(enqueueing, read_messages(&self.pool, last, BATCH));
-        // A failed read ahead is simply read again.
-        *prefetched = following.ok().filter(|b| !b.messages.is_empty());
-        Ok(Read::Enqueued(InFlight { last, count: batch.messages.len() as u64, deliveries: deliveries? }))
+            deliveries.push(enqueue(producer, record).await?);
+        }
+        Ok(Read::Enqueued(InFlight { last, count, deliveries }))
+    }
+}
+
+/// The batch after `after`, being read in a task of its own.
+struct ReadAhead {
+    after: Cursor,
+    task: tokio::task::JoinHandle<anyhow::Result<MessageBatch>>,
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -244,11 +262,9 @@ impl Relay {
 struct Message {
     cursor: Cursor,
     stream_id: String,
-    event_type: String,
-    event_id: Uuid,
-    team_id: Uuid,
-    schema_version: u32,
     envelope: Vec<u8>,
+    /// Its headers, made with the envelope (taken when the message is enqueued).
+    headers: Option<OwnedHeaders>,
 }
 
 impl Message {
@@ -274,11 +290,8 @@ impl Message {
         )?;
         envelope.extend_from_slice(recorded_at.format(&Rfc3339)?.as_bytes());
         envelope.extend_from_slice(b"\"}");
-        Ok(Self { cursor, stream_id, event_type, event_id, team_id, schema_version, envelope })
-    }
-
-    fn headers(&self) -> OwnedHeaders {
-        kafka::headers_of(&self.event_type, self.event_id, self.team_id, self.schema_version)
+        let headers = Some(kafka::headers_of(&event_type, event_id, team_id, schema_version));
+        Ok(Self { cursor, stream_id, envelope, headers })
     }
 }
 

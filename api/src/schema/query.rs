@@ -77,12 +77,17 @@ impl AuditFilter {
 }
 
 impl ParsedFilter {
-    /// Whether an entry passes (for entries that arrive through the feed).
-    pub(crate) fn matches(&self, entry: &AuditEntry, at: Option<OffsetDateTime>) -> bool {
-        self.stream_id.as_ref().is_none_or(|s| *s == entry.stream_id)
+    /// Whether an entry passes (for entries that arrive through the feed). `at` gives the
+    /// entry's time, asked for only when the filter has a time bound.
+    pub(crate) fn matches(&self, entry: &AuditEntry, at: impl FnOnce() -> Option<OffsetDateTime>) -> bool {
+        let passes = self.stream_id.as_ref().is_none_or(|s| *s == entry.stream_id)
             && self.event_type.as_ref().is_none_or(|t| *t == entry.event_type)
-            && self.actor.as_ref().is_none_or(|a| *a == entry.actor.name || Some(a) == entry.actor.id.as_ref())
-            && self.since.is_none_or(|s| at.is_some_and(|at| at >= s))
+            && self.actor.as_ref().is_none_or(|a| *a == entry.actor.name || Some(a) == entry.actor.id.as_ref());
+        if !passes || (self.since.is_none() && self.until.is_none()) {
+            return passes;
+        }
+        let at = at();
+        self.since.is_none_or(|s| at.is_some_and(|at| at >= s))
             && self.until.is_none_or(|u| at.is_some_and(|at| at < u))
     }
 }

@@ -44,6 +44,7 @@ async fn team_entries(state: ApiState, caller: Caller) -> ApiResult<impl Stream<
         pending: std::collections::VecDeque::new(),
         ended: false,
         checked: tokio::time::Instant::now(),
+        recheck: Box::pin(tokio::time::sleep(RECHECK)),
         state,
         caller,
     };
@@ -63,6 +64,9 @@ struct Follower {
     pending: std::collections::VecDeque<(FeedEntry, bool)>,
     ended: bool,
     checked: tokio::time::Instant,
+    /// When the token is next checked if nothing else made it so: one timer for the whole
+    /// subscription, not one per entry.
+    recheck: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Follower {
@@ -75,9 +79,13 @@ impl Follower {
             if let Some(item) = self.pending.pop_front() {
                 return Some(Ok(item));
             }
-            let received = tokio::time::timeout(RECHECK, self.receiver.recv()).await;
+            let received = tokio::select! {
+                biased;
+                received = self.receiver.recv() => Ok(received),
+                () = self.recheck.as_mut() => Err(()),
+            };
             // The token is checked again when it may have changed: its own stream moved, or
-            // the subscription was idle for a while.
+            // it was last checked a while ago.
             let (recheck, seen) = match &received {
                 Ok(Ok(entry)) if entry.entry.stream_id == self.token_stream => (true, entry.cursor),
                 Ok(Ok(_)) => (self.checked.elapsed() >= RECHECK, Cursor::START),
@@ -85,6 +93,7 @@ impl Follower {
             };
             if recheck {
                 self.checked = tokio::time::Instant::now();
+                self.recheck.as_mut().reset(self.checked + RECHECK);
                 let horizon = self.state.feed.horizon();
                 let checks = &self.state.token_checks;
                 match checks.still_valid(&self.state.pool, &self.caller, horizon, seen, RECHECK).await {
@@ -195,7 +204,7 @@ impl Subscription {
             let filter = filter.clone();
             async move {
                 match item {
-                    Ok((feed, resynced)) => filter.matches(&feed.entry, entry_time(&feed.entry)).then(|| {
+                    Ok((feed, resynced)) => filter.matches(&feed.entry, || entry_time(&feed.entry)).then(|| {
                         let mut entry = feed.entry;
                         entry.resynchronised = resynced;
                         Ok(entry)

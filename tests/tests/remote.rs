@@ -32,12 +32,17 @@ struct Env {
 
 impl Env {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(extra: &[(&str, &str)]) -> Self {
         ensure_base_image();
         let caddy = Caddy::start();
         let server_caddy = Caddy::start();
         let mut env = caddy.env();
         env.push(("ZPANEL_REMOTE_CADDY_ADMIN", server_caddy.admin.as_str()));
         env.push(("ZPANEL_REMOTE_PROXY_LISTEN", server_caddy.listen.as_str()));
+        env.extend_from_slice(extra);
         let app = App::start_subcommand("serve", &env).await;
         let token = app.bootstrap("Acme");
         let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build().expect("client");
@@ -283,5 +288,52 @@ async fn an_application_that_moves_leaves_the_place_it_ran_before() {
     let log = env.log(&third).await;
     assert!(log.iter().any(|l| l.contains("removing the previous release from server web-1 (127.0.0.1:")), "{log:#?}");
     assert_eq!(containers(&application).len(), 1);
+    remove_application(&application);
+}
+
+#[tokio::test]
+async fn the_route_repair_takes_a_moved_application_off_a_server_the_move_could_not_reach() {
+    let mut env = Env::start_with(&[("ZPANEL_ROUTE_SYNC_SECONDS", "1")]).await;
+    let server = env.server().await;
+    let repo = Repo::new("stranded v1");
+    let application = env.create_app(&repo, "stranded.example.test", &server).await;
+    let first = env.deploy(&application).await;
+    assert_eq!(env.finished(&first).await["status"], "SUCCEEDED", "{:#?}", env.log(&first).await);
+
+    // The server is cut off while the application moves back to this machine: the move
+    // succeeds, but cannot take the old release off the server.
+    env.sshd.drop_connections();
+    env.sshd.stop();
+    let clear = "mutation($id: ID!) { updateApplication(input: { id: $id, clearServer: true }) { id } }";
+    env.gql(clear, json!({ "id": application })).await;
+    repo.commit_app("stranded v2", "");
+    let second = env.deploy(&application).await;
+    assert_eq!(env.finished(&second).await["status"], "SUCCEEDED", "{:#?}", env.log(&second).await);
+    let log = env.log(&second).await;
+    assert!(log.iter().any(|l| l.contains("could not remove the route on server web-1")), "{log:#?}");
+    let here = env.page(&env.caddy.listen, "stranded.example.test").await;
+    assert!(matches!(&here, Ok((200, body)) if body.contains("stranded v2")), "{here:?}");
+    // The server's Caddy still routes the domain. (To a container already gone: this test's
+    // server shares this machine's engine, where the new release's clean-up removed it.)
+    let routed = |page: &Result<(u16, String), String>| {
+        matches!(page, Ok((502, _))) || matches!(page, Ok((200, body)) if body.contains("stranded"))
+    };
+    let there = env.page(&env.server_caddy.listen, "stranded.example.test").await;
+    assert!(routed(&there), "the server's Caddy still routes it: {there:?}");
+
+    // Once the server is back, the periodic repair takes the application off it.
+    env.sshd.resume();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let there = env.page(&env.server_caddy.listen, "stranded.example.test").await;
+        let stale = containers(&application).len();
+        if !routed(&there) && stale == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server still routes it ({there:?}) or runs {stale} containers");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let here = env.page(&env.caddy.listen, "stranded.example.test").await;
+    assert!(matches!(&here, Ok((200, body)) if body.contains("stranded v2")), "this machine still serves: {here:?}");
     remove_application(&application);
 }

@@ -233,8 +233,13 @@ impl Deployer {
     pub async fn sync_routes_once(&self) -> anyhow::Result<usize> {
         // The latest release of each application not being deployed right now (a deployment
         // switches the route itself, before its release becomes the latest).
-        let releases: Vec<(Uuid, Uuid, Uuid, String)> = sqlx::query_as(
-            "select distinct on (d.application_id) d.team_id, d.application_id, d.deployment_id, d.state
+        // With it, the places its earlier releases ran (`null` for this machine): an
+        // application that moved is taken off them, should the deployment that moved it not
+        // have reached them.
+        let releases: Vec<CurrentWithPlaces> = sqlx::query_as(
+            "select distinct on (d.application_id) d.team_id, d.application_id, d.deployment_id, d.state,
+                    array(select distinct (o.release->>'serverId')::uuid from rm_deployments o
+                           where o.application_id = d.application_id and o.status = 'succeeded') as places
                from rm_deployments d
               where d.status = 'succeeded'
                 and not exists (select 1 from deploy_queue q where q.application_id = d.application_id and q.started)
@@ -244,11 +249,15 @@ impl Deployer {
         .await
         .context("reading the current releases")?;
         let mut repaired = 0;
-        for (team_id, application_id, deployment_id, state) in releases {
+        for (team_id, application_id, deployment_id, state, places) in releases {
             let deployment: Deployment = serde_json::from_str(&state).context("reading a release")?;
             let Some(release) = deployment.state().map(|s| &s.release) else {
                 continue;
             };
+            let team = TeamId::from_uuid(team_id);
+            for before in places.into_iter().map(|p| p.map(ServerId::from_uuid)).filter(|p| *p != release.server_id) {
+                repaired += self.leave_place(team, before, application_id, deployment_id).await;
+            }
             if release.domains.is_empty() {
                 continue;
             }
@@ -278,6 +287,47 @@ impl Deployer {
             repaired += 1;
         }
         Ok(repaired)
+    }
+
+    /// Takes `application_id` off a place it no longer runs on (`server`, or this machine): its
+    /// route there, and its containers other than the current release's
+    /// (`zpanel-<deployment_id>`, which a test's server may share an engine with). Returns 1
+    /// when it found something to remove. A place that cannot be reached is tried next round.
+    async fn leave_place(
+        &self,
+        team: TeamId,
+        server: Option<ServerId>,
+        application_id: Uuid,
+        deployment_id: Uuid,
+    ) -> usize {
+        let Ok(place) = self.place(team, server).await else { return 0 };
+        // A deployment waiting or running may be taking the application back there: its
+        // container and route are then not stale. (Queued before it creates either, it shows.)
+        let deploying =
+            sqlx::query_scalar::<_, bool>("select exists (select 1 from deploy_queue where application_id = $1)")
+                .bind(application_id)
+                .fetch_one(&self.inner.pool)
+                .await;
+        if !matches!(deploying, Ok(false)) {
+            return 0;
+        }
+        let mut left = 0;
+        if matches!(place.proxy.upstream(application_id).await, Ok(Some(_))) {
+            match place.proxy.remove_route(application_id).await {
+                Ok(()) => left = 1,
+                Err(e) => tracing::debug!(%application_id, error = format!("{e:#}"), "could not remove a stale route"),
+            }
+        }
+        let current = format!("zpanel-{deployment_id}");
+        let application = application_id.to_string();
+        let stale = place.engine.containers_labelled(crate::docker::LABEL_APPLICATION, &application).await;
+        for old in stale.unwrap_or_default().into_iter().filter(|c| c.name != current) {
+            let _ = place.engine.stop(&old.id, Duration::from_secs(10)).await;
+            if place.engine.remove(&old.id).await.is_ok() {
+                left = 1;
+            }
+        }
+        left
     }
 
     fn ctx(&self, team_id: TeamId) -> CommandContext {
@@ -664,6 +714,10 @@ impl CurrentRelease {
         format!("zpanel-{}", self.deployment_id)
     }
 }
+
+/// A current release for the route sync: team, application, deployment, its folded state, and
+/// the servers (`None`: this machine) its application's releases ran on.
+type CurrentWithPlaces = (Uuid, Uuid, Uuid, String, Vec<Option<Uuid>>);
 
 /// The current release of `application_id`, if it has one.
 ///

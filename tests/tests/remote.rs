@@ -88,6 +88,14 @@ impl Env {
             .to_owned()
     }
 
+    /// Deploys the application and waits until that succeeded (showing its log if not).
+    async fn deployed(&self, application: &str) -> String {
+        let deployment = self.deploy(application).await;
+        let done = self.finished(&deployment).await;
+        assert_eq!(done["status"], "SUCCEEDED", "{done}\n{:#?}", self.log(&deployment).await);
+        deployment
+    }
+
     async fn finished(&self, deployment: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -255,8 +263,7 @@ async fn an_application_that_moves_leaves_the_place_it_ran_before() {
             }
         }
     };
-    let first = env.deploy(&application).await;
-    assert_eq!(env.finished(&first).await["status"], "SUCCEEDED", "{:#?}", env.log(&first).await);
+    env.deployed(&application).await;
     serves(env.caddy.listen.clone(), "moving v1").await;
     let local = containers(&application);
     assert_eq!(local.len(), 1, "{local:?}");
@@ -264,8 +271,7 @@ async fn an_application_that_moves_leaves_the_place_it_ran_before() {
     // Onto the server: it serves there, and this machine's route and container are gone.
     env.gql(MOVE, json!({ "id": application, "server": server })).await;
     repo.commit_app("moving v2", "");
-    let second = env.deploy(&application).await;
-    assert_eq!(env.finished(&second).await["status"], "SUCCEEDED", "{:#?}", env.log(&second).await);
+    let second = env.deployed(&application).await;
     serves(env.server_caddy.listen.clone(), "moving v2").await;
     let here = env.page(&env.caddy.listen, "moving.example.test").await;
     assert!(!matches!(&here, Ok((200, body)) if body.contains("moving")), "this machine still routes it: {here:?}");
@@ -280,8 +286,7 @@ async fn an_application_that_moves_leaves_the_place_it_ran_before() {
     // And back off it: the server's route goes.
     env.gql(MOVE, json!({ "id": application, "clear": true })).await;
     repo.commit_app("moving v3", "");
-    let third = env.deploy(&application).await;
-    assert_eq!(env.finished(&third).await["status"], "SUCCEEDED", "{:#?}", env.log(&third).await);
+    let third = env.deployed(&application).await;
     serves(env.caddy.listen.clone(), "moving v3").await;
     let there = env.page(&env.server_caddy.listen, "moving.example.test").await;
     assert!(!matches!(&there, Ok((200, body)) if body.contains("moving")), "the server still routes it: {there:?}");
@@ -297,8 +302,7 @@ async fn the_route_repair_takes_a_moved_application_off_a_server_the_move_could_
     let server = env.server().await;
     let repo = Repo::new("stranded v1");
     let application = env.create_app(&repo, "stranded.example.test", &server).await;
-    let first = env.deploy(&application).await;
-    assert_eq!(env.finished(&first).await["status"], "SUCCEEDED", "{:#?}", env.log(&first).await);
+    env.deployed(&application).await;
 
     // The server is cut off while the application moves back to this machine: the move
     // succeeds, but cannot take the old release off the server.
@@ -307,8 +311,7 @@ async fn the_route_repair_takes_a_moved_application_off_a_server_the_move_could_
     let clear = "mutation($id: ID!) { updateApplication(input: { id: $id, clearServer: true }) { id } }";
     env.gql(clear, json!({ "id": application })).await;
     repo.commit_app("stranded v2", "");
-    let second = env.deploy(&application).await;
-    assert_eq!(env.finished(&second).await["status"], "SUCCEEDED", "{:#?}", env.log(&second).await);
+    let second = env.deployed(&application).await;
     let log = env.log(&second).await;
     assert!(log.iter().any(|l| l.contains("could not remove the route on server web-1")), "{log:#?}");
     let here = env.page(&env.caddy.listen, "stranded.example.test").await;

@@ -113,6 +113,9 @@ struct Inner {
     worker_id: String,
     config: DeployConfig,
     places: Places,
+    /// Earlier places of moved applications found clean, by current release: the route sync
+    /// does not visit them again.
+    left: Mutex<std::collections::HashSet<(Uuid, Option<ServerId>)>>,
     builds: Semaphore,
     jobs: Mutex<HashMap<Uuid, watch::Sender<Stop>>>,
     tasks: tokio::sync::Mutex<tokio::task::JoinSet<()>>,
@@ -164,6 +167,7 @@ impl Deployer {
                 worker_id: worker_id.to_owned(),
                 config,
                 places,
+                left: Mutex::default(),
                 builds,
                 jobs: Mutex::default(),
                 tasks: tokio::sync::Mutex::default(),
@@ -249,6 +253,10 @@ impl Deployer {
         .await
         .context("reading the current releases")?;
         let mut repaired = 0;
+        let current: std::collections::HashSet<Uuid> = releases.iter().map(|r| r.2).collect();
+        if let Ok(mut left) = self.inner.left.lock() {
+            left.retain(|(deployment_id, _)| current.contains(deployment_id));
+        }
         for (team_id, application_id, deployment_id, state, places) in releases {
             let deployment: Deployment = serde_json::from_str(&state).context("reading a release")?;
             let Some(release) = deployment.state().map(|s| &s.release) else {
@@ -263,7 +271,7 @@ impl Deployer {
             }
             // A server that cannot be reached now is repaired in a later round; the others are
             // not held up by it.
-            let place = match self.place(TeamId::from_uuid(team_id), release.server_id).await {
+            let place = match self.place(team, release.server_id).await {
                 Ok(place) => place,
                 Err(e) => {
                     tracing::debug!(%application_id, error = format!("{e:#}"), "route sync skipped an application");
@@ -271,8 +279,7 @@ impl Deployer {
                 }
             };
             // A release whose container is gone (replaced, removed) is not routed to.
-            let container = format!("zpanel-{deployment_id}");
-            let Some(info) = place.engine.inspect(&container, release.port.get()).await? else {
+            let Some(info) = place.engine.inspect(&container_name(deployment_id), release.port.get()).await? else {
                 continue;
             };
             let Some(host_port) = info.host_port.filter(|_| info.running) else {
@@ -290,9 +297,10 @@ impl Deployer {
     }
 
     /// Takes `application_id` off a place it no longer runs on (`server`, or this machine): its
-    /// route there, and its containers other than the current release's
-    /// (`zpanel-<deployment_id>`, which a test's server may share an engine with). Returns 1
-    /// when it found something to remove. A place that cannot be reached is tried next round.
+    /// route there, and its containers other than the current release's (which a test's
+    /// server may share an engine with). Returns 1 when it found something to remove. A place
+    /// found clean is remembered for the current release and not visited again; one that
+    /// cannot be reached is tried next round.
     async fn leave_place(
         &self,
         team: TeamId,
@@ -300,6 +308,10 @@ impl Deployer {
         application_id: Uuid,
         deployment_id: Uuid,
     ) -> usize {
+        let key = (deployment_id, server);
+        if self.inner.left.lock().is_ok_and(|left| left.contains(&key)) {
+            return 0;
+        }
         let Ok(place) = self.place(team, server).await else { return 0 };
         // A deployment waiting or running may be taking the application back there: its
         // container and route are then not stale. (Queued before it creates either, it shows.)
@@ -311,23 +323,29 @@ impl Deployer {
         if !matches!(deploying, Ok(false)) {
             return 0;
         }
-        let mut left = 0;
-        if matches!(place.proxy.upstream(application_id).await, Ok(Some(_))) {
-            match place.proxy.remove_route(application_id).await {
-                Ok(()) => left = 1,
-                Err(e) => tracing::debug!(%application_id, error = format!("{e:#}"), "could not remove a stale route"),
-            }
+        let there = place.describe();
+        let route = match place.proxy.upstream(application_id).await {
+            Ok(None) => Ok(false),
+            Ok(Some(_)) => place.proxy.remove_route(application_id).await.map(|()| true),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &route {
+            tracing::debug!(%application_id, %there, error = format!("{e:#}"), "could not remove a stale route");
         }
-        let current = format!("zpanel-{deployment_id}");
-        let application = application_id.to_string();
-        let stale = place.engine.containers_labelled(crate::docker::LABEL_APPLICATION, &application).await;
-        for old in stale.unwrap_or_default().into_iter().filter(|c| c.name != current) {
-            let _ = place.engine.stop(&old.id, Duration::from_secs(10)).await;
-            if place.engine.remove(&old.id).await.is_ok() {
-                left = 1;
-            }
+        let said = std::sync::atomic::AtomicUsize::new(0);
+        let removed = place
+            .remove_containers(application_id, &container_name(deployment_id), |message| {
+                said.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(%application_id, %there, "{message}");
+            })
+            .await;
+        if matches!(route, Ok(false))
+            && said.into_inner() == 0
+            && let Ok(mut left) = self.inner.left.lock()
+        {
+            left.insert(key);
         }
-        left
+        usize::from(matches!(route, Ok(true)) || removed > 0)
     }
 
     fn ctx(&self, team_id: TeamId) -> CommandContext {
@@ -711,8 +729,13 @@ impl CurrentRelease {
     /// The container's name.
     #[must_use]
     pub fn container(&self) -> String {
-        format!("zpanel-{}", self.deployment_id)
+        container_name(self.deployment_id)
     }
+}
+
+/// The name of deployment `deployment_id`'s container.
+pub(crate) fn container_name(deployment_id: Uuid) -> String {
+    format!("zpanel-{deployment_id}")
 }
 
 /// A current release for the route sync: team, application, deployment, its folded state, and

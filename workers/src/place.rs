@@ -3,12 +3,13 @@
 //! it, and how that place's loopback ports are reached; [`Places`] makes them on first use and
 //! keeps them while a server's link stands.
 
-use crate::docker::Engine;
+use crate::docker::{Engine, LABEL_APPLICATION};
 use crate::proxy::Proxy;
 use crate::remote::{Dial, Link, SshPool};
 use crate::ssh::DOCKER_SOCKET;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::OnceCell;
 use uuid::Uuid;
 use zpanel_commands::{CommandHandler, Keyring, PgEventStore};
@@ -40,6 +41,39 @@ pub struct Place {
     pub dial: Dial,
     /// The server's pooled SSH connection; `None` on this machine.
     pub link: Option<Arc<Link>>,
+}
+
+impl Place {
+    /// `this machine`, or the server and its address.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        self.link.as_ref().map_or_else(|| "this machine".to_owned(), |link| link.describe())
+    }
+
+    /// Stops and removes `application_id`'s containers here except the one named `keep`,
+    /// telling `report` each one it stops and what fails. Returns how many it removed.
+    pub async fn remove_containers(&self, application_id: Uuid, keep: &str, report: impl Fn(String)) -> usize {
+        let application = application_id.to_string();
+        let others = match self.engine.containers_labelled(LABEL_APPLICATION, &application).await {
+            Ok(found) => found,
+            Err(e) => {
+                report(format!("could not list the previous containers: {e:#}"));
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for old in others.into_iter().filter(|c| c.name != keep) {
+            report(format!("stopping the previous container {}", old.name));
+            if let Err(e) = self.engine.stop(&old.id, Duration::from_secs(10)).await {
+                report(format!("could not stop {}: {e:#}", old.name));
+            }
+            match self.engine.remove(&old.id).await {
+                Ok(()) => removed += 1,
+                Err(e) => report(format!("could not remove {}: {e:#}", old.name)),
+            }
+        }
+        removed
+    }
 }
 
 /// The places of one process, made on first use.

@@ -93,10 +93,7 @@ async fn send<A: Aggregate>(
     what: &'static str,
     id: Uuid,
     command: &A::Command,
-) -> ApiResult<Outcome<A>>
-where
-    A::Error: std::fmt::Display,
-{
+) -> ApiResult<Outcome<A>> {
     let ctx = context(caller, command_id)?;
     let outcome = execute::<A>(state, &ctx, what, id, command).await?;
     if let Some(last) = outcome.events.last() {
@@ -113,10 +110,7 @@ pub(crate) async fn execute<A: Aggregate>(
     what: &'static str,
     id: Uuid,
     command: &A::Command,
-) -> ApiResult<Outcome<A>>
-where
-    A::Error: std::fmt::Display,
-{
+) -> ApiResult<Outcome<A>> {
     let outcome = match state.handler.execute::<A>(ctx, id, command).await {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -139,9 +133,17 @@ async fn users_of(state: &ApiState, caller: &Caller, sql: &str, id: Uuid) -> Api
     Ok(sqlx::query_scalar(sql).bind(caller.team_id.as_uuid()).bind(id).fetch_all(&state.pool).await?)
 }
 
+/// A domain rule's refusal (`CONFLICT`), completed with who is in the way (`users`, when any).
+fn naming(error: ApiError, users: &str) -> ApiError {
+    match error {
+        ApiError::Conflict(rule) if !users.is_empty() => ApiError::Conflict(format!("{rule}: {users}")),
+        other => other,
+    }
+}
+
 /// An aggregate as it was just before the removal `outcome` recorded (the same for a retried
 /// removal, whose read-model row is long gone).
-async fn before_removal<A: Aggregate + serde::de::DeserializeOwned>(
+async fn before_removal<A: Aggregate>(
     state: &ApiState,
     caller: &Caller,
     id: Uuid,
@@ -807,12 +809,10 @@ impl Mutation {
         if !applications.is_empty() {
             users.push(format!("applications {} clone with it", applications.join(", ")));
         }
-        if !users.is_empty() {
-            return Err(ApiError::Conflict(format!("the private key is in use: {}", users.join("; "))));
-        }
         let command = PrivateKeyCommand::RemovePrivateKey { in_use_by: servers.len() + applications.len() };
-        let outcome =
-            send::<KeyAggregate>(state, caller, input.command_id.as_ref(), "private key", id, &command).await?;
+        let outcome = send::<KeyAggregate>(state, caller, input.command_id.as_ref(), "private key", id, &command)
+            .await
+            .map_err(|e| naming(e, &users.join("; ")))?;
         let before = before_removal(state, caller, id, &outcome).await?;
         let added = load_as_of::<KeyAggregate>(&state.pool, *caller.team_id.as_uuid(), id, AsOf::Version(1)).await?;
         let details = before.state.details().ok_or(ApiError::NotFound("private key"))?;
@@ -864,17 +864,17 @@ impl Mutation {
             (None, true) => Some(None),
             (None, false) => None,
         };
-        let mut patch = ServerPatch {
-            name: optional("name", input.name.as_deref(), Name::parse)?,
-            host: optional("host", input.host.as_deref(), Host::parse)?,
-            port: input.port.map(|p| port("port", p)).transpose()?,
-            user: optional("user", input.user.as_deref(), UnixUser::parse)?,
-            private_key_id: None,
-            jump,
+        let (name, host) = (
+            optional("name", input.name.as_deref(), Name::parse)?,
+            optional("host", input.host.as_deref(), Host::parse)?,
+        );
+        let port = input.port.map(|p| port("port", p)).transpose()?;
+        let user = optional("user", input.user.as_deref(), UnixUser::parse)?;
+        let private_key_id = match &input.private_key_id {
+            Some(key) => Some(team_key(state, caller, "privateKeyId", key).await?),
+            None => None,
         };
-        if let Some(key) = &input.private_key_id {
-            patch.private_key_id = Some(team_key(state, caller, "privateKeyId", key).await?);
-        }
+        let patch = ServerPatch { name, host, port, user, private_key_id, jump };
         if patch == ServerPatch::default() {
             return Err(ApiError::invalid("input", "give at least one field to change"));
         }
@@ -894,14 +894,15 @@ impl Mutation {
         caller.require(Ability::Write)?;
         let id = parse_id(&input.id, "server")?;
         let users = users_of(state, caller, APPLICATIONS_ON_SERVER, id).await?;
-        if !users.is_empty() {
-            return Err(ApiError::Conflict(format!(
-                "applications still deploy to the server: {}; move them to another server or archive them first",
-                users.join(", ")
-            )));
-        }
         let command = ServerCommand::RemoveServer { applications_using_it: users.len() };
-        let outcome = send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", id, &command).await?;
+        let named = if users.is_empty() {
+            String::new()
+        } else {
+            format!("{}; move them to another server or archive them first", users.join(", "))
+        };
+        let outcome = send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", id, &command)
+            .await
+            .map_err(|e| naming(e, &named))?;
         let before = before_removal(state, caller, id, &outcome).await?;
         let details = before.state.details().ok_or(ApiError::NotFound("server"))?;
         Ok(Server::from_details(details, before.version))

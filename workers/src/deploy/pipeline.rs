@@ -129,7 +129,7 @@ impl Pipeline {
     }
 
     fn container_name(&self) -> String {
-        format!("zpanel-{}", self.state.id.as_uuid())
+        super::container_name(*self.state.id.as_uuid())
     }
 
     fn image_repo(&self) -> String {
@@ -172,7 +172,7 @@ impl Pipeline {
             .filter(|before| *before != server);
         let place = self.deployer.place(self.state.team_id, server).await.context("reaching the Docker Engine")?;
         if let Some(link) = &place.link {
-            self.log.system(format!("deploying to {}", link.describe()));
+            self.log.system(format!("deploying to {}", place.describe()));
             self.connects = Some(link.connects());
         }
         self.place = Some(Arc::clone(&place));
@@ -306,7 +306,7 @@ impl Pipeline {
             self.log.system(format!("letting the previous release finish its requests for {} s", grace.as_secs_f32()));
             tokio::time::sleep(grace).await;
         }
-        self.remove_previous(&engine).await;
+        self.remove_previous(&place).await;
         if let Some(before) = moved_from {
             self.leave(before).await;
         }
@@ -452,28 +452,6 @@ impl Pipeline {
         Ok(image)
     }
 
-    /// Stops and removes the application's other containers (earlier releases).
-    async fn remove_previous(&self, engine: &crate::docker::Engine) {
-        let application = self.state.application_id.as_uuid().to_string();
-        let current = self.container_name();
-        let others = match engine.containers_labelled(LABEL_APPLICATION, &application).await {
-            Ok(found) => found,
-            Err(e) => {
-                self.log.system(format!("could not list the previous containers: {e:#}"));
-                return;
-            }
-        };
-        for old in others.into_iter().filter(|c| c.name != current) {
-            self.log.system(format!("stopping the previous container {}", old.name));
-            if let Err(e) = engine.stop(&old.id, Duration::from_secs(10)).await {
-                self.log.system(format!("could not stop {}: {e:#}", old.name));
-            }
-            if let Err(e) = engine.remove(&old.id).await {
-                self.log.system(format!("could not remove {}: {e:#}", old.name));
-            }
-        }
-    }
-
     /// Takes the previous release off the place it ran on before the application moved
     /// (`server`, or this machine when `None`): its route in that place's proxy, then its
     /// containers. The new release serves by then, so what cannot be removed is logged and left.
@@ -485,12 +463,19 @@ impl Pipeline {
                 return;
             }
         };
-        let there = place.link.as_ref().map_or_else(|| "this machine".to_owned(), |link| link.describe());
+        let there = place.describe();
         self.log.system(format!("the application moved: removing the previous release from {there}"));
         if let Err(e) = place.proxy.remove_route(*self.state.application_id.as_uuid()).await {
             self.log.system(format!("could not remove the route on {there}: {e:#}"));
         }
-        self.remove_previous(&place.engine).await;
+        self.remove_previous(&place).await;
+    }
+
+    /// Stops and removes the application's other containers (earlier releases) at `place`.
+    async fn remove_previous(&self, place: &Place) {
+        place
+            .remove_containers(*self.state.application_id.as_uuid(), &self.container_name(), |m| self.log.system(m))
+            .await;
     }
 
     /// Keeps the newest images of the application (for rollbacks) and removes the rest.

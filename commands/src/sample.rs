@@ -329,6 +329,7 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
         cpus: 4,
         memory_bytes: 8 << 30,
         disk_free_bytes: 100 << 30,
+        accept_queue_migrates: Some(true),
     };
     sink.execute::<Server>(
         team_id,

@@ -54,7 +54,18 @@ pub struct ServerFacts {
     pub memory_bytes: u64,
     /// Free disk space in bytes where Docker keeps its data.
     pub disk_free_bytes: u64,
+    /// Whether the kernel hands connections waiting in a closing listener's accept queue to
+    /// another listener on the same port (`net.ipv4.tcp_migrate_req`). Caddy reopens its
+    /// listeners on every configuration change; without it, a visitor connecting at that moment
+    /// is reset. `None`: not checked (facts recorded before Zpanel looked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_queue_migrates: Option<bool>,
 }
+
+/// Why a host should set `net.ipv4.tcp_migrate_req`, and how: said where Caddy runs without it.
+pub const RELOAD_RESETS: &str = "net.ipv4.tcp_migrate_req is not 1 (or the kernel, older than 5.14, lacks it): \
+    Caddy reopens its listeners on every route change, and a visitor connecting at that moment is reset \
+    instead of served — set it with `sysctl -w net.ipv4.tcp_migrate_req=1` and in /etc/sysctl.d/";
 
 /// The oldest Docker Engine (major version) Zpanel supports on a server.
 pub const MIN_DOCKER_MAJOR: u32 = 24;
@@ -66,7 +77,7 @@ impl ServerFacts {
     pub fn warnings(&self) -> Vec<String> {
         let version = self.docker_version.trim();
         let major = version.split(['.', '-', '+']).next().and_then(|m| m.parse::<u32>().ok());
-        match major {
+        let mut warnings = match major {
             Some(major) if major >= MIN_DOCKER_MAJOR => Vec::new(),
             Some(_) => vec![format!(
                 "Docker Engine {version} is older than {MIN_DOCKER_MAJOR}.0, the oldest Zpanel supports; \
@@ -76,7 +87,11 @@ impl ServerFacts {
                 "Docker Engine reported the version \"{version}\", which cannot be compared with the minimum \
                  {MIN_DOCKER_MAJOR}.0; deployments may fail"
             )],
+        };
+        if self.accept_queue_migrates == Some(false) {
+            warnings.push(format!("{RELOAD_RESETS} on this server"));
         }
+        warnings
     }
 }
 
@@ -635,6 +650,7 @@ mod tests {
             cpus: 4,
             memory_bytes: 8 << 30,
             disk_free_bytes: 100 << 30,
+            accept_queue_migrates: Some(true),
         }
     }
 
@@ -959,6 +975,7 @@ mod jump_host_tests {
                     cpus: 2,
                     memory_bytes: 1,
                     disk_free_bytes: 1,
+                    accept_queue_migrates: Some(true),
                 },
                 host_key_fingerprint: "SHA256:inner".into(),
                 jump_host_key_fingerprint: Some("SHA256:bastion".into()),
@@ -1082,7 +1099,22 @@ mod docker_version_tests {
             cpus: 2,
             memory_bytes: 1,
             disk_free_bytes: 1,
+            accept_queue_migrates: Some(true),
         }
+    }
+
+    #[test]
+    fn a_kernel_that_resets_connections_on_a_proxy_reload_is_warned_about() {
+        let resets = ServerFacts { accept_queue_migrates: Some(false), ..facts("26.1.5") }.warnings();
+        assert_eq!(resets.len(), 1, "{resets:?}");
+        assert!(resets[0].contains("net.ipv4.tcp_migrate_req"), "{resets:?}");
+        // Facts recorded before Zpanel looked say nothing about it.
+        assert!(ServerFacts { accept_queue_migrates: None, ..facts("26.1.5") }.warnings().is_empty());
+        let old: ServerFacts = serde_json::from_value(serde_json::json!({
+            "os": "Debian", "docker_version": "26.1.5", "cpus": 2, "memory_bytes": 1, "disk_free_bytes": 1
+        }))
+        .expect("facts recorded before");
+        assert_eq!(old.accept_queue_migrates, None);
     }
 
     #[test]

@@ -186,6 +186,12 @@ async fn a_git_application_is_built_started_checked_and_routed_through_caddy() {
         .timeout(Duration::from_secs(5))
         .build()
         .expect("client");
+    // Without it, the kernel resets connections queued on the listener Caddy closes in a reload.
+    let migrates = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").unwrap_or_default();
+    assert!(
+        zpanel_workers::proxy::migrates(&migrates),
+        "net.ipv4.tcp_migrate_req must be 1 for Caddy to reload without resetting connections (scripts/test sets it)"
+    );
     let poller = Poller::start(fresh, env.caddy.listen.clone(), domain);
     // The push reaches Zpanel as GitHub would send it: a signed webhook.
     let second = env.push_webhook(&application, &v2).await;
@@ -786,7 +792,16 @@ impl Poller {
                         }
                     }
                     Ok(a) => polled.failures.push(format!("status {}", a.status())),
-                    Err(e) => polled.failures.push(e.to_string()),
+                    Err(e) => {
+                        // The whole chain: reqwest's own message does not say what happened.
+                        let mut failure = e.to_string();
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(cause) = source {
+                            failure = format!("{failure}: {cause}");
+                            source = cause.source();
+                        }
+                        polled.failures.push(failure);
+                    }
                 }
                 tokio::select! {
                     _ = stopped.changed() => {}

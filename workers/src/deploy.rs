@@ -158,6 +158,7 @@ impl Deployer {
         config: DeployConfig,
     ) -> anyhow::Result<Self> {
         let places = Places::new(handler.clone(), Arc::clone(&keyring), &config.places())?;
+        crate::proxy::warn_unless_migrating();
         let builds = Semaphore::new(config.concurrent_builds.max(1));
         Ok(Self {
             inner: Arc::new(Inner {

@@ -5,6 +5,13 @@
 //!
 //! Switching a release is one `PATCH` of that route: Caddy swaps its config gracefully, so
 //! requests in flight finish on the old upstream and new ones go to the new one.
+//!
+//! Caddy reopens its listeners on every change (`SO_REUSEPORT`: the new socket is bound before
+//! the old one closes). Connections the kernel had queued on the old socket are reset when it
+//! closes, unless `net.ipv4.tcp_migrate_req` is 1 (Linux 5.14+), which moves them to the new
+//! one: without it, about one connection in ten opened during a change was reset here. So the
+//! server validation records it as a fact (warned about when off), and [`warn_unless_migrating`]
+//! says so for this machine.
 
 use crate::http::{Answer, Http};
 use crate::remote::Dial;
@@ -20,6 +27,25 @@ pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:2019";
 pub const DEFAULT_LISTEN: &str = ":80";
 /// The server's name in Caddy's config.
 const SERVER: &str = "zpanel";
+
+/// Where the kernel says whether a closing listener's queued connections move to its successor.
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Whether `setting` (the content of `net.ipv4.tcp_migrate_req`) turns the migration on.
+#[must_use]
+pub fn migrates(setting: &str) -> bool {
+    setting.trim() == "1"
+}
+
+/// Logs a warning when this machine's kernel resets, rather than migrates, the connections
+/// queued on a listener Caddy closes during a configuration change. Caddy shares this machine's
+/// network namespace in every supported layout (embedded, and the compose file's host network).
+pub fn warn_unless_migrating() {
+    let setting = std::fs::read_to_string(MIGRATE_REQ).unwrap_or_default();
+    if !migrates(&setting) {
+        tracing::warn!("{} on this machine", zpanel_domain::server::RELOAD_RESETS);
+    }
+}
 
 /// Caddy's admin API, on this machine or on a server.
 #[derive(Clone, Debug)]

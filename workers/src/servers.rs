@@ -261,12 +261,16 @@ impl ServerValidator {
 
 /// The facts, each from a fixed command on a channel of its own, all on one connection.
 async fn gather(session: &SshSession) -> Result<ServerFacts, SshError> {
-    let (os, cpus, memory, disk, docker_version) = tokio::try_join!(
+    // A kernel without the setting (older than 5.14) has no such file: `cat` fails, and
+    // connections are reset just the same.
+    let migrates = async { Ok(session.run("cat /proc/sys/net/ipv4/tcp_migrate_req").await.ok()) };
+    let (os, cpus, memory, disk, docker_version, migrates) = tokio::try_join!(
         session.run("cat /etc/os-release"),
         session.run("nproc"),
         session.run("cat /proc/meminfo"),
         session.run(DISK_FREE),
         session.docker_version(DOCKER_SOCKET),
+        migrates,
     )?;
     Ok(ServerFacts {
         os: os_name(&os.stdout),
@@ -274,6 +278,7 @@ async fn gather(session: &SshSession) -> Result<ServerFacts, SshError> {
         cpus: cpus.stdout.trim().parse().unwrap_or(0),
         memory_bytes: memory_total(&memory.stdout),
         disk_free_bytes: disk_available(&disk.stdout),
+        accept_queue_migrates: Some(migrates.is_some_and(|m| crate::proxy::migrates(&m.stdout))),
     })
 }
 

@@ -155,7 +155,15 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
     let keyring = Arc::new(keyring);
     let places = config.deploy().places();
     let container_logs = crate::app::EngineLogs::new(db.pool.clone(), signal.clone(), &keyring, &places)?;
-    let mut app = crate::app::start(db.pool.clone(), signal.clone(), keyring, listener, rate, Some(container_logs))?;
+    let mut app = crate::app::start(
+        db.pool.clone(),
+        signal.clone(),
+        keyring,
+        listener,
+        rate,
+        config.subscription_buffer,
+        Some(container_logs),
+    )?;
     if with_workers {
         let metrics = Arc::clone(&app.state.metrics);
         let keyring = Arc::clone(&app.state.keyring);
@@ -238,14 +246,16 @@ async fn replay(db: Arc<Database>, names: Vec<String>) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     let started = Instant::now();
-    let replayed =
-        zpanel_projections::rebuild::rebuild(&db.pool, selected.clone(), |n| bar.set_position(n)).await?.events;
+    let rebuilt = zpanel_projections::rebuild::rebuild(&db.pool, selected.clone(), |n| bar.set_position(n)).await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
+    let (indexes, indexing) = rebuilt.indexes;
     println!(
-        "replayed {replayed} events into {} in {secs:.2}s ({:.0} events/s)",
+        "replayed {} events into {} in {secs:.2}s ({:.0} events/s; {indexes} indexes created again in {:.2}s)",
+        rebuilt.events,
         chosen.join(", "),
-        replayed as f64 / secs.max(f64::EPSILON)
+        rebuilt.events as f64 / secs.max(f64::EPSILON),
+        indexing.as_secs_f64()
     );
     Ok(())
 }

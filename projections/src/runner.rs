@@ -91,7 +91,8 @@ impl ProjectionRunner {
         self.projected.subscribe()
     }
 
-    /// Makes sure every projection has a checkpoint row.
+    /// Makes sure every projection has a checkpoint row, and creates again the indexes an
+    /// interrupted rebuild had dropped (see [`crate::rebuild`]).
     ///
     /// # Errors
     /// When the database fails.
@@ -102,6 +103,10 @@ impl ProjectionRunner {
             .execute(&self.pool)
             .await
             .context("registering projection checkpoints")?;
+        let restored = crate::rebuild::restore_interrupted(&self.pool).await.context("restoring deferred indexes")?;
+        if restored > 0 {
+            tracing::warn!(restored, "created the read-model indexes an interrupted rebuild had dropped");
+        }
         Ok(())
     }
 

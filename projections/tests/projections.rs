@@ -213,6 +213,75 @@ async fn a_rebuild_produces_identical_tables() {
     assert_eq!(checksum(&f.db).await, live);
 }
 
+/// The read models' indexes: (name, definition), in name order.
+async fn indexes(db: &TestDatabase) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "select indexname::text, indexdef from pg_indexes
+          where schemaname = current_schema() and tablename like 'rm\\_%' order by indexname",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("indexes")
+}
+
+async fn deferred(db: &TestDatabase) -> i64 {
+    sqlx::query_scalar("select count(*) from rebuild_deferred_indexes").fetch_one(&db.pool).await.expect("deferred")
+}
+
+#[tokio::test]
+async fn a_rebuild_drops_the_secondary_indexes_and_creates_them_again_from_the_rows() {
+    let f = fixture().await;
+    for i in 0..3 {
+        let t = team(&f, &format!("Team {i}")).await;
+        project(&f, t, "Web").await;
+    }
+    f.runner.catch_up().await.expect("live");
+    let live = checksum(&f.db).await;
+    let before = indexes(&f.db).await;
+    assert!(before.iter().any(|(name, _)| name == "rm_audit_log_stream"), "{before:?}");
+
+    let rebuilt =
+        zpanel_projections::rebuild::rebuild(&f.db.pool, zpanel_projections::all(), |_| {}).await.expect("rebuilds");
+    // The secondary ones (not the primary keys, nor the unique constraint tokens are found by).
+    let secondary = before.iter().filter(|(name, _)| !name.ends_with("_pkey") && !name.ends_with("_key")).count();
+    assert_eq!(rebuilt.indexes.0, secondary, "{before:?}");
+    assert_eq!(indexes(&f.db).await, before, "every index is back, as it was defined");
+    assert_eq!(deferred(&f.db).await, 0);
+    assert_eq!(checksum(&f.db).await, live);
+}
+
+#[tokio::test]
+async fn the_indexes_an_interrupted_rebuild_dropped_come_back_at_the_next_start_but_not_during_a_rebuild() {
+    let f = fixture().await;
+    let before = indexes(&f.db).await;
+    // What a rebuild killed mid-replay leaves: an index dropped, its definition kept.
+    let (name, definition) = before.iter().find(|(name, _)| name == "rm_audit_log_team").expect("the index").clone();
+    sqlx::query(
+        "insert into rebuild_deferred_indexes (index_name, table_name, definition) values ($1, 'rm_audit_log', $2)",
+    )
+    .bind(&name)
+    .bind(&definition)
+    .execute(&f.db.pool)
+    .await
+    .expect("recorded");
+    sqlx::query(&format!("drop index {name}")).execute(&f.db.pool).await.expect("dropped");
+
+    // A rebuild running (it holds the lock) restores them itself at its end: a start leaves them.
+    let mut rebuilding = f.db.pool.acquire().await.expect("connection");
+    sqlx::query("select pg_advisory_lock(hashtextextended('zpanel.rebuild.indexes', 0))")
+        .execute(&mut *rebuilding)
+        .await
+        .expect("locked");
+    assert_eq!(zpanel_projections::rebuild::restore_interrupted(&f.db.pool).await.expect("restores"), 0);
+    assert_eq!(deferred(&f.db).await, 1);
+    sqlx::query("select pg_advisory_unlock_all()").execute(&mut *rebuilding).await.expect("unlocked");
+    drop(rebuilding);
+
+    f.runner.register().await.expect("registers");
+    assert_eq!(indexes(&f.db).await, before, "the index is back");
+    assert_eq!(deferred(&f.db).await, 0);
+}
+
 #[tokio::test]
 async fn the_audit_log_records_before_and_after_values() {
     let f = fixture().await;

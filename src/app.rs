@@ -201,6 +201,7 @@ pub fn start(
     keyring: Arc<Keyring>,
     listener: tokio::net::TcpListener,
     rate: RateLimiter,
+    subscription_buffer: usize,
     container_logs: Option<Arc<dyn zpanel_api::logs::ContainerLogs>>,
 ) -> anyhow::Result<App> {
     let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
@@ -218,6 +219,7 @@ pub fn start(
         cache: Arc::default(),
         logs: logs.clone(),
         container_logs,
+        subscription_buffer,
     };
     let address = listener.local_addr()?;
     let mut parts = Parts::new();

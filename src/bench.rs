@@ -300,8 +300,10 @@ async fn replay(pool: &PgPool, events: u64, only: &[String]) -> anyhow::Result<(
         let busy: Vec<String> =
             rebuilt.busy.iter().map(|(name, busy)| format!("{name} {:.1}s", busy.as_secs_f64())).collect();
         println!(
-            "round {round}: raw select {raw:.0} rows/s, rebuild {rate:.0} events/s ({secs:.1}s; busy: {})",
-            busy.join(", ")
+            "round {round}: raw select {raw:.0} rows/s, rebuild {rate:.0} events/s ({secs:.1}s; busy: {}; {} indexes in {:.1}s)",
+            busy.join(", "),
+            rebuilt.indexes.0,
+            rebuilt.indexes.1.as_secs_f64()
         );
         raw_rates.push(raw);
         rates.push(rate);

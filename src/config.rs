@@ -30,6 +30,12 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_API_BURST", default_value_t = 200, global = true)]
     pub api_burst: u32,
 
+    /// Responses of a shared live audit stream buffered for its slowest WebSocket subscriber;
+    /// one further behind catches up from the audit log on its own.
+    #[arg(long, env = "ZPANEL_SUBSCRIPTION_BUFFER", default_value_t = zpanel_api::hub::CAPACITY,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000), global = true)]
+    pub subscription_buffer: usize,
+
     /// Kafka brokers (`host:port,…`): set, `serve` and `worker` relay the log to Kafka and
     /// feed workers from consumer groups; unset, workers are fed from the log in-process.
     #[arg(long, env = "ZPANEL_KAFKA_BROKERS", global = true)]

@@ -33,12 +33,16 @@ struct Schemas {
     open: ZpanelSchema,
     /// For anonymous ones: no field suggestions.
     closed: ZpanelSchema,
+    /// For WebSocket sessions: `open`, with the live audit stream shared.
+    sessions: crate::hub::SharedExecutor,
 }
 
 /// The router over `state`.
 pub fn router(state: ApiState) -> Router {
+    let open = schema::build(state.clone(), Suggestions::On);
     let schemas = Schemas {
-        open: schema::build(state.clone(), Suggestions::On),
+        sessions: crate::hub::SharedExecutor::new(open.clone(), state.subscription_buffer),
+        open,
         closed: schema::build(state.clone(), Suggestions::Off),
         state,
     };
@@ -227,7 +231,7 @@ async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Respon
         Err(rejection) => return rejection.into_response(),
     };
     let state = schemas.state.clone();
-    let schema = schemas.open.clone();
+    let schema = schemas.sessions.clone();
     // Small buffers: a subscriber mostly waits. The defaults (128 KiB to read, as much to
     // write) would make each open subscription cost a quarter of a megabyte.
     upgrade
@@ -336,5 +340,10 @@ async fn metrics(State(schemas): State<Schemas>) -> Response {
     }
     extra.push_str("# HELP zpanel_subscribers Open subscriptions.\n# TYPE zpanel_subscribers gauge\n");
     extra.push_str(&format!("zpanel_subscribers {}\n", state.feed.subscribers()));
+    extra.push_str(
+        "# HELP zpanel_shared_subscription_executions Executions of `events` subscriptions shared by their subscribers.\n\
+         # TYPE zpanel_shared_subscription_executions gauge\n",
+    );
+    extra.push_str(&format!("zpanel_shared_subscription_executions {}\n", schemas.sessions.shared()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(&extra)).into_response()
 }

@@ -4,6 +4,8 @@
 //! - [`auth`]: API tokens resolved to a team and abilities; every resolver is team-scoped.
 //! - [`feed`]: the horizon every read model has reached, and the fan-out of new audit entries
 //!   to subscribers.
+//! - [`hub`]: one execution of the live audit stream per distinct subscription, shared by
+//!   every WebSocket subscriber of it.
 //! - [`http`]: the routes — `/graphql` (POST, GraphiQL, WebSocket), the SDL, health, metrics,
 //!   webhooks.
 //! - [`webhooks`]: git hosts' push webhooks — signature checks, payload parsing, and the
@@ -19,6 +21,7 @@ pub mod cache;
 pub mod error;
 pub mod feed;
 pub mod http;
+pub mod hub;
 pub mod limits;
 pub mod logs;
 pub mod metrics;
@@ -58,6 +61,9 @@ pub struct ApiState {
     /// Where containers' logs come from; `None` in a process that cannot reach the engines
     /// (then `containerLogs` says so).
     pub container_logs: Option<Arc<dyn logs::ContainerLogs>>,
+    /// Responses of a shared `events` subscription buffered for its slowest subscriber
+    /// ([`hub`]).
+    pub subscription_buffer: usize,
 }
 
 impl ApiState {

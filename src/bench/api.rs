@@ -54,7 +54,15 @@ async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> 
     runner.catch_up().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let unlimited = zpanel_api::limits::RateLimiter::new(u32::MAX, u32::MAX);
-    let app = crate::app::start(pool.clone(), signal, Arc::new(keyring), listener, unlimited, None)?;
+    let app = crate::app::start(
+        pool.clone(),
+        signal,
+        Arc::new(keyring),
+        listener,
+        unlimited,
+        zpanel_api::hub::CAPACITY,
+        None,
+    )?;
     let url = format!("http://{}", app.address);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(app.run_until(async {

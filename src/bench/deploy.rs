@@ -157,7 +157,15 @@ impl Zpanel {
         let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
         let keyring = Arc::new(Keyring::generate());
         let logs = crate::app::EngineLogs::new(pool.clone(), signal.clone(), &keyring, &config.deploy().places())?;
-        let mut app = crate::app::start(pool.clone(), signal.clone(), keyring, listener, rate, Some(logs))?;
+        let mut app = crate::app::start(
+            pool.clone(),
+            signal.clone(),
+            keyring,
+            listener,
+            rate,
+            config.subscription_buffer,
+            Some(logs),
+        )?;
         let keyring = Arc::clone(&app.state.keyring);
         let mode = crate::app::WorkerMode {
             only: None,

@@ -153,10 +153,32 @@ impl App {
     /// # Panics
     /// When the WebSocket handshake or `connection_init` fails.
     pub async fn subscribe(&self, token: &str, query: &str, variables: Value) -> Subscription {
+        self.subscribe_with_buffer(token, query, variables, None).await
+    }
+
+    /// [`App::subscribe`], with the socket's receive buffer set to `receive_buffer` bytes: a
+    /// subscriber that stops reading then holds the server up after a few messages.
+    ///
+    /// # Panics
+    /// When the WebSocket handshake or `connection_init` fails.
+    pub async fn subscribe_with_buffer(
+        &self,
+        token: &str,
+        query: &str,
+        variables: Value,
+        receive_buffer: Option<u32>,
+    ) -> Subscription {
         let ws_url = format!("{}/graphql", self.url.replacen("http", "ws", 1));
         let mut request = ws_url.into_client_request().expect("a ws request");
         request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake");
+        let address = self.url.trim_start_matches("http://").parse().expect("the app's address");
+        let tcp = tokio::net::TcpSocket::new_v4().expect("a socket");
+        if let Some(bytes) = receive_buffer {
+            tcp.set_recv_buffer_size(bytes).expect("a receive buffer");
+        }
+        let stream = tcp.connect(address).await.expect("connects");
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let (mut socket, _) = tokio_tungstenite::client_async(request, stream).await.expect("WebSocket handshake");
         let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } });
         socket.send(Message::text(init.to_string())).await.expect("connection_init");
         let mut subscription = Subscription { socket };

@@ -580,3 +580,67 @@ async fn a_repeated_query_sees_every_change_made_through_any_process() {
     assert_eq!(app.graphql_at(&peer.url, Some(&secret), query, json!({})).await.code(), "UNAUTHENTICATED");
     assert_eq!(app.graphql(Some(&secret), query, json!({})).await.code(), "UNAUTHENTICATED");
 }
+
+/// The value of `metric` in `/metrics`, once it is `wanted` (polled for up to 10 s).
+async fn metric_reaches(app: &App, metric: &str, wanted: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, body) = app.get("/metrics").await;
+        let value = body.lines().find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')).map(str::to_owned);
+        if value.as_deref() == Some(wanted) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metric} stayed {value:?}, not {wanted}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Subscribers of one `events` subscription share its execution; one that stops reading falls
+/// behind the shared responses and catches up alone from the audit log — every entry once, in
+/// order, the first after the gap flagged as resynchronised — while the others go on.
+#[tokio::test]
+async fn subscribers_of_one_audit_stream_share_its_execution_and_a_slow_one_catches_up_alone() {
+    let app = App::start_with(&[("ZPANEL_SUBSCRIPTION_BUFFER", "4")]).await;
+    let root = app.bootstrap("Shared");
+    let web = application(&app, &root, &project(&app, &root, "Shop").await, "web").await;
+    let document = "subscription { events { position eventType resynchronised changes { field after } } }";
+    let mut fast = app.subscribe(&root, document, json!({})).await;
+    let mut slow = app.subscribe_with_buffer(&root, document, json!({}), Some(4096)).await;
+    let mut other = app.subscribe(&root, "subscription { events { position } }", json!({})).await;
+    metric_reaches(&app, "zpanel_shared_subscription_executions", "2").await;
+
+    // Each change carries 500 KB: the slow subscriber's socket (a kernel send buffer of at
+    // most 4 MB on the server's side) is full after a few. The others read as they come.
+    let changes = 16;
+    let reading = tokio::spawn(async move {
+        let mut positions = Vec::new();
+        for _ in 0..changes {
+            let data = fast.next_data().await.expect("the fast subscriber's entry");
+            assert_eq!(data["events"]["eventType"], "EnvironmentVariableSet", "{data}");
+            positions.push(data["events"]["position"].as_i64().expect("a position"));
+            let other = other.next_data().await.expect("the other subscription's entry");
+            assert_eq!(other["events"]["position"], data["events"]["position"]);
+        }
+        positions
+    });
+    for i in 0..changes {
+        let value = format!("{i:02}{}", "x".repeat(500_000));
+        app.graphql(Some(&root), SET_VAR, json!({ "app": web, "key": "BIG", "value": value, "secret": false }))
+            .await
+            .ok();
+    }
+    let positions = reading.await.expect("the readers");
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+
+    let mut seen = Vec::new();
+    let mut resynchronised = 0;
+    for _ in 0..changes {
+        let data = slow.next_data().await.expect("the slow subscriber's entry");
+        let change = &data["events"]["changes"][0]["after"];
+        assert!(change.as_str().is_some_and(|v| v.starts_with(&format!("{:02}", seen.len()))), "in order");
+        seen.push(data["events"]["position"].as_i64().expect("a position"));
+        resynchronised += usize::from(data["events"]["resynchronised"] == true);
+    }
+    assert_eq!(seen, positions, "every entry once, in order");
+    assert!(resynchronised >= 1, "the slow subscriber was told it had fallen behind");
+}

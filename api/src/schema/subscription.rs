@@ -10,6 +10,7 @@ use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::feed::FeedEntry;
+use crate::hub::{Resume, Tap};
 use crate::logs;
 use async_graphql::{Context, ID, Subscription};
 use futures::stream::BoxStream;
@@ -32,16 +33,27 @@ pub struct Subscription;
 /// The team's audit entries from the moment of subscribing, in log order; after falling
 /// behind, the missed ones from the audit log, the first flagged as resynchronised. Ends with
 /// `UNAUTHENTICATED` once the token is revoked or expires.
-async fn team_entries(state: ApiState, caller: Caller) -> ApiResult<impl Stream<Item = ApiResult<(FeedEntry, bool)>>> {
+/// With `resume`, the entries after that one come first (the first flagged as resynchronised):
+/// a subscriber that fell behind a shared execution goes on alone from there ([`crate::hub`]).
+async fn team_entries(
+    state: ApiState,
+    caller: Caller,
+    resume: Option<Cursor>,
+) -> ApiResult<impl Stream<Item = ApiResult<(FeedEntry, bool)>>> {
     // Subscribe first, then read where the read models are: every entry past that point is
     // then either in the channel or (after a lag) in the audit log.
     let receiver = state.feed.subscribe();
     let last = state.feed.read_horizon().await?.max(state.feed.horizon());
+    let mut pending = std::collections::VecDeque::new();
+    if let Some(after) = resume.filter(|after| *after < last) {
+        let missed = state.feed.entries_between(Some(*caller.team_id.as_uuid()), after, last).await?;
+        pending.extend(missed.into_iter().enumerate().map(|(i, entry)| (entry, i == 0)));
+    }
     let follower = Follower {
         receiver,
         last,
         token_stream: format!("api_token-{}", caller.token_id),
-        pending: std::collections::VecDeque::new(),
+        pending,
         ended: false,
         checked: tokio::time::Instant::now(),
         recheck: Box::pin(tokio::time::sleep(RECHECK)),
@@ -199,12 +211,17 @@ impl Subscription {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Read)?;
         let filter = filter.unwrap_or_default().parse()?;
-        let entries = team_entries(state.clone(), caller.clone()).await?;
+        let resume = ctx.data_opt::<Resume>().map(|resume| resume.0);
+        let tap = ctx.data_opt::<Tap>().cloned();
+        let entries = team_entries(state.clone(), caller.clone(), resume).await?;
         Ok(futures::StreamExt::filter_map(entries, move |item| {
-            let filter = filter.clone();
+            let (filter, tap) = (filter.clone(), tap.clone());
             async move {
                 match item {
                     Ok((feed, resynced)) => filter.matches(&feed.entry, || entry_time(&feed.entry)).then(|| {
+                        if let Some(tap) = tap {
+                            tap.record(feed.cursor);
+                        }
                         let mut entry = feed.entry;
                         entry.resynchronised = resynced;
                         Ok(entry)
@@ -229,7 +246,7 @@ impl Subscription {
         }
         let stream_id = format!("application-{id}");
         let (state, caller) = (state.clone(), Arc::new(caller.clone()));
-        let entries = team_entries(state.clone(), Caller::clone(&caller)).await?;
+        let entries = team_entries(state.clone(), Caller::clone(&caller), None).await?;
         Ok(futures::StreamExt::filter_map(entries, move |item| {
             let (state, caller, stream_id) = (state.clone(), Arc::clone(&caller), stream_id.clone());
             async move {
@@ -257,7 +274,7 @@ impl Subscription {
             return Err(ApiError::NotFound("application"));
         }
         let (state, caller) = (state.clone(), Arc::new(caller.clone()));
-        let entries = team_entries(state.clone(), Caller::clone(&caller)).await?;
+        let entries = team_entries(state.clone(), Caller::clone(&caller), None).await?;
         Ok(futures::StreamExt::filter_map(entries, move |item| {
             let (state, caller) = (state.clone(), Arc::clone(&caller));
             async move {

@@ -66,6 +66,14 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Each response and subscription message leaves at once: without TCP_NODELAY, a small
+    // message written while the previous one is unacknowledged waits for that acknowledgement,
+    // which the client may delay by up to 40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
@@ -222,6 +230,7 @@ async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Respon
         return Html(GraphiQLSource::build().endpoint("/graphql").subscription_endpoint("/graphql").finish())
             .into_response();
     }
+    let transport_ws = negotiates_graphql_transport_ws(&parts.headers);
     let protocol = match GraphQLProtocol::from_request_parts(&mut parts, &schemas).await {
         Ok(protocol) => protocol,
         Err(rejection) => return rejection.into_response(),
@@ -239,7 +248,11 @@ async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Respon
         .write_buffer_size(WS_BUFFER)
         .max_message_size(MAX_BODY)
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| {
+        .on_upgrade(move |socket| async move {
+            if transport_ws {
+                return crate::session::serve(socket, schema, state).await;
+            }
+            // The older `subscriptions-transport-ws` protocol (`graphql-ws`).
             GraphQLWebSocket::new(socket, schema, protocol)
                 .on_connection_init(move |payload| async move {
                     let header = payload
@@ -254,8 +267,24 @@ async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Respon
                     Ok(data)
                 })
                 .serve()
+                .await;
         })
         .into_response()
+}
+
+/// Whether the first protocol the client offers that Zpanel speaks is `graphql-transport-ws`
+/// (else it is the older `graphql-ws`), as async-graphql picks it.
+fn negotiates_graphql_transport_ws(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .find(|protocol| {
+            protocol.eq_ignore_ascii_case("graphql-transport-ws") || protocol.eq_ignore_ascii_case("graphql-ws")
+        })
+        .is_some_and(|protocol| protocol.eq_ignore_ascii_case("graphql-transport-ws"))
 }
 
 /// A git host's push webhook (see [`crate::webhooks`]). The body is read through `Bytes`, so

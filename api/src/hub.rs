@@ -102,8 +102,61 @@ struct Key {
 /// One shared execution: its responses, each with the entry behind it. Dropped with its last
 /// subscriber, which stops the execution.
 struct Group {
-    responses: broadcast::Sender<Arc<(Cursor, Response)>>,
+    responses: broadcast::Sender<Arc<Shared>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// A response of a shared execution.
+#[derive(Debug)]
+pub struct Shared {
+    /// The entry behind it.
+    cursor: Cursor,
+    response: Response,
+    /// Its JSON, written once for every subscriber that sends it as text.
+    json: std::sync::OnceLock<Arc<str>>,
+}
+
+impl Shared {
+    /// The response as JSON.
+    #[must_use]
+    pub fn json(&self) -> Arc<str> {
+        Arc::clone(self.json.get_or_init(|| to_json(&self.response)))
+    }
+}
+
+/// What a subscriber receives: a response of the execution it shares, or of its own.
+#[derive(Debug)]
+pub enum Item {
+    /// From the shared execution.
+    Shared(Arc<Shared>),
+    /// From its own.
+    Own(Box<Response>),
+}
+
+impl Item {
+    /// The response as JSON (written once per shared response).
+    #[must_use]
+    pub fn json(&self) -> Arc<str> {
+        match self {
+            Self::Shared(shared) => shared.json(),
+            Self::Own(response) => to_json(response),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        match self {
+            Self::Shared(shared) => copy(&shared.response),
+            Self::Own(response) => *response,
+        }
+    }
+}
+
+/// `response` as JSON.
+fn to_json(response: &Response) -> Arc<str> {
+    serde_json::to_string(response).map_or_else(
+        |e| Arc::from(format!(r#"{{"errors":[{{"message":"the response could not be written: {e}"}}]}}"#)),
+        Arc::from,
+    )
 }
 
 impl Drop for Group {
@@ -118,15 +171,24 @@ impl Executor for SharedExecutor {
     }
 
     fn execute_stream(&self, request: Request, session_data: Option<Arc<Data>>) -> BoxStream<'static, Response> {
+        self.subscribe(request, session_data).map(Item::into_response).boxed()
+    }
+}
+
+impl SharedExecutor {
+    /// Executes `request` for a WebSocket session with `session_data`: a subscription to
+    /// `events` through the execution it shares with others, anything else on its own.
+    pub fn subscribe(&self, request: Request, session_data: Option<Arc<Data>>) -> BoxStream<'static, Item> {
+        let own = |stream: BoxStream<'static, Response>| stream.map(|r| Item::Own(Box::new(r))).boxed();
         let caller = session_data
             .as_deref()
             .and_then(|data| data.get(&TypeId::of::<Caller>()))
             .and_then(|caller| caller.downcast_ref::<Caller>());
         let (Some(caller), Some(data)) = (caller, session_data.clone()) else {
-            return self.schema.execute_stream_with_session_data(request, session_data.unwrap_or_default());
+            return own(self.schema.execute_stream_with_session_data(request, session_data.unwrap_or_default()));
         };
         if !shareable(&request) {
-            return self.schema.execute_stream_with_session_data(request, data);
+            return own(self.schema.execute_stream_with_session_data(request, data));
         }
         let key = Key {
             token: caller.token_id,
@@ -136,7 +198,7 @@ impl Executor for SharedExecutor {
         };
         let state = self.schema.data::<crate::ApiState>().cloned();
         let Some(state) = state else {
-            return self.schema.execute_stream_with_session_data(request, data);
+            return own(self.schema.execute_stream_with_session_data(request, data));
         };
         // Where this subscriber starts: its own follower would start here too.
         let start = state.feed.horizon();
@@ -161,7 +223,7 @@ impl Hub {
         schema: &ZpanelSchema,
         request: &Request,
         data: &Arc<Data>,
-    ) -> (Arc<Group>, broadcast::Receiver<Arc<(Cursor, Response)>>) {
+    ) -> (Arc<Group>, broadcast::Receiver<Arc<Shared>>) {
         let mut groups = self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(group) = groups.get(&key).and_then(Weak::upgrade) {
             let receiver = group.responses.subscribe();
@@ -179,7 +241,7 @@ impl Hub {
         let task = tokio::spawn(async move {
             while let Some(response) = stream.next().await {
                 // Nobody left is fine: the group is being dropped.
-                let _ = sender.send(Arc::new((tap.get(), response)));
+                let _ = sender.send(Arc::new(Shared { cursor: tap.get(), response, json: std::sync::OnceLock::new() }));
             }
         });
         let group = Arc::new(Group { responses, task });
@@ -200,33 +262,32 @@ struct Member {
 }
 
 enum Way {
-    Shared { receiver: broadcast::Receiver<Arc<(Cursor, Response)>>, _group: Arc<Group> },
+    Shared { receiver: broadcast::Receiver<Arc<Shared>>, _group: Arc<Group> },
     Alone(BoxStream<'static, Response>),
     Ended,
 }
 
 impl Member {
-    async fn next(mut self) -> Option<(Response, Self)> {
+    async fn next(mut self) -> Option<(Item, Self)> {
         loop {
             match &mut self.way {
                 Way::Ended => return None,
                 Way::Alone(stream) => {
                     let response = stream.next().await?;
-                    return Some((response, self));
+                    return Some((Item::Own(Box::new(response)), self));
                 }
                 Way::Shared { receiver, .. } => match receiver.recv().await {
                     Ok(shared) => {
-                        let (cursor, response) = &*shared;
-                        if !response.errors.is_empty() {
+                        if !shared.response.errors.is_empty() {
                             // An error ends the shared execution, and this one with it.
                             self.way = Way::Ended;
-                            return Some((copy(response), self));
+                            return Some((Item::Shared(shared), self));
                         }
-                        if *cursor <= self.last {
+                        if shared.cursor <= self.last {
                             continue;
                         }
-                        self.last = *cursor;
-                        return Some((copy(response), self));
+                        self.last = shared.cursor;
+                        return Some((Item::Shared(shared), self));
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, "a subscriber fell behind a shared execution; resuming alone");

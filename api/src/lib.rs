@@ -6,6 +6,7 @@
 //!   to subscribers.
 //! - [`hub`]: one execution of the live audit stream per distinct subscription, shared by
 //!   every WebSocket subscriber of it.
+//! - [`session`]: the `graphql-transport-ws` protocol, sending shared responses as written.
 //! - [`http`]: the routes — `/graphql` (POST, GraphiQL, WebSocket), the SDL, health, metrics,
 //!   webhooks.
 //! - [`webhooks`]: git hosts' push webhooks — signature checks, payload parsing, and the
@@ -26,6 +27,7 @@ pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod schema;
+pub mod session;
 pub mod webhooks;
 
 use std::sync::Arc;

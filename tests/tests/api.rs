@@ -644,3 +644,90 @@ async fn subscribers_of_one_audit_stream_share_its_execution_and_a_slow_one_catc
     assert_eq!(seen, positions, "every entry once, in order");
     assert!(resynchronised >= 1, "the slow subscriber was told it had fallen behind");
 }
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A `graphql-transport-ws` socket to `app`, nothing sent yet.
+async fn socket(app: &App) -> Socket {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!("{}/graphql", app.url.replacen("http", "ws", 1)).into_client_request().expect("request");
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
+    tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake").0
+}
+
+async fn send(socket: &mut Socket, message: Value) {
+    use futures::SinkExt as _;
+    socket.send(tokio_tungstenite::tungstenite::Message::text(message.to_string())).await.expect("sent");
+}
+
+/// The next text message as JSON, or the close code.
+async fn receive(socket: &mut Socket) -> Result<Value, u16> {
+    use futures::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(20), socket.next()).await.expect("an answer");
+        match next.expect("open").expect("a message") {
+            Message::Text(text) => return Ok(serde_json::from_str(text.as_str()).expect("JSON")),
+            Message::Close(frame) => return Err(frame.map_or(1005, |f| u16::from(f.code))),
+            _ => {}
+        }
+    }
+}
+
+/// The `graphql-transport-ws` protocol's rules: who may subscribe, ids, pings, operations other
+/// than subscriptions, and a client's `complete`.
+#[tokio::test]
+async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
+    let app = App::start().await;
+    let root = app.bootstrap("Protocol");
+
+    let mut bad = socket(&app).await;
+    send(&mut bad, json!({ "type": "connection_init", "payload": { "authorization": "Bearer zp_nope" } })).await;
+    assert_eq!(receive(&mut bad).await, Err(4403), "a bad token is forbidden");
+
+    let mut early = socket(&app).await;
+    send(&mut early, json!({ "id": "1", "type": "subscribe", "payload": { "query": "{ me { id } }" } })).await;
+    assert_eq!(receive(&mut early).await, Err(4401), "subscribing before the acknowledgement");
+
+    let mut garbled = socket(&app).await;
+    send(&mut garbled, json!({ "type": "no_such_message" })).await;
+    assert_eq!(receive(&mut garbled).await, Err(4400));
+
+    let mut ws = socket(&app).await;
+    let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {root}") } });
+    send(&mut ws, init.clone()).await;
+    assert_eq!(receive(&mut ws).await, Ok(json!({ "type": "connection_ack" })));
+    send(&mut ws, json!({ "type": "ping", "payload": { "n": 1 } })).await;
+    assert_eq!(receive(&mut ws).await, Ok(json!({ "type": "pong", "payload": { "n": 1 } })));
+
+    // A query: one result, then complete.
+    send(&mut ws, json!({ "id": "q", "type": "subscribe", "payload": { "query": "{ team { name } }" } })).await;
+    let next = receive(&mut ws).await.expect("a result");
+    assert_eq!(next, json!({ "id": "q", "type": "next", "payload": { "data": { "team": { "name": "Protocol" } } } }));
+    assert_eq!(receive(&mut ws).await, Ok(json!({ "id": "q", "type": "complete" })));
+
+    // A subscription the client completes hears nothing more; the next one does. The session
+    // handles messages in order: a pong says those before its ping were handled.
+    let events = json!({ "query": "subscription { events { eventType } }" });
+    send(&mut ws, json!({ "id": "e", "type": "subscribe", "payload": events })).await;
+    send(&mut ws, json!({ "id": "e", "type": "complete" })).await;
+    send(&mut ws, json!({ "id": "f", "type": "subscribe", "payload": events })).await;
+    send(&mut ws, json!({ "type": "ping" })).await;
+    assert_eq!(receive(&mut ws).await, Ok(json!({ "type": "pong" })));
+    metric_reaches(&app, "zpanel_shared_subscription_executions", "1").await;
+    project(&app, &root, "Heard").await;
+    let heard = receive(&mut ws).await.expect("an entry");
+    assert_eq!(
+        heard,
+        json!({ "id": "f", "type": "next", "payload": { "data": { "events": { "eventType": "ProjectCreated" } } } })
+    );
+
+    send(&mut ws, json!({ "id": "f", "type": "subscribe", "payload": events })).await;
+    assert_eq!(receive(&mut ws).await, Err(4409), "an id already running");
+
+    let mut twice = socket(&app).await;
+    send(&mut twice, init.clone()).await;
+    assert!(receive(&mut twice).await.is_ok());
+    send(&mut twice, init).await;
+    assert_eq!(receive(&mut twice).await, Err(4429), "a second connection_init");
+}

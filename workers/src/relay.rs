@@ -268,17 +268,18 @@ struct Message {
 }
 
 impl Message {
+    /// From a row of [`read_messages`]' query, whose columns it reads by position.
     fn from_row(row: &PgRow) -> anyhow::Result<Self> {
-        let cursor = Cursor { tx_id: row.try_get("tx_id")?, position: row.try_get("global_position")? };
-        let stream_id: String = row.try_get("stream_id")?;
-        let event_type: String = row.try_get("event_type")?;
-        let event_id: Uuid = row.try_get("event_id")?;
-        let team_id: Uuid = row.try_get("team_id")?;
-        let schema_version = u32::try_from(row.try_get::<i32, _>("schema_version")?)?;
-        let version: i64 = row.try_get("stream_position")?;
-        let payload: &str = row.try_get("payload")?;
-        let metadata: &str = row.try_get("metadata")?;
-        let recorded_at: OffsetDateTime = row.try_get("recorded_at")?;
+        let cursor = Cursor { position: row.try_get(0)?, tx_id: row.try_get(1)? };
+        let stream_id: String = row.try_get(2)?;
+        let version: i64 = row.try_get(3)?;
+        let event_id: Uuid = row.try_get(4)?;
+        let event_type: String = row.try_get(5)?;
+        let schema_version = u32::try_from(row.try_get::<i32, _>(6)?)?;
+        let team_id: Uuid = row.try_get(7)?;
+        let payload: &str = row.try_get(8)?;
+        let metadata: &str = row.try_get(9)?;
+        let recorded_at: OffsetDateTime = row.try_get(10)?;
         let mut envelope = Vec::with_capacity(payload.len() + metadata.len() + 320);
         write!(envelope, r#"{{"global_position":{},"tx_id":{},"stream_id":"#, cursor.position, cursor.tx_id)?;
         serde_json::to_writer(&mut envelope, &stream_id)?;
@@ -301,12 +302,13 @@ struct MessageBatch {
 }
 
 /// Like [`zpanel_commands::postgres::read_all_on`], the log after `after` in gap-safe order, as
-/// messages.
+/// messages. The rows are decoded as they arrive, while PostgreSQL still sends the rest; the
+/// snapshot's horizon is taken once per query (an init plan), not once per row.
 async fn read_messages(pool: &PgPool, after: Cursor, limit: i64) -> anyhow::Result<MessageBatch> {
-    let rows = sqlx::query(
-        "select global_position, tx_id::text::bigint as tx_id, stream_id, stream_position, event_id, event_type,
-                schema_version, team_id, payload::text as payload, metadata::text as metadata, recorded_at,
-                tx_id < pg_snapshot_xmin(pg_current_snapshot()) as safe
+    let mut rows = sqlx::query(
+        "select global_position, tx_id::text::bigint, stream_id, stream_position, event_id, event_type,
+                schema_version, team_id, payload::text, metadata::text, recorded_at,
+                tx_id < (select pg_snapshot_xmin(pg_current_snapshot()))
            from events
           where (tx_id, global_position) > ($1::text::xid8, $2)
           order by events.tx_id, events.global_position
@@ -315,16 +317,17 @@ async fn read_messages(pool: &PgPool, after: Cursor, limit: i64) -> anyhow::Resu
     .bind(after.tx_id.to_string())
     .bind(after.position)
     .bind(limit)
-    .fetch_all(pool)
-    .await
-    .context("reading the log")?;
-    let mut batch = MessageBatch { messages: Vec::with_capacity(rows.len()), held_back: false };
-    for row in &rows {
-        if !row.try_get::<bool, _>("safe")? {
+    .fetch(pool);
+    let capacity = usize::try_from(limit).unwrap_or(0);
+    let mut batch = MessageBatch { messages: Vec::with_capacity(capacity), held_back: false };
+    while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await.context("reading the log")? {
+        // Committed after the oldest transaction still running began: later transactions
+        // may still commit events before it, so the batch ends here.
+        if !row.try_get::<bool, _>(11)? {
             batch.held_back = true;
             break;
         }
-        batch.messages.push(Message::from_row(row)?);
+        batch.messages.push(Message::from_row(&row)?);
     }
     Ok(batch)
 }

@@ -731,3 +731,26 @@ async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
     send(&mut twice, init).await;
     assert_eq!(receive(&mut twice).await, Err(4429), "a second connection_init");
 }
+
+/// The older `graphql-ws` protocol (subscriptions-transport-ws) still works beside it, with the
+/// live audit stream shared behind it too.
+#[tokio::test]
+async fn the_older_graphql_ws_protocol_still_subscribes() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let app = App::start().await;
+    let root = app.bootstrap("Legacy");
+    let mut request = format!("{}/graphql", app.url.replacen("http", "ws", 1)).into_client_request().expect("request");
+    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-ws".parse().expect("header"));
+    let mut ws = tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake").0;
+    send(&mut ws, json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {root}") } })).await;
+    assert_eq!(receive(&mut ws).await.expect("an answer")["type"], "connection_ack");
+    let start = json!({ "id": "1", "type": "start", "payload": { "query": "subscription { events { eventType } }" } });
+    send(&mut ws, start).await;
+    metric_reaches(&app, "zpanel_shared_subscription_executions", "1").await;
+    project(&app, &root, "Old").await;
+    let data = receive(&mut ws).await.expect("an entry");
+    assert_eq!(
+        data,
+        json!({ "id": "1", "type": "data", "payload": { "data": { "events": { "eventType": "ProjectCreated" } } } })
+    );
+}

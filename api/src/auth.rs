@@ -117,6 +117,21 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> ApiResult<Caller> {
     lookup(pool, &hash).await?.ok_or(ApiError::Unauthenticated)
 }
 
+/// The caller of a WebSocket session: the token a client sends in `connection_init`'s payload
+/// (`{"authorization": "Bearer zp_…"}`), whichever protocol the session speaks.
+///
+/// # Errors
+/// `UNAUTHENTICATED` without a valid token.
+pub async fn connection_init(pool: &PgPool, payload: &serde_json::Value) -> ApiResult<Caller> {
+    let header = payload
+        .get("authorization")
+        .or_else(|| payload.get("Authorization"))
+        .and_then(serde_json::Value::as_str)
+        .and_then(bearer)
+        .ok_or(ApiError::Unauthenticated)?;
+    authenticate(pool, header).await
+}
+
 pub(crate) async fn lookup(pool: &PgPool, hash: &str) -> ApiResult<Option<Caller>> {
     // By prefix, then the whole hash compared in constant time: how long the index takes
     // depends on the prefix only.

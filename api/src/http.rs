@@ -255,13 +255,7 @@ async fn graphql_get(State(schemas): State<Schemas>, request: Request) -> Respon
             // The older `subscriptions-transport-ws` protocol (`graphql-ws`).
             GraphQLWebSocket::new(socket, schema, protocol)
                 .on_connection_init(move |payload| async move {
-                    let header = payload
-                        .get("authorization")
-                        .or_else(|| payload.get("Authorization"))
-                        .and_then(serde_json::Value::as_str)
-                        .and_then(auth::bearer)
-                        .ok_or_else(|| async_graphql::Error::from(ApiError::Unauthenticated))?;
-                    let caller = auth::authenticate(&state.pool, header).await?;
+                    let caller = auth::connection_init(&state.pool, &payload).await?;
                     let mut data = async_graphql::Data::default();
                     data.insert(caller);
                     Ok(data)

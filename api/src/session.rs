@@ -14,7 +14,6 @@
 
 use crate::ApiState;
 use crate::auth;
-use crate::error::ApiError;
 use crate::hub::{Item, SharedExecutor};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::BoxStream;
@@ -112,7 +111,9 @@ async fn run(
                         if data.is_some() {
                             return Err(Close(4429, "Too many initialisation requests".into()));
                         }
-                        let caller = authenticate(state, payload.unwrap_or_default()).await?;
+                        let payload = payload.unwrap_or_default();
+                        let caller =
+                            auth::connection_init(&state.pool, &payload).await.map_err(|e| Close(4403, e.message()))?;
                         let mut session = async_graphql::Data::default();
                         session.insert(caller);
                         data = Some(Arc::new(session));
@@ -170,17 +171,6 @@ async fn run(
 /// The client went away while being written to: nothing left to close.
 fn gone() -> Close {
     Close(1000, String::new())
-}
-
-/// The caller of `connection_init`'s token.
-async fn authenticate(state: &ApiState, payload: serde_json::Value) -> Result<auth::Caller, Close> {
-    let header = payload
-        .get("authorization")
-        .or_else(|| payload.get("Authorization"))
-        .and_then(serde_json::Value::as_str)
-        .and_then(auth::bearer)
-        .ok_or_else(|| Close(4403, ApiError::Unauthenticated.message()))?;
-    auth::authenticate(&state.pool, header).await.map_err(|e| Close(4403, e.message()))
 }
 
 /// The next item of any running operation (`None`: it finished), with its key. Pending while

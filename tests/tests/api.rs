@@ -647,11 +647,11 @@ async fn subscribers_of_one_audit_stream_share_its_execution_and_a_slow_one_catc
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A `graphql-transport-ws` socket to `app`, nothing sent yet.
-async fn socket(app: &App) -> Socket {
+/// A WebSocket to `app` speaking `protocol`, nothing sent yet.
+async fn socket(app: &App, protocol: &str) -> Socket {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let mut request = format!("{}/graphql", app.url.replacen("http", "ws", 1)).into_client_request().expect("request");
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-transport-ws".parse().expect("header"));
+    request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().expect("header"));
     tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake").0
 }
 
@@ -681,19 +681,19 @@ async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
     let app = App::start().await;
     let root = app.bootstrap("Protocol");
 
-    let mut bad = socket(&app).await;
+    let mut bad = socket(&app, "graphql-transport-ws").await;
     send(&mut bad, json!({ "type": "connection_init", "payload": { "authorization": "Bearer zp_nope" } })).await;
     assert_eq!(receive(&mut bad).await, Err(4403), "a bad token is forbidden");
 
-    let mut early = socket(&app).await;
+    let mut early = socket(&app, "graphql-transport-ws").await;
     send(&mut early, json!({ "id": "1", "type": "subscribe", "payload": { "query": "{ me { id } }" } })).await;
     assert_eq!(receive(&mut early).await, Err(4401), "subscribing before the acknowledgement");
 
-    let mut garbled = socket(&app).await;
+    let mut garbled = socket(&app, "graphql-transport-ws").await;
     send(&mut garbled, json!({ "type": "no_such_message" })).await;
     assert_eq!(receive(&mut garbled).await, Err(4400));
 
-    let mut ws = socket(&app).await;
+    let mut ws = socket(&app, "graphql-transport-ws").await;
     let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {root}") } });
     send(&mut ws, init.clone()).await;
     assert_eq!(receive(&mut ws).await, Ok(json!({ "type": "connection_ack" })));
@@ -725,7 +725,7 @@ async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
     send(&mut ws, json!({ "id": "f", "type": "subscribe", "payload": events })).await;
     assert_eq!(receive(&mut ws).await, Err(4409), "an id already running");
 
-    let mut twice = socket(&app).await;
+    let mut twice = socket(&app, "graphql-transport-ws").await;
     send(&mut twice, init.clone()).await;
     assert!(receive(&mut twice).await.is_ok());
     send(&mut twice, init).await;
@@ -736,12 +736,9 @@ async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
 /// live audit stream shared behind it too.
 #[tokio::test]
 async fn the_older_graphql_ws_protocol_still_subscribes() {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let app = App::start().await;
     let root = app.bootstrap("Legacy");
-    let mut request = format!("{}/graphql", app.url.replacen("http", "ws", 1)).into_client_request().expect("request");
-    request.headers_mut().insert("Sec-WebSocket-Protocol", "graphql-ws".parse().expect("header"));
-    let mut ws = tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake").0;
+    let mut ws = socket(&app, "graphql-ws").await;
     send(&mut ws, json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {root}") } })).await;
     assert_eq!(receive(&mut ws).await.expect("an answer")["type"], "connection_ack");
     let start = json!({ "id": "1", "type": "start", "payload": { "query": "subscription { events { eventType } }" } });

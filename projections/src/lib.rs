@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod copy;
 pub mod history;
 mod model;
 pub mod models;

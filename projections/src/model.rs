@@ -10,8 +10,10 @@ use futures::future::BoxFuture;
 use serde_json::{Map, Value};
 use sqlx::{PgConnection, Row as _};
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::marker::PhantomData;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 use zpanel_commands::RecordedEvent;
 use zpanel_commands::handler::evolve_recorded;
@@ -66,6 +68,10 @@ struct Record {
     updated_at: OffsetDateTime,
 }
 
+/// New rows are written with `COPY` from this many on (a rebuild's batches); fewer go with the
+/// upsert, which needs no look at the table's column types.
+const COPY_FROM: usize = 64;
+
 /// The rows a batch wrote, as the memo keeps them for the next.
 type Rows<A> = HashMap<Uuid, Row<A>>;
 
@@ -90,11 +96,23 @@ impl<M: ReadModel> StateProjection<M> {
             return Ok(());
         }
         let rows: &mut Rows<M::Aggregate> = memo.get();
-        // Rows the memo holds are exactly as stored; only the others are read.
-        let mut ids: Vec<Uuid> =
-            mine.iter().filter_map(|e| e.aggregate_id()).filter(|id| !rows.contains_key(id)).collect();
+        // Rows the memo holds are exactly as stored; aggregates whose first event is in this
+        // batch have none; only the others are read.
+        let mut born: Vec<Uuid> = Vec::new();
+        let mut ids: Vec<Uuid> = Vec::new();
+        for event in &mine {
+            let Some(id) = event.aggregate_id() else { continue };
+            if event.version == 1 {
+                born.push(id);
+            } else if !rows.contains_key(&id) {
+                ids.push(id);
+            }
+        }
+        born.sort_unstable();
         ids.sort_unstable();
         ids.dedup();
+        // An aggregate born here has no row, whatever else of it the batch holds.
+        ids.retain(|id| born.binary_search(id).is_err());
 
         let existing = if ids.is_empty() {
             Vec::new()
@@ -146,6 +164,7 @@ impl<M: ReadModel> StateProjection<M> {
         touched.dedup();
         let mut records = Vec::with_capacity(touched.len());
         let mut states = Vec::with_capacity(touched.len());
+        let (mut new_records, mut new_states) = (Vec::new(), Vec::new());
         let mut gone = Vec::new();
         let mut unwritten = Vec::new();
         for id in &touched {
@@ -153,7 +172,12 @@ impl<M: ReadModel> StateProjection<M> {
             let mut columns = match M::row(&row.state) {
                 Projected::Row(columns) => columns,
                 Projected::Gone => {
-                    gone.push(*id);
+                    // One born here never had a row to delete.
+                    if born.binary_search(id).is_ok() {
+                        unwritten.push(*id)
+                    } else {
+                        gone.push(*id)
+                    }
                     continue;
                 }
                 Projected::Absent => {
@@ -165,14 +189,21 @@ impl<M: ReadModel> StateProjection<M> {
             if M::KEY != "team_id" {
                 columns.insert(M::KEY.to_owned(), Value::String(id.to_string()));
             }
-            states.push(serde_json::to_string(&row.state)?);
-            records.push(Record {
+            let record = Record {
                 columns,
                 team_id: row.team_id,
                 version: row.version,
                 created_at: row.created_at,
                 updated_at: row.updated_at,
-            });
+            };
+            let state = serde_json::to_string(&row.state)?;
+            if born.binary_search(id).is_ok() {
+                new_records.push(record);
+                new_states.push(state);
+            } else {
+                records.push(record);
+                states.push(state);
+            }
         }
         // The memo holds only what the table holds, and only what this batch touched: an
         // aggregate's events mostly follow each other closely, and memory stays bounded by the
@@ -187,6 +218,12 @@ impl<M: ReadModel> StateProjection<M> {
                 .execute(&mut *tx)
                 .await
                 .with_context(|| format!("deleting rows of {}", M::TABLE))?;
+        }
+        if new_records.len() >= COPY_FROM {
+            copy_rows::<M>(tx, &new_records, &new_states).await?;
+        } else {
+            records.append(&mut new_records);
+            states.append(&mut new_states);
         }
         let Some(first) = records.first() else { return Ok(()) };
         let mut columns: Vec<&str> = first.columns.keys().map(String::as_str).collect();
@@ -234,4 +271,103 @@ impl<M: ReadModel> Projection for StateProjection<M> {
     ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(self.apply_batch(tx, events, memo))
     }
+}
+
+/// How a column's value is written in `COPY`'s text format.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ColumnKind {
+    /// `json`/`jsonb`: the value's JSON text.
+    Json,
+    /// A PostgreSQL array: an array literal of the JSON array's strings.
+    Array,
+    /// Anything else: a string as it is, other values as their JSON text.
+    Scalar,
+}
+
+/// Inserts rows of aggregates that have none yet with `COPY … FROM STDIN`: PostgreSQL parses
+/// each column's text with its type's input function, once, instead of parsing a JSON
+/// recordset, then the documents in it again, and joining the states to it.
+async fn copy_rows<M: ReadModel>(tx: &mut PgConnection, records: &[Record], states: &[String]) -> anyhow::Result<()> {
+    let Some(first) = records.first() else { return Ok(()) };
+    let kinds: HashMap<String, ColumnKind> = sqlx::query_as::<_, (String, String, bool)>(
+        "select a.attname::text, t.typname::text, t.typcategory = 'A'
+           from pg_attribute a join pg_type t on t.oid = a.atttypid
+          where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped",
+    )
+    .bind(M::TABLE)
+    .fetch_all(&mut *tx)
+    .await
+    .with_context(|| format!("reading the columns of {}", M::TABLE))?
+    .into_iter()
+    .map(|(name, ty, array)| {
+        let kind = if array {
+            ColumnKind::Array
+        } else if ty == "json" || ty == "jsonb" {
+            ColumnKind::Json
+        } else {
+            ColumnKind::Scalar
+        };
+        (name, kind)
+    })
+    .collect();
+    let columns: Vec<(&str, ColumnKind)> =
+        first.columns.keys().map(|c| (c.as_str(), kinds.get(c).copied().unwrap_or(ColumnKind::Scalar))).collect();
+    let mut text = String::with_capacity(records.len() * 512 + states.iter().map(String::len).sum::<usize>());
+    for (record, state) in records.iter().zip(states) {
+        for (column, kind) in &columns {
+            copy_value(&mut text, record.columns.get(*column).unwrap_or(&Value::Null), *kind)?;
+            text.push('\t');
+        }
+        write!(text, "{}\t{}\t", record.team_id, record.version)?;
+        text.push_str(&record.created_at.format(&Rfc3339)?);
+        text.push('\t');
+        text.push_str(&record.updated_at.format(&Rfc3339)?);
+        text.push('\t');
+        crate::copy::field(&mut text, state);
+        text.push('\n');
+    }
+    let names: Vec<&str> = columns.iter().map(|(c, _)| *c).collect();
+    let mut copy = tx
+        .copy_in_raw(&format!(
+            "copy {} ({}, team_id, version, created_at, updated_at, state) from stdin",
+            M::TABLE,
+            names.join(", ")
+        ))
+        .await
+        .with_context(|| format!("writing rows of {}", M::TABLE))?;
+    copy.send(text.into_bytes()).await.with_context(|| format!("writing rows of {}", M::TABLE))?;
+    copy.finish().await.with_context(|| format!("writing rows of {}", M::TABLE))?;
+    Ok(())
+}
+
+/// Appends `value` as a `COPY` text field of a column of `kind`.
+fn copy_value(text: &mut String, value: &Value, kind: ColumnKind) -> anyhow::Result<()> {
+    match (value, kind) {
+        (Value::Null, _) => text.push_str("\\N"),
+        (Value::Array(items), ColumnKind::Array) => {
+            let mut literal = String::from("{");
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    literal.push(',');
+                }
+                let item = match item {
+                    Value::String(s) => std::borrow::Cow::Borrowed(s.as_str()),
+                    other => std::borrow::Cow::Owned(other.to_string()),
+                };
+                literal.push('"');
+                for c in item.chars() {
+                    if c == '"' || c == '\\' {
+                        literal.push('\\');
+                    }
+                    literal.push(c);
+                }
+                literal.push('"');
+            }
+            literal.push('}');
+            crate::copy::field(text, &literal);
+        }
+        (Value::String(s), ColumnKind::Scalar) => crate::copy::field(text, s),
+        (other, _) => crate::copy::field(text, &serde_json::to_string(other)?),
+    }
+    Ok(())
 }

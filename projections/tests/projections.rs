@@ -213,6 +213,31 @@ async fn a_rebuild_produces_identical_tables() {
     assert_eq!(checksum(&f.db).await, live);
 }
 
+#[tokio::test]
+async fn a_rebuild_writes_new_rows_in_bulk_exactly_as_the_live_projection_writes_them_one_by_one() {
+    use zpanel_commands::Keyring;
+    use zpanel_commands::sample::{MemorySink, Shape, team};
+    let f = fixture().await;
+    // Enough teams that a rebuild's batch holds more new rows of every kind than the live
+    // runner's batches do, so the rebuild writes them with `COPY` (arrays, JSON, nulls, times).
+    let keyring = Keyring::generate();
+    let mut sink = MemorySink::default();
+    let shape = Shape { applications: 1, variables: 2, updates: 1, deployments: 2 };
+    for i in 0..80 {
+        team(&mut sink, &keyring, shape, &format!("Team {i}")).await.expect("sample team");
+        sink.forget_states();
+    }
+    sink.flush(&f.db.pool).await.expect("written");
+    f.runner.catch_up().await.expect("live");
+    let live = checksum(&f.db).await;
+    for table in ["rm_teams", "rm_projects", "rm_applications", "rm_deployments", "rm_api_tokens"] {
+        let rows = live.iter().find(|(t, _)| *t == table).expect("a checksum").1.clone();
+        assert!(rows.starts_with("80:") || rows.starts_with("160:"), "{table}: {rows}");
+    }
+    zpanel_projections::rebuild::rebuild(&f.db.pool, zpanel_projections::all(), |_| {}).await.expect("rebuilds");
+    assert_eq!(checksum(&f.db).await, live);
+}
+
 /// The read models' indexes: (name, definition), in name order.
 async fn indexes(db: &TestDatabase) -> Vec<(String, String)> {
     sqlx::query_as(
@@ -308,6 +333,53 @@ async fn the_audit_log_records_before_and_after_values() {
     let name_change = changes.as_array().expect("array").iter().find(|c| c["field"] == "name").expect("name changed");
     assert_eq!(name_change["before"], "Shop");
     assert_eq!(name_change["after"], "Store");
+}
+
+#[tokio::test]
+async fn the_audit_log_continues_long_streams_from_stored_states_and_the_log() {
+    use zpanel_projections::audit::SNAPSHOT_EVERY;
+    let f = fixture().await;
+    let acme = team(&f, "Acme").await;
+    let shop = project(&f, acme, "Name 0").await;
+    // ProjectCreated, then renames to past the second stored state.
+    let renames = 2 * SNAPSHOT_EVERY + 5;
+    for i in 1..=renames {
+        f.handler
+            .execute::<Project>(
+                &ctx(acme),
+                *shop.as_uuid(),
+                &ProjectCommand::RenameProject { name: name(&format!("Name {i}")), names_in_use: BTreeSet::new() },
+            )
+            .await
+            .expect("renamed");
+    }
+    // Small batches without memos: every batch continues the stream from what is stored.
+    f.runner.clone().with_batch_size(5).catch_up().await.expect("projects");
+    let stored: (i64, String) = sqlx::query_as("select version, state from rm_audit_state where stream_id = $1")
+        .bind(shop.stream_id())
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("a stored state");
+    assert_eq!(stored.0, 2 * SNAPSHOT_EVERY, "the state at the last multiple of {SNAPSHOT_EVERY}");
+    let expected_name = format!("Name {}", 2 * SNAPSHOT_EVERY - 1);
+    assert!(stored.1.contains(&format!("\"{expected_name}\"")), "{}", stored.1);
+    let rows: Vec<(i64, serde_json::Value)> = sqlx::query_as(
+        "select version, changes from rm_audit_log where stream_id = $1 and event_type = 'ProjectRenamed' order by version",
+    )
+    .bind(shop.stream_id())
+    .fetch_all(&f.db.pool)
+    .await
+    .expect("audit rows");
+    assert_eq!(rows.len(), usize::try_from(renames).expect("small"));
+    for (i, (_, changes)) in (1..).zip(&rows) {
+        let change = changes.as_array().expect("array").iter().find(|c| c["field"] == "name").expect("name changed");
+        assert_eq!(change["before"], format!("Name {}", i - 1), "rename {i}: {changes}");
+        assert_eq!(change["after"], format!("Name {i}"), "rename {i}: {changes}");
+    }
+    // A rebuild (memos, other batch ends) stores and writes exactly the same.
+    let live = checksum(&f.db).await;
+    zpanel_projections::rebuild::rebuild(&f.db.pool, zpanel_projections::all(), |_| {}).await.expect("rebuilds");
+    assert_eq!(checksum(&f.db).await, live);
 }
 
 #[tokio::test]

@@ -263,15 +263,23 @@ impl<S: EventStore> CommandHandler<S> {
 /// # Errors
 /// When an event cannot be decoded.
 pub fn fold<A: Aggregate>(events: &[RecordedEvent]) -> anyhow::Result<A> {
-    events.iter().try_fold(A::default(), evolve_recorded)
+    // Events read for one fold are folded once: nothing to share, so none is kept decoded.
+    events.iter().try_fold(A::default(), |state, recorded| {
+        let event: A::Event = recorded
+            .decode()
+            .map_err(|e| anyhow::anyhow!("event {} at {}: {e}", recorded.event_id, recorded.stream_id))?;
+        Ok(state.evolve(&event))
+    })
 }
 
-/// Applies one stored event to a state, decoding (and upcasting) it first.
+/// Applies one stored event to a state, decoding (and upcasting) it first — once for all
+/// readers of the event ([`RecordedEvent::decode_shared`]).
 ///
 /// # Errors
 /// When the event cannot be decoded as one of `A`'s events.
 pub fn evolve_recorded<A: Aggregate>(state: A, recorded: &RecordedEvent) -> anyhow::Result<A> {
-    let event: A::Event =
-        recorded.decode().map_err(|e| anyhow::anyhow!("event {} at {}: {e}", recorded.event_id, recorded.stream_id))?;
+    let event = recorded
+        .decode_shared::<A::Event>()
+        .map_err(|e| anyhow::anyhow!("event {} at {}: {e}", recorded.event_id, recorded.stream_id))?;
     Ok(state.evolve(&event))
 }

@@ -5,7 +5,7 @@
 //! and the insert of all events selects from it — no version bump, no rows inserted.
 
 use crate::signal::AppendSignal;
-use crate::store::{Append, AppendError, Cursor, EventStore, LogBatch, Metadata, RecordedEvent, Stream};
+use crate::store::{Append, AppendError, Cursor, Decoded, EventStore, LogBatch, Metadata, RecordedEvent, Stream};
 use anyhow::Context as _;
 use serde_json::value::RawValue;
 use sqlx::postgres::PgRow;
@@ -129,6 +129,7 @@ pub fn event_from_row(row: &PgRow) -> anyhow::Result<RecordedEvent> {
         payload: row.try_get::<Json<Box<RawValue>>, _>("payload")?.0.into(),
         metadata: row.try_get::<Json<Metadata>, _>("metadata").context("decoding event metadata")?.0,
         recorded_at: row.try_get("recorded_at")?,
+        decoded: Decoded::default(),
     })
 }
 
@@ -203,6 +204,7 @@ impl EventStore for PgEventStore {
                     payload: event.payload,
                     metadata: event.metadata,
                     recorded_at: row.try_get("recorded_at").map_err(anyhow::Error::from)?,
+                    decoded: Decoded::default(),
                 })
             })
             .collect()

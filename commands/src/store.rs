@@ -198,6 +198,28 @@ pub struct RecordedEvent {
     /// When it was recorded.
     #[serde(with = "time::serde::rfc3339")]
     pub recorded_at: OffsetDateTime,
+    /// The payload as its domain event, once someone decoded it (see [`Decoded`]).
+    #[serde(skip)]
+    pub decoded: Decoded,
+}
+
+/// A recorded event's payload decoded as its domain event, kept by the first reader that
+/// decodes it: readers that share the event — a rebuild hands each batch to every projection,
+/// and an event is folded both by its aggregate's read model and by the audit log — then decode
+/// it once. Not part of the event's value: it compares equal, and is not serialized.
+#[derive(Clone, Default)]
+pub struct Decoded(std::sync::OnceLock<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl std::fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Decoded").field(&self.0.get().is_some()).finish()
+    }
+}
+
+impl PartialEq for Decoded {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl RecordedEvent {
@@ -225,6 +247,25 @@ impl RecordedEvent {
     /// When the payload fits no current event.
     pub fn decode<E: zpanel_domain::DomainEvent>(&self) -> Result<E, zpanel_domain::aggregate::UpcastError> {
         E::decode_json(&self.event_type, self.schema_version, self.payload.as_str())
+    }
+
+    /// Like [`RecordedEvent::decode`], decoding only the first time (for any reader of this
+    /// event or a clone of it).
+    ///
+    /// # Errors
+    /// When the payload fits no current event.
+    pub fn decode_shared<E: zpanel_domain::DomainEvent>(
+        &self,
+    ) -> Result<std::sync::Arc<E>, zpanel_domain::aggregate::UpcastError> {
+        if let Some(held) = self.decoded.0.get()
+            && let Ok(event) = std::sync::Arc::clone(held).downcast::<E>()
+        {
+            return Ok(event);
+        }
+        let event = std::sync::Arc::new(self.decode::<E>()?);
+        // Lost to another reader, or held as another type: either way this one is as good.
+        let _ = self.decoded.0.set(event.clone());
+        Ok(event)
     }
 }
 
@@ -368,5 +409,42 @@ mod tests {
         for kind in [ActorKind::User, ActorKind::Token, ActorKind::Worker, ActorKind::System] {
             assert_eq!(serde_json::to_value(kind).expect("serializes"), kind.as_str());
         }
+    }
+
+    #[test]
+    fn an_event_is_decoded_once_for_every_reader_of_it_and_its_clones() {
+        use zpanel_domain::team::TeamEvent;
+        let team = zpanel_domain::ids::TeamId::new();
+        let payload = serde_json::json!({ "team_id": team, "name": "Acme" });
+        let event = RecordedEvent {
+            global_position: 1,
+            tx_id: 1,
+            stream_id: format!("team-{}", team.as_uuid()),
+            version: 1,
+            event_id: Uuid::now_v7(),
+            event_type: "TeamCreated".into(),
+            schema_version: 1,
+            team_id: *team.as_uuid(),
+            payload: Payload::from_value(&payload).expect("a payload"),
+            metadata: Metadata {
+                actor: Actor::system("test"),
+                command_id: Uuid::now_v7(),
+                correlation_id: Uuid::now_v7(),
+                causation_id: None,
+                origin: "test".into(),
+            },
+            recorded_at: OffsetDateTime::UNIX_EPOCH,
+            decoded: Decoded::default(),
+        };
+        let clone = event.clone();
+        let first = event.decode_shared::<TeamEvent>().expect("decodes");
+        assert!(matches!(&*first, TeamEvent::TeamCreated { name, .. } if name.as_str() == "Acme"));
+        assert!(std::sync::Arc::ptr_eq(&first, &event.decode_shared::<TeamEvent>().expect("decodes")));
+        // A clone made before the decode has its own; one made after shares it.
+        assert!(!std::sync::Arc::ptr_eq(&first, &clone.decode_shared::<TeamEvent>().expect("decodes")));
+        assert!(std::sync::Arc::ptr_eq(&first, &event.clone().decode_shared::<TeamEvent>().expect("decodes")));
+        // What it holds is not part of the event's value.
+        assert_eq!(event, RecordedEvent { decoded: Decoded::default(), ..event.clone() });
+        assert_eq!(serde_json::to_value(&event).expect("serializes").get("decoded"), None);
     }
 }

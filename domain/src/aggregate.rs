@@ -7,7 +7,7 @@ use std::fmt::Debug;
 /// An event of one aggregate kind. Implemented for each aggregate's event enum, which is
 /// serialized adjacently tagged (`{"type": "ApplicationCreated", "data": {…}}`): the tag becomes
 /// the stored `event_type`, the content the stored `payload`.
-pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync {
+pub trait DomainEvent: Serialize + DeserializeOwned + Clone + Debug + PartialEq + Send + Sync + 'static {
     /// The event's name as stored, e.g. `ApplicationCreated`.
     fn event_type(&self) -> &'static str;
 

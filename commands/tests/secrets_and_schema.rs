@@ -73,3 +73,32 @@ async fn an_event_stored_in_an_old_shape_is_upcast_on_read() {
     // Another team still cannot see it.
     assert!(handler.load::<Application>(TeamId::new(), *app.as_uuid()).await.is_err());
 }
+
+#[tokio::test]
+async fn large_documents_are_compressed_with_lz4_where_the_server_has_it() {
+    let db = TestDatabase::create().await.expect("database");
+    // A server built without lz4 refuses the setting; the migrations then keep pglz.
+    let lz4: bool = sqlx::query_scalar(
+        "select exists (select 1 from pg_settings where name = 'default_toast_compression' and 'lz4' = any(enumvals))",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("settings");
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "select c.relname::text, a.attname::text, a.attcompression::text
+           from pg_attribute a join pg_class c on c.oid = a.attrelid
+          where c.relnamespace = current_schema()::regnamespace and c.relkind = 'r'
+            and (c.relname, a.attname) in (('events', 'payload'), ('rm_applications', 'config'),
+                 ('rm_applications', 'state'), ('rm_deployments', 'release'), ('rm_deployments', 'state'),
+                 ('rm_audit_log', 'changes'), ('rm_audit_state', 'state'))
+          order by 1, 2",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("columns");
+    assert_eq!(columns.len(), 7, "{columns:?}");
+    let expected = if lz4 { "l" } else { "" };
+    for (table, column, compression) in &columns {
+        assert_eq!(compression, expected, "{table}.{column}");
+    }
+}

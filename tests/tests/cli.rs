@@ -203,7 +203,8 @@ async fn replay_rebuilds_identical_read_models_and_reports_its_rate() {
     let db = TestDatabase::create().await.expect("database");
     let handler = CommandHandler::new(PgEventStore::new(db.pool.clone(), AppendSignal::new()));
     let keyring = Keyring::generate();
-    let shape = Shape { applications: 3, variables: 6, updates: 3, deployments: 3 };
+    // Applications of 32 events and more, so the audit log stores states too (every 32nd version).
+    let shape = Shape { applications: 3, variables: 28, updates: 3, deployments: 3 };
     for i in 0..3 {
         sample::team(&mut HandlerSink(&handler), &keyring, shape, &format!("Team {i}")).await.expect("sample");
     }

@@ -265,9 +265,7 @@ impl<S: EventStore> CommandHandler<S> {
 pub fn fold<A: Aggregate>(events: &[RecordedEvent]) -> anyhow::Result<A> {
     // Events read for one fold are folded once: nothing to share, so none is kept decoded.
     events.iter().try_fold(A::default(), |state, recorded| {
-        let event: A::Event = recorded
-            .decode()
-            .map_err(|e| anyhow::anyhow!("event {} at {}: {e}", recorded.event_id, recorded.stream_id))?;
+        let event: A::Event = recorded.decode().map_err(|e| undecodable(recorded, &e))?;
         Ok(state.evolve(&event))
     })
 }
@@ -278,8 +276,11 @@ pub fn fold<A: Aggregate>(events: &[RecordedEvent]) -> anyhow::Result<A> {
 /// # Errors
 /// When the event cannot be decoded as one of `A`'s events.
 pub fn evolve_recorded<A: Aggregate>(state: A, recorded: &RecordedEvent) -> anyhow::Result<A> {
-    let event = recorded
-        .decode_shared::<A::Event>()
-        .map_err(|e| anyhow::anyhow!("event {} at {}: {e}", recorded.event_id, recorded.stream_id))?;
+    let event = recorded.decode_shared::<A::Event>().map_err(|e| undecodable(recorded, &e))?;
     Ok(state.evolve(&event))
+}
+
+/// The error of an event that decodes as none of its aggregate's events.
+fn undecodable(recorded: &RecordedEvent, error: &impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("event {} at {}: {error}", recorded.event_id, recorded.stream_id)
 }

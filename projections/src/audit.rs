@@ -146,14 +146,13 @@ impl AuditProjection {
             crate::copy::field(&mut rows, &serde_json::to_string(&changes)?);
             rows.push('\n');
         }
-        let mut copy = tx
-            .copy_in_raw(
-                "copy rm_audit_log (global_position, team_id, stream_id, version, event_type, actor, at, changes) from stdin",
-            )
-            .await
-            .context("writing audit rows")?;
-        copy.send(rows.into_bytes()).await.context("writing audit rows")?;
-        copy.finish().await.context("writing audit rows")?;
+        crate::copy::write(
+            tx,
+            "copy rm_audit_log (global_position, team_id, stream_id, version, event_type, actor, at, changes) from stdin",
+            rows,
+            "audit rows",
+        )
+        .await?;
 
         touched.sort_unstable();
         touched.dedup();

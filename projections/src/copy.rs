@@ -1,4 +1,16 @@
-//! `COPY … FROM STDIN` in text format: how a field is written.
+//! `COPY … FROM STDIN` in text format: how a field is written, and how the rows are sent.
+
+use anyhow::Context as _;
+use sqlx::PgConnection;
+
+/// Sends `rows` (text format, one line a row) through `statement` (`copy … from stdin`);
+/// `what` names them in errors.
+pub(crate) async fn write(tx: &mut PgConnection, statement: &str, rows: String, what: &str) -> anyhow::Result<()> {
+    let mut copy = tx.copy_in_raw(statement).await.with_context(|| format!("writing {what}"))?;
+    copy.send(rows.into_bytes()).await.with_context(|| format!("writing {what}"))?;
+    copy.finish().await.with_context(|| format!("writing {what}"))?;
+    Ok(())
+}
 
 /// Appends `value` to a `COPY` text row, escaping what the format gives a meaning to. Scans
 /// bytes (the escaped ones are ASCII, so never part of a longer UTF-8 sequence): the documents

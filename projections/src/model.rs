@@ -327,16 +327,9 @@ async fn copy_rows<M: ReadModel>(tx: &mut PgConnection, records: &[Record], stat
         text.push('\n');
     }
     let names: Vec<&str> = columns.iter().map(|(c, _)| *c).collect();
-    let mut copy = tx
-        .copy_in_raw(&format!(
-            "copy {} ({}, team_id, version, created_at, updated_at, state) from stdin",
-            M::TABLE,
-            names.join(", ")
-        ))
-        .await
-        .with_context(|| format!("writing rows of {}", M::TABLE))?;
-    copy.send(text.into_bytes()).await.with_context(|| format!("writing rows of {}", M::TABLE))?;
-    copy.finish().await.with_context(|| format!("writing rows of {}", M::TABLE))?;
+    let statement =
+        format!("copy {} ({}, team_id, version, created_at, updated_at, state) from stdin", M::TABLE, names.join(", "));
+    crate::copy::write(tx, &statement, text, &format!("rows of {}", M::TABLE)).await?;
     Ok(())
 }
 

@@ -80,8 +80,9 @@ pub enum BenchCommand {
     /// The relay's throughput to Kafka (ZPANEL_KAFKA_BROKERS), beside a plain producer sending
     /// the same messages to the same broker.
     Relay {
-        /// Events in the log.
-        #[arg(long, default_value_t = 200_000)]
+        /// Events in the log. Shorter runs time mostly the producers' start (a plain producer's
+        /// first 100,000 messages go into librdkafka's queue at once), not their steady state.
+        #[arg(long, default_value_t = 1_000_000)]
         events: u64,
     },
     /// Command commit → worker handler start at a steady rate: in-process, and through Kafka

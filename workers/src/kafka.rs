@@ -129,12 +129,12 @@ pub fn headers(event: &RecordedEvent) -> OwnedHeaders {
 /// The headers of an event's message, from its parts.
 #[must_use]
 pub fn headers_of(event_type: &str, event_id: Uuid, team_id: Uuid, schema_version: u32) -> OwnedHeaders {
-    let (event_id, team_id, schema_version) = (event_id.to_string(), team_id.to_string(), schema_version.to_string());
+    let (mut event_id_text, mut team_id_text, mut number) = (Uuid::encode_buffer(), Uuid::encode_buffer(), itoa::Buffer::new());
     OwnedHeaders::new_with_capacity(4)
         .insert(Header { key: EVENT_TYPE_HEADER, value: Some(event_type) })
-        .insert(Header { key: "event_id", value: Some(event_id.as_str()) })
-        .insert(Header { key: "team_id", value: Some(team_id.as_str()) })
-        .insert(Header { key: "schema_version", value: Some(schema_version.as_str()) })
+        .insert(Header { key: "event_id", value: Some(&*event_id.hyphenated().encode_lower(&mut event_id_text)) })
+        .insert(Header { key: "team_id", value: Some(&*team_id.hyphenated().encode_lower(&mut team_id_text)) })
+        .insert(Header { key: "schema_version", value: Some(number.format(schema_version)) })
 }
 
 /// The value of `event`'s message: its JSON envelope.

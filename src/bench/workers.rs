@@ -117,6 +117,8 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
     }
     let secs = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    drop(producer);
+    plain.delete_topics().await?;
     println!("plain producer: {} messages in {secs:.2}s", messages.len());
     Ok(messages.len() as f64 / secs)
 }
@@ -126,7 +128,7 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
 async fn relay_round(pool: &PgPool, kafka: &KafkaConfig, written: u64) -> anyhow::Result<f64> {
     let relayed_to = fresh_topic(kafka, "relay");
     relayed_to.ensure_topics().await?;
-    let relay = Relay::new(pool.clone(), relayed_to, AppendSignal::new());
+    let relay = Relay::new(pool.clone(), relayed_to.clone(), AppendSignal::new());
     let stats = relay.stats();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
@@ -154,6 +156,7 @@ async fn relay_round(pool: &PgPool, kafka: &KafkaConfig, written: u64) -> anyhow
     bar.finish_and_clear();
     let _ = stop.send(());
     running.await??;
+    relayed_to.delete_topics().await?;
     println!(
         "relay: {written} events in {secs:.2}s, first batch acknowledged {start_up:.2}s after start ({:.0} events/s start-up included)",
         written as f64 / secs

@@ -120,6 +120,31 @@ impl KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// Deletes the events topic and its dead-letter topic, where they exist (benchmarks drop
+    /// the topics of their rounds with it, so the broker does not keep every round's messages).
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or refuses.
+    pub async fn delete_topics(&self) -> anyhow::Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client().create().context("creating the Kafka admin client")?;
+        let dead_letter = self.dead_letter_topic();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        let results =
+            admin.delete_topics(&[&self.topic, &dead_letter], &options).await.context("deleting the Kafka topics")?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((topic, code)) => anyhow::bail!("the broker refused to delete topic {topic}: {code}"),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The headers of `event`'s message.
 #[must_use]
 pub fn headers(event: &RecordedEvent) -> OwnedHeaders {

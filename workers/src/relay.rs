@@ -3,10 +3,11 @@
 //! The log is the outbox. A command never waits for the broker; the relay follows the log
 //! and moves its checkpoint (`relay:<topic>` in `checkpoints`) only after the broker has
 //! acknowledged every event up to it. When the broker is away the relay retries with backoff
-//! from its checkpoint, so nothing is lost; an event may be produced twice across an outage
-//! (consumers keep an inbox), but one stream's events are never produced out of order: a batch
-//! is enqueued in log order on an idempotent producer, and a failed batch is produced again
-//! whole, by a new producer, from the checkpoint.
+//! from the last event the broker acknowledged, so nothing is lost; an event may be produced
+//! twice across an outage or a crash (consumers keep an inbox), but one stream's events are
+//! never produced out of order: batches are enqueued in log order on an idempotent producer,
+//! and after a failure every batch not yet acknowledged is produced again whole, in order, by
+//! a new producer.
 //!
 //! At most one relay per topic is active ([`Exclusive`]): the others wait on its lock as hot
 //! standbys.
@@ -23,7 +24,8 @@ use sqlx::{PgPool, Row as _};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -33,6 +35,11 @@ use zpanel_commands::{AppendSignal, Cursor, RecordedEvent};
 const BATCH: i64 = 4000;
 /// Batches enqueued ahead of the oldest one still waiting for its acknowledgements.
 const IN_FLIGHT: usize = 8;
+/// Batches read ahead of the one being enqueued.
+const READ_AHEAD: usize = 2;
+/// How often a busy relay stores its checkpoint (an idle one stores it at once): after a crash,
+/// the events acknowledged since are produced again (consumers keep an inbox).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// How often an idle relay looks at the log without a signal (appends by other processes
 /// whose signal bridge is down).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -114,120 +121,106 @@ impl Relay {
 
     /// Relays while holding the lock on `lock`. Returns `Ok` at shutdown, an error when the
     /// lock's connection fails (the lock may be gone).
+    ///
+    /// Three things overlap: a reader task reads the log ahead into a short queue, this loop
+    /// enqueues its batches on the producer (up to [`IN_FLIGHT`] batches not yet all
+    /// acknowledged), and meanwhile it awaits the oldest batch's acknowledgements. The
+    /// checkpoint follows the acknowledgements: stored at most every [`CHECKPOINT_EVERY`] while
+    /// the relay is busy, and at once when it has nothing left to do or stops.
     async fn relay_holding(
         &self,
         lock: &mut Exclusive,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> anyhow::Result<()> {
         let name = self.checkpoint_name();
-        let mut checkpoint = lock.checkpoint().await?;
-        // Batches enqueued on the producer and not yet all acknowledged, oldest first; the
-        // next read starts after the newest of them. Reading the log overlaps producing.
+        let mut stored = lock.checkpoint().await?;
+        // The newest event the broker acknowledged, with every event before it.
+        let mut acked = stored;
+        let mut last_store = Instant::now();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut read_to = checkpoint;
-        // The batch after `read_to`, read while the one before it was being enqueued.
-        let mut prefetched: Option<ReadAhead> = None;
+        let mut reader = Reader::start(self.pool.clone(), self.signal.clone(), acked);
         let mut producer: Option<FutureProducer> = None;
-        let mut appended = self.signal.subscribe();
         let mut backoff = Backoff::new();
         loop {
-            appended.mark_unchanged();
-            let mut wait = IDLE_POLL;
             let step = async {
-                if in_flight.len() < IN_FLIGHT {
-                    match self.enqueue_next(&mut producer, read_to, &mut prefetched).await? {
-                        Read::Enqueued(batch) => {
-                            read_to = batch.last;
-                            in_flight.push_back(batch);
-                            return anyhow::Ok(true);
+                tokio::select! {
+                    biased;
+                    () = &mut *shutdown => Ok(Step::Stop),
+                    batch = reader.batches.recv(), if in_flight.len() < IN_FLIGHT => {
+                        let batch = batch.context("the log reader stopped")??;
+                        in_flight.push_back(self.enqueue(&mut producer, batch).await?);
+                        Ok(Step::Busy)
+                    }
+                    acknowledged = acknowledged(in_flight.front_mut()), if !in_flight.is_empty() => {
+                        acknowledged?;
+                        let batch = in_flight.pop_front().context("no batch in flight")?;
+                        acked = batch.last;
+                        self.stats.relayed.fetch_add(batch.count, Ordering::Relaxed);
+                        let idle = in_flight.is_empty() && reader.batches.is_empty();
+                        if idle || last_store.elapsed() >= CHECKPOINT_EVERY {
+                            // Written through the lock's connection: if it is gone, so may be the lock.
+                            Exclusive::store(&name, lock.connection(), acked).await?;
+                            stored = acked;
+                            last_store = Instant::now();
                         }
-                        Read::HeldBack => wait = HELD_BACK_RETRY,
-                        Read::Nothing => {}
+                        anyhow::Ok(Step::Busy)
                     }
                 }
-                let Some(oldest) = in_flight.pop_front() else { return Ok(false) };
-                for delivery in oldest.deliveries {
-                    match delivery.await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err((e, _))) => return Err(e).context("the broker did not acknowledge an event"),
-                        Err(_) => anyhow::bail!("the producer dropped a delivery"),
-                    }
-                }
-                // Written through the lock's connection: if it is gone, so may be the lock.
-                Exclusive::store(&name, lock.connection(), oldest.last).await?;
-                checkpoint = oldest.last;
-                self.stats.relayed.fetch_add(oldest.count, Ordering::Relaxed);
-                Ok(true)
             };
             match step.await {
-                Ok(true) => {
-                    backoff.reset();
-                    continue;
+                Ok(Step::Busy) => backoff.reset(),
+                Ok(Step::Stop) => {
+                    if let Some(producer) = &producer {
+                        let _ = producer.flush(Duration::from_secs(5));
+                    }
+                    // What the broker acknowledged by now moves the checkpoint; the rest is
+                    // produced again by the next active relay.
+                    while let Some(batch) = in_flight.front_mut() {
+                        if !batch.settled() {
+                            break;
+                        }
+                        acked = batch.last;
+                        in_flight.pop_front();
+                    }
+                    if acked != stored {
+                        Exclusive::store(&name, lock.connection(), acked).await?;
+                    }
+                    return Ok(());
                 }
-                Ok(false) => {}
                 Err(e) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         error = format!("{e:#}"),
                         retry_in_ms = backoff.next().as_millis(),
-                        "relaying failed; producing again from the checkpoint"
+                        "relaying failed; producing again after the last acknowledged event"
                     );
                     // A new producer: the old one's queued and in-flight messages are purged
                     // first, so none of them lands after the new one starts over.
                     in_flight.clear();
-                    prefetched = None;
                     if let Some(old) = producer.take() {
                         old.purge(PurgeConfig::default().queue().inflight());
                     }
-                    read_to = checkpoint;
                     if backoff.wait(shutdown).await {
                         return Ok(());
                     }
-                    continue;
-                }
-            }
-            tokio::select! {
-                () = &mut *shutdown => {
-                    if let Some(producer) = &producer {
-                        let _ = producer.flush(Duration::from_secs(5));
+                    if acked != stored {
+                        Exclusive::store(&name, lock.connection(), acked).await?;
+                        stored = acked;
                     }
-                    return Ok(());
+                    reader = Reader::start(self.pool.clone(), self.signal.clone(), acked);
                 }
-                _ = appended.changed(), if wait == IDLE_POLL => {}
-                () = tokio::time::sleep(wait) => {}
             }
         }
     }
 
-    /// Enqueues the next batch after `after` on the producer, in log order, while the batch
-    /// after it is read in a task of its own: PostgreSQL runs the query, and that task decodes
-    /// the rows and writes the envelopes, on another core than the one enqueueing.
-    async fn enqueue_next(
-        &self,
-        producer: &mut Option<FutureProducer>,
-        after: Cursor,
-        prefetched: &mut Option<ReadAhead>,
-    ) -> anyhow::Result<Read> {
-        let batch = match prefetched.take() {
-            // A failed read ahead is simply read again, and so is an empty one: events may
-            // have been appended since.
-            Some(mut ahead) if ahead.after == after => match (&mut ahead.task).await {
-                Ok(Ok(batch)) if !batch.messages.is_empty() => batch,
-                _ => read_messages(&self.pool, after, BATCH).await?,
-            },
-            _ => read_messages(&self.pool, after, BATCH).await?,
-        };
-        let Some(last) = batch.messages.last().map(|m| m.cursor) else {
-            return Ok(if batch.held_back { Read::HeldBack } else { Read::Nothing });
-        };
-        let pool = self.pool.clone();
-        *prefetched =
-            Some(ReadAhead { after: last, task: tokio::spawn(async move { read_messages(&pool, last, BATCH).await }) });
+    /// Enqueues `batch` on the producer in log order (starting the producer first if needed).
+    async fn enqueue(&self, producer: &mut Option<FutureProducer>, batch: MessageBatch) -> anyhow::Result<InFlight> {
         if producer.is_none() {
             self.kafka.ensure_topics().await?;
             *producer = Some(self.kafka.producer()?);
         }
         let producer = producer.as_ref().context("no producer")?;
+        let last = batch.last;
         let count = batch.messages.len() as u64;
         let mut deliveries = Vec::with_capacity(batch.messages.len());
         for mut message in batch.messages {
@@ -239,20 +232,76 @@ impl Relay {
             }
             deliveries.push(enqueue(producer, record).await?);
         }
-        Ok(Read::Enqueued(InFlight { last, count, deliveries }))
+        Ok(InFlight { last, count, deliveries, acknowledged: 0 })
     }
 }
 
-/// The batch after `after`, being read in a task of its own.
-struct ReadAhead {
-    after: Cursor,
-    task: tokio::task::JoinHandle<anyhow::Result<MessageBatch>>,
+/// What one turn of the relay's loop did.
+enum Step {
+    Busy,
+    Stop,
 }
 
-impl Drop for ReadAhead {
+/// A task reading the log ahead of the relay, batch after batch, into a short queue. It waits
+/// for appends when it has read everything, and stops at its first error, which it queues.
+struct Reader {
+    batches: mpsc::Receiver<anyhow::Result<MessageBatch>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    fn start(pool: PgPool, signal: AppendSignal, after: Cursor) -> Self {
+        let (sender, batches) = mpsc::channel(READ_AHEAD);
+        let task = tokio::spawn(async move {
+            let mut appended = signal.subscribe();
+            let mut after = after;
+            loop {
+                appended.mark_unchanged();
+                let batch = match read_messages(&pool, after, BATCH).await {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        let _ = sender.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if !batch.messages.is_empty() {
+                    after = batch.last;
+                    if sender.send(Ok(batch)).await.is_err() {
+                        return;
+                    }
+                } else if batch.held_back {
+                    // Committed events wait behind a running transaction: look again soon.
+                    tokio::time::sleep(HELD_BACK_RETRY).await;
+                } else {
+                    tokio::select! {
+                        _ = appended.changed() => {}
+                        () = tokio::time::sleep(IDLE_POLL) => {}
+                    }
+                }
+            }
+        });
+        Self { batches, task }
+    }
+}
+
+impl Drop for Reader {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Waits until the broker acknowledged every message of `batch` (`None`: never resolves). It
+/// may be cancelled and called again: each acknowledgement is counted as it arrives.
+async fn acknowledged(batch: Option<&mut InFlight>) -> anyhow::Result<()> {
+    let Some(batch) = batch else { return std::future::pending().await };
+    while let Some(delivery) = batch.deliveries.get_mut(batch.acknowledged) {
+        match delivery.await {
+            Ok(Ok(_)) => batch.acknowledged += 1,
+            Ok(Err((e, _))) => return Err(e).context("the broker did not acknowledge an event"),
+            Err(_) => anyhow::bail!("the producer dropped a delivery"),
+        }
+    }
+    Ok(())
 }
 
 /// One event as the relay produces it. The envelope — the JSON of a [`RecordedEvent`] (a
@@ -320,6 +369,8 @@ fn json_bytes(row: &PgRow, index: usize) -> anyhow::Result<&[u8]> {
 
 struct MessageBatch {
     messages: Vec<Message>,
+    /// Where its last message is (where a batch without messages was read after).
+    last: Cursor,
     held_back: bool,
 }
 
@@ -341,7 +392,7 @@ async fn read_messages(pool: &PgPool, after: Cursor, limit: i64) -> anyhow::Resu
     .bind(limit)
     .fetch(pool);
     let capacity = usize::try_from(limit).unwrap_or(0);
-    let mut batch = MessageBatch { messages: Vec::with_capacity(capacity), held_back: false };
+    let mut batch = MessageBatch { messages: Vec::with_capacity(capacity), last: after, held_back: false };
     while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await.context("reading the log")? {
         // Committed after the oldest transaction still running began: later transactions
         // may still commit events before it, so the batch ends here.
@@ -349,7 +400,9 @@ async fn read_messages(pool: &PgPool, after: Cursor, limit: i64) -> anyhow::Resu
             batch.held_back = true;
             break;
         }
-        batch.messages.push(Message::from_row(&row)?);
+        let message = Message::from_row(&row)?;
+        batch.last = message.cursor;
+        batch.messages.push(message);
     }
     Ok(batch)
 }
@@ -359,12 +412,23 @@ struct InFlight {
     last: Cursor,
     count: u64,
     deliveries: Vec<DeliveryFuture>,
+    /// How many of `deliveries`, from the first, the broker acknowledged.
+    acknowledged: usize,
 }
 
-enum Read {
-    Enqueued(InFlight),
-    HeldBack,
-    Nothing,
+impl InFlight {
+    /// Whether every message was acknowledged, looking without waiting.
+    fn settled(&mut self) -> bool {
+        let waker = futures::task::noop_waker();
+        let mut context = std::task::Context::from_waker(&waker);
+        while let Some(delivery) = self.deliveries.get_mut(self.acknowledged) {
+            match std::pin::Pin::new(delivery).poll(&mut context) {
+                std::task::Poll::Ready(Ok(Ok(_))) => self.acknowledged += 1,
+                _ => return false,
+            }
+        }
+        true
+    }
 }
 
 /// Enqueues one record; a full queue is drained by waiting a little.

@@ -87,9 +87,10 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
     let producer = plain.producer()?;
     let topic = plain.topic.as_str();
     let record = |m: &'a PlainMessage| {
-        rdkafka::producer::FutureRecord::to(topic).key(m.key.as_str()).payload(m.value.as_slice()).headers(
-            zpanel_workers::kafka::headers_of(&m.event_type, m.event_id, m.team_id, m.schema_version),
-        )
+        rdkafka::producer::FutureRecord::to(topic)
+            .key(m.key.as_str())
+            .payload(m.value.as_slice())
+            .headers(zpanel_workers::kafka::headers_of(&m.event_type, m.event_id, m.team_id, m.schema_version))
     };
     // Warmed up: connected, its producer id given, the topic's metadata known — as the relay
     // is once its first batch is acknowledged, from when its rate is timed.

@@ -154,7 +154,8 @@ pub fn headers(event: &RecordedEvent) -> OwnedHeaders {
 /// The headers of an event's message, from its parts.
 #[must_use]
 pub fn headers_of(event_type: &str, event_id: Uuid, team_id: Uuid, schema_version: u32) -> OwnedHeaders {
-    let (mut event_id_text, mut team_id_text, mut number) = (Uuid::encode_buffer(), Uuid::encode_buffer(), itoa::Buffer::new());
+    let (mut event_id_text, mut team_id_text, mut number) =
+        (Uuid::encode_buffer(), Uuid::encode_buffer(), itoa::Buffer::new());
     OwnedHeaders::new_with_capacity(4)
         .insert(Header { key: EVENT_TYPE_HEADER, value: Some(event_type) })
         .insert(Header { key: "event_id", value: Some(&*event_id.hyphenated().encode_lower(&mut event_id_text)) })

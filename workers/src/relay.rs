@@ -25,14 +25,18 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use tokio::sync::mpsc;
 use uuid::Uuid;
 use zpanel_commands::{AppendSignal, Cursor, RecordedEvent};
 
-/// Events read and produced per batch.
-const BATCH: i64 = 4000;
+/// Events enqueued, and acknowledged, per batch.
+const BATCH: usize = 4000;
+/// Events read per query of the log while catching up: a query streams many batches, so
+/// PostgreSQL starts a query (and the reader waits for its first row) once per 100,000 events,
+/// not per batch.
+const READ_ROWS: i64 = 100_000;
 /// Batches enqueued ahead of the oldest one still waiting for its acknowledgements.
 const IN_FLIGHT: usize = 8;
 /// Batches read ahead of the one being enqueued.
@@ -255,21 +259,27 @@ impl Reader {
         let task = tokio::spawn(async move {
             let mut appended = signal.subscribe();
             let mut after = after;
+            // A read that returned all it asked for is followed by a long one: the relay is
+            // catching up. Otherwise it follows the log's head, where a read may stop short
+            // of events held back by a running transaction, and a long query would be
+            // abandoned with many rows still to come.
+            let mut limit = BATCH as i64;
             loop {
                 appended.mark_unchanged();
-                let batch = match read_messages(&pool, after, BATCH).await {
-                    Ok(batch) => batch,
+                let read = match read_messages(&pool, after, limit, &sender).await {
+                    Ok(Some(read)) => read,
+                    Ok(None) => return,
                     Err(e) => {
                         let _ = sender.send(Err(e)).await;
                         return;
                     }
                 };
-                if !batch.messages.is_empty() {
-                    after = batch.last;
-                    if sender.send(Ok(batch)).await.is_err() {
-                        return;
-                    }
-                } else if batch.held_back {
+                after = read.last;
+                limit = if read.count as i64 == limit { READ_ROWS } else { BATCH as i64 };
+                if read.count > 0 {
+                    continue;
+                }
+                if read.held_back {
                     // Committed events wait behind a running transaction: look again soon.
                     tokio::time::sleep(HELD_BACK_RETRY).await;
                 } else {
@@ -320,7 +330,7 @@ impl Message {
     /// are that query's, so they are not checked again for every row; the JSON columns are
     /// copied as the server sent them (valid UTF-8 in a UTF-8 database).
     fn from_row(row: &PgRow) -> anyhow::Result<Self> {
-        let cursor = Cursor { position: row.try_get_unchecked(0)?, tx_id: row.try_get_unchecked(1)? };
+        let cursor = Cursor { position: row.try_get_unchecked(0)?, tx_id: xid8(row, 1)? };
         let stream_id: &str = row.try_get_unchecked(2)?;
         let version: i64 = row.try_get_unchecked(3)?;
         let event_id: Uuid = row.try_get_unchecked(4)?;
@@ -331,7 +341,8 @@ impl Message {
         let metadata = json_bytes(row, 9)?;
         let recorded_at: OffsetDateTime = row.try_get_unchecked(10)?;
         // The envelope's fixed part (keys, numbers, ids, the time) is under 320 bytes.
-        let mut envelope = Vec::with_capacity(payload.len() + metadata.len() + stream_id.len() + event_type.len() + 320);
+        let mut envelope =
+            Vec::with_capacity(payload.len() + metadata.len() + stream_id.len() + event_type.len() + 320);
         let mut number = itoa::Buffer::new();
         let mut id = Uuid::encode_buffer();
         envelope.extend_from_slice(br#"{"global_position":"#);
@@ -362,6 +373,15 @@ impl Message {
     }
 }
 
+/// An `xid8` column (its binary form: 8 bytes, big-endian), as the cursor keeps it. Read from
+/// the row's bytes, not through `::text::bigint`, which costs the server two conversions a row.
+fn xid8(row: &PgRow, index: usize) -> anyhow::Result<i64> {
+    let bytes =
+        row.try_get_raw(index)?.as_bytes().map_err(|e| anyhow::anyhow!("reading column {index} of the log: {e}"))?;
+    let bytes: [u8; 8] = bytes.try_into().with_context(|| format!("column {index} of the log is not an xid8"))?;
+    i64::try_from(u64::from_be_bytes(bytes)).context("a transaction id beyond i64")
+}
+
 /// The bytes of a `json` column sent as text (its binary form is its text).
 fn json_bytes(row: &PgRow, index: usize) -> anyhow::Result<&[u8]> {
     row.try_get_raw(index)?.as_bytes().map_err(|e| anyhow::anyhow!("reading column {index} of the log: {e}"))
@@ -369,17 +389,33 @@ fn json_bytes(row: &PgRow, index: usize) -> anyhow::Result<&[u8]> {
 
 struct MessageBatch {
     messages: Vec<Message>,
-    /// Where its last message is (where a batch without messages was read after).
+    /// Where its last message is.
     last: Cursor,
+}
+
+/// How far one read of the log got.
+struct ReadTo {
+    /// The last event read (`after` when none was).
+    last: Cursor,
+    /// Events read.
+    count: usize,
+    /// Whether it stopped before events committed behind a transaction still running.
     held_back: bool,
 }
 
-/// Like [`zpanel_commands::postgres::read_all_on`], the log after `after` in gap-safe order, as
-/// messages. The rows are decoded as they arrive, while PostgreSQL still sends the rest; the
-/// snapshot's horizon is taken once per query (an init plan), not once per row.
-async fn read_messages(pool: &PgPool, after: Cursor, limit: i64) -> anyhow::Result<MessageBatch> {
+/// Like [`zpanel_commands::postgres::read_all_on`], the log after `after` in gap-safe order —
+/// at most `limit` events, in one query — sent to `batches` in batches of [`BATCH`] messages
+/// as they are read: the rows are decoded as they arrive, while PostgreSQL still sends
+/// the rest, and the snapshot's horizon is taken once per query (an init plan), not per row.
+/// `None` when the receiver is gone.
+async fn read_messages(
+    pool: &PgPool,
+    after: Cursor,
+    limit: i64,
+    batches: &mpsc::Sender<anyhow::Result<MessageBatch>>,
+) -> anyhow::Result<Option<ReadTo>> {
     let mut rows = sqlx::query(
-        "select global_position, tx_id::text::bigint, stream_id, stream_position, event_id, event_type,
+        "select global_position, tx_id, stream_id, stream_position, event_id, event_type,
                 schema_version, team_id, payload::text, metadata::text, recorded_at,
                 tx_id < (select pg_snapshot_xmin(pg_current_snapshot()))
            from events
@@ -391,20 +427,35 @@ async fn read_messages(pool: &PgPool, after: Cursor, limit: i64) -> anyhow::Resu
     .bind(after.position)
     .bind(limit)
     .fetch(pool);
-    let capacity = usize::try_from(limit).unwrap_or(0);
-    let mut batch = MessageBatch { messages: Vec::with_capacity(capacity), last: after, held_back: false };
+    let mut read = ReadTo { last: after, count: 0, held_back: false };
+    let mut batch = MessageBatch { messages: Vec::with_capacity(BATCH), last: after };
     while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await.context("reading the log")? {
         // Committed after the oldest transaction still running began: later transactions
-        // may still commit events before it, so the batch ends here.
-        if !row.try_get::<bool, _>(11)? {
-            batch.held_back = true;
+        // may still commit events before it, so the read ends here.
+        if !row.try_get_unchecked::<bool, _>(11)? {
+            read.held_back = true;
             break;
         }
         let message = Message::from_row(&row)?;
         batch.last = message.cursor;
         batch.messages.push(message);
+        if batch.messages.len() == BATCH {
+            let full = std::mem::replace(&mut batch, MessageBatch { messages: Vec::with_capacity(BATCH), last: after });
+            read.last = full.last;
+            read.count += BATCH;
+            if batches.send(Ok(full)).await.is_err() {
+                return Ok(None);
+            }
+        }
     }
-    Ok(batch)
+    if !batch.messages.is_empty() {
+        read.last = batch.last;
+        read.count += batch.messages.len();
+        if batches.send(Ok(batch)).await.is_err() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(read))
 }
 
 /// A batch on its way to the broker.

@@ -33,10 +33,6 @@ use zpanel_commands::{AppendSignal, Cursor, RecordedEvent};
 
 /// Events enqueued, and acknowledged, per batch.
 const BATCH: usize = 4000;
-/// Events read per query of the log while catching up: a query streams many batches, so
-/// PostgreSQL starts a query (and the reader waits for its first row) once per 100,000 events,
-/// not per batch.
-const READ_ROWS: i64 = 100_000;
 /// Batches enqueued ahead of the oldest one still waiting for its acknowledgements.
 const IN_FLIGHT: usize = 8;
 /// Batches read ahead of the one being enqueued.
@@ -259,14 +255,9 @@ impl Reader {
         let task = tokio::spawn(async move {
             let mut appended = signal.subscribe();
             let mut after = after;
-            // A read that returned all it asked for is followed by a long one: the relay is
-            // catching up. Otherwise it follows the log's head, where a read may stop short
-            // of events held back by a running transaction, and a long query would be
-            // abandoned with many rows still to come.
-            let mut limit = BATCH as i64;
             loop {
                 appended.mark_unchanged();
-                let read = match read_messages(&pool, after, limit, &sender).await {
+                let read = match read_messages(&pool, after, &sender).await {
                     Ok(Some(read)) => read,
                     Ok(None) => return,
                     Err(e) => {
@@ -275,7 +266,6 @@ impl Reader {
                     }
                 };
                 after = read.last;
-                limit = if read.count as i64 == limit { READ_ROWS } else { BATCH as i64 };
                 if read.count > 0 {
                     continue;
                 }
@@ -404,14 +394,12 @@ struct ReadTo {
 }
 
 /// Like [`zpanel_commands::postgres::read_all_on`], the log after `after` in gap-safe order —
-/// at most `limit` events, in one query — sent to `batches` in batches of [`BATCH`] messages
-/// as they are read: the rows are decoded as they arrive, while PostgreSQL still sends
-/// the rest, and the snapshot's horizon is taken once per query (an init plan), not per row.
-/// `None` when the receiver is gone.
+/// one batch of at most [`BATCH`] events — sent to `batches`. The rows are decoded as they
+/// arrive, while PostgreSQL still sends the rest, and the snapshot's horizon is taken once per
+/// query (an init plan), not per row. `None` when the receiver is gone.
 async fn read_messages(
     pool: &PgPool,
     after: Cursor,
-    limit: i64,
     batches: &mpsc::Sender<anyhow::Result<MessageBatch>>,
 ) -> anyhow::Result<Option<ReadTo>> {
     let mut rows = sqlx::query(
@@ -425,7 +413,7 @@ async fn read_messages(
     )
     .bind(after.tx_id.to_string())
     .bind(after.position)
-    .bind(limit)
+    .bind(BATCH as i64)
     .fetch(pool);
     let mut read = ReadTo { last: after, count: 0, held_back: false };
     let mut batch = MessageBatch { messages: Vec::with_capacity(BATCH), last: after };
@@ -439,18 +427,10 @@ async fn read_messages(
         let message = Message::from_row(&row)?;
         batch.last = message.cursor;
         batch.messages.push(message);
-        if batch.messages.len() == BATCH {
-            let full = std::mem::replace(&mut batch, MessageBatch { messages: Vec::with_capacity(BATCH), last: after });
-            read.last = full.last;
-            read.count += BATCH;
-            if batches.send(Ok(full)).await.is_err() {
-                return Ok(None);
-            }
-        }
     }
     if !batch.messages.is_empty() {
         read.last = batch.last;
-        read.count += batch.messages.len();
+        read.count = batch.messages.len();
         if batches.send(Ok(batch)).await.is_err() {
             return Ok(None);
         }

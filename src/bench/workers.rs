@@ -35,10 +35,10 @@ struct PlainMessage {
 
 /// Relays a log of `events` events, beside a plain producer sending the same messages.
 ///
-/// The broker's state drifts over a run (an in-memory broker gets slower as it fills), so after
-/// an untimed round that fills it the two are timed in the order plain, relay, relay, plain —
-/// each to a fresh topic — and the means of their rounds compared: a drift that grows steadily
-/// over the run weighs on both alike.
+/// The broker's state drifts over a run (an in-memory broker gets slower as it fills), so each
+/// round writes to topics of its own, deleted after it; after an untimed round the two are timed
+/// in the order plain, relay, relay, plain, and the means of their rounds compared: what drift
+/// is left weighs on both alike.
 pub(super) async fn relay(pool: &PgPool, kafka: &KafkaConfig, events: u64) -> anyhow::Result<()> {
     let bar = progress(events, "writing the log")?;
     let written = sample::write_log(pool, events, |n| bar.inc(n)).await?;
@@ -63,9 +63,8 @@ pub(super) async fn relay(pool: &PgPool, kafka: &KafkaConfig, events: u64) -> an
             });
         }
     }
-    // An in-memory broker is fastest while it is empty: it slows down (its own CPU per message
-    // about doubles) once it holds the first round's messages, and stays so. Whichever round
-    // ran first would have the empty broker, so an untimed round fills it first.
+    // The first round against a broker is not timed: whichever side ran first would meet a
+    // broker that has never held a message.
     plain_round(kafka, &messages).await?;
     let plain_first = plain_round(kafka, &messages).await?;
     let relay_first = relay_round(pool, kafka, written).await?;
@@ -112,7 +111,8 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
             }
         }
     }
-    bar.set_position(messages.len() as u64 / 2);
+    bar.set_position(messages.len() as u64);
+    bar.set_message("plain producer: awaiting acknowledgements");
     for delivery in deliveries {
         delivery.await?.map_err(|(e, _)| e)?;
     }
@@ -165,6 +165,7 @@ async fn relay_round(pool: &PgPool, kafka: &KafkaConfig, written: u64) -> anyhow
     Ok((written - first_batch) as f64 / (secs - start_up))
 }
 
+/// A progress bar of `len` steps, named `message`.
 fn progress(len: u64, message: &'static str) -> anyhow::Result<ProgressBar> {
     let bar = ProgressBar::new(len);
     bar.set_style(ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} {per_sec}")?.progress_chars("=> "));

@@ -99,16 +99,12 @@ impl KafkaConfig {
     /// # Errors
     /// When the broker cannot be reached or refuses.
     pub async fn ensure_topics(&self) -> anyhow::Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.client().create().context("creating the Kafka admin client")?;
+        let (admin, options) = self.admin()?;
         let dead_letter = self.dead_letter_topic();
         let topics = [
             NewTopic::new(&self.topic, self.partitions, TopicReplication::Fixed(self.replication)),
             NewTopic::new(&dead_letter, 1, TopicReplication::Fixed(self.replication)),
         ];
-        let options = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_secs(10)))
-            .request_timeout(Some(Duration::from_secs(10)));
         let results = admin.create_topics(&topics, &options).await.context("creating the Kafka topics")?;
         for result in results {
             match result {
@@ -118,21 +114,15 @@ impl KafkaConfig {
         }
         Ok(())
     }
-}
 
-impl KafkaConfig {
     /// Deletes the events topic and its dead-letter topic, where they exist (benchmarks drop
     /// the topics of their rounds with it, so the broker does not keep every round's messages).
     ///
     /// # Errors
     /// When the broker cannot be reached or refuses.
     pub async fn delete_topics(&self) -> anyhow::Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.client().create().context("creating the Kafka admin client")?;
+        let (admin, options) = self.admin()?;
         let dead_letter = self.dead_letter_topic();
-        let options = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_secs(10)))
-            .request_timeout(Some(Duration::from_secs(10)));
         let results =
             admin.delete_topics(&[&self.topic, &dead_letter], &options).await.context("deleting the Kafka topics")?;
         for result in results {
@@ -142,6 +132,15 @@ impl KafkaConfig {
             }
         }
         Ok(())
+    }
+
+    /// An admin client, and the timeouts of its requests.
+    fn admin(&self) -> anyhow::Result<(AdminClient<DefaultClientContext>, AdminOptions)> {
+        let admin = self.client().create().context("creating the Kafka admin client")?;
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        Ok((admin, options))
     }
 }
 

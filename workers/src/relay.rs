@@ -155,7 +155,7 @@ impl Relay {
                         acknowledged?;
                         let batch = in_flight.pop_front().context("no batch in flight")?;
                         acked = batch.last;
-                        self.stats.relayed.fetch_add(batch.count, Ordering::Relaxed);
+                        self.stats.relayed.fetch_add(batch.deliveries.len() as u64, Ordering::Relaxed);
                         let idle = in_flight.is_empty() && reader.batches.is_empty();
                         if idle || last_store.elapsed() >= CHECKPOINT_EVERY {
                             // Written through the lock's connection: if it is gone, so may be the lock.
@@ -213,26 +213,24 @@ impl Relay {
         }
     }
 
-    /// Enqueues `batch` on the producer in log order (starting the producer first if needed).
-    async fn enqueue(&self, producer: &mut Option<FutureProducer>, batch: MessageBatch) -> anyhow::Result<InFlight> {
+    /// Enqueues `batch` (not empty) on the producer in log order, starting the producer first
+    /// if needed.
+    async fn enqueue(&self, producer: &mut Option<FutureProducer>, batch: Vec<Message>) -> anyhow::Result<InFlight> {
+        let last = batch.last().context("an empty batch")?.cursor;
         if producer.is_none() {
             self.kafka.ensure_topics().await?;
             *producer = Some(self.kafka.producer()?);
         }
         let producer = producer.as_ref().context("no producer")?;
-        let last = batch.last;
-        let count = batch.messages.len() as u64;
-        let mut deliveries = Vec::with_capacity(batch.messages.len());
-        for mut message in batch.messages {
-            let mut record = FutureRecord::to(&self.kafka.topic)
-                .key(message.stream_id.as_str())
-                .payload(message.envelope.as_slice());
-            if let Some(headers) = message.headers.take() {
-                record = record.headers(headers);
-            }
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for Message { stream_id, envelope, headers, .. } in batch {
+            let record = FutureRecord::to(&self.kafka.topic)
+                .key(stream_id.as_str())
+                .payload(envelope.as_slice())
+                .headers(headers);
             deliveries.push(enqueue(producer, record).await?);
         }
-        Ok(InFlight { last, count, deliveries, acknowledged: 0 })
+        Ok(InFlight { last, deliveries, acknowledged: 0 })
     }
 }
 
@@ -245,7 +243,7 @@ enum Step {
 /// A task reading the log ahead of the relay, batch after batch, into a short queue. It waits
 /// for appends when it has read everything, and stops at its first error, which it queues.
 struct Reader {
-    batches: mpsc::Receiver<anyhow::Result<MessageBatch>>,
+    batches: mpsc::Receiver<anyhow::Result<Vec<Message>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -257,19 +255,19 @@ impl Reader {
             let mut after = after;
             loop {
                 appended.mark_unchanged();
-                let read = match read_messages(&pool, after, &sender).await {
-                    Ok(Some(read)) => read,
-                    Ok(None) => return,
+                let batch = match read_messages(&pool, after).await {
+                    Ok(batch) => batch,
                     Err(e) => {
                         let _ = sender.send(Err(e)).await;
                         return;
                     }
                 };
-                after = read.last;
-                if read.count > 0 {
-                    continue;
-                }
-                if read.held_back {
+                if let Some(last) = batch.messages.last() {
+                    after = last.cursor;
+                    if sender.send(Ok(batch.messages)).await.is_err() {
+                        return;
+                    }
+                } else if batch.held_back {
                     // Committed events wait behind a running transaction: look again soon.
                     tokio::time::sleep(HELD_BACK_RETRY).await;
                 } else {
@@ -311,8 +309,8 @@ struct Message {
     cursor: Cursor,
     stream_id: String,
     envelope: Vec<u8>,
-    /// Its headers, made with the envelope (taken when the message is enqueued).
-    headers: Option<OwnedHeaders>,
+    /// Its headers, made with the envelope.
+    headers: OwnedHeaders,
 }
 
 impl Message {
@@ -327,81 +325,110 @@ impl Message {
         let event_type: &str = row.try_get_unchecked(5)?;
         let schema_version = u32::try_from(row.try_get_unchecked::<i32, _>(6)?)?;
         let team_id: Uuid = row.try_get_unchecked(7)?;
-        let payload = json_bytes(row, 8)?;
-        let metadata = json_bytes(row, 9)?;
+        let payload = raw(row, 8)?;
+        let metadata = raw(row, 9)?;
         let recorded_at: OffsetDateTime = row.try_get_unchecked(10)?;
         // The envelope's fixed part (keys, numbers, ids, the time) is under 320 bytes.
         let mut envelope =
-            Vec::with_capacity(payload.len() + metadata.len() + stream_id.len() + event_type.len() + 320);
-        let mut number = itoa::Buffer::new();
-        let mut id = Uuid::encode_buffer();
-        envelope.extend_from_slice(br#"{"global_position":"#);
-        envelope.extend_from_slice(number.format(cursor.position).as_bytes());
-        envelope.extend_from_slice(br#","tx_id":"#);
-        envelope.extend_from_slice(number.format(cursor.tx_id).as_bytes());
-        envelope.extend_from_slice(br#","stream_id":"#);
-        serde_json::to_writer(&mut envelope, stream_id)?;
-        envelope.extend_from_slice(br#","version":"#);
-        envelope.extend_from_slice(number.format(version).as_bytes());
-        envelope.extend_from_slice(br#","event_id":""#);
-        envelope.extend_from_slice(event_id.hyphenated().encode_lower(&mut id).as_bytes());
-        envelope.extend_from_slice(br#"","event_type":"#);
-        serde_json::to_writer(&mut envelope, event_type)?;
-        envelope.extend_from_slice(br#","schema_version":"#);
-        envelope.extend_from_slice(number.format(schema_version).as_bytes());
-        envelope.extend_from_slice(br#","team_id":""#);
-        envelope.extend_from_slice(team_id.hyphenated().encode_lower(&mut id).as_bytes());
-        envelope.extend_from_slice(br#"","payload":"#);
-        envelope.extend_from_slice(payload);
-        envelope.extend_from_slice(br#","metadata":"#);
-        envelope.extend_from_slice(metadata);
-        envelope.extend_from_slice(br#","recorded_at":""#);
-        recorded_at.format_into(&mut envelope, &Rfc3339)?;
-        envelope.extend_from_slice(b"\"}");
-        let headers = Some(kafka::headers_of(event_type, event_id, team_id, schema_version));
+            JsonObject::with_capacity(payload.len() + metadata.len() + stream_id.len() + event_type.len() + 320);
+        envelope.number("global_position", cursor.position);
+        envelope.number("tx_id", cursor.tx_id);
+        envelope.string("stream_id", stream_id)?;
+        envelope.number("version", version);
+        envelope.uuid("event_id", event_id);
+        envelope.string("event_type", event_type)?;
+        envelope.number("schema_version", schema_version);
+        envelope.uuid("team_id", team_id);
+        envelope.json("payload", payload);
+        envelope.json("metadata", metadata);
+        envelope.time("recorded_at", recorded_at)?;
+        let envelope = envelope.finish();
+        let headers = kafka::headers_of(event_type, event_id, team_id, schema_version);
         Ok(Self { cursor, stream_id: stream_id.to_owned(), envelope, headers })
+    }
+}
+
+/// A JSON object written field by field, in the order given: the envelope's keys are fixed
+/// (so written unescaped), its JSON columns copied as they are.
+struct JsonObject {
+    bytes: Vec<u8>,
+}
+
+impl JsonObject {
+    fn with_capacity(capacity: usize) -> Self {
+        Self { bytes: Vec::with_capacity(capacity) }
+    }
+
+    fn key(&mut self, key: &str) {
+        self.bytes.push(if self.bytes.is_empty() { b'{' } else { b',' });
+        self.bytes.push(b'"');
+        self.bytes.extend_from_slice(key.as_bytes());
+        self.bytes.extend_from_slice(b"\":");
+    }
+
+    fn number(&mut self, key: &str, value: impl itoa::Integer) {
+        self.key(key);
+        self.bytes.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+
+    fn string(&mut self, key: &str, value: &str) -> anyhow::Result<()> {
+        self.key(key);
+        Ok(serde_json::to_writer(&mut self.bytes, value)?)
+    }
+
+    fn uuid(&mut self, key: &str, value: Uuid) {
+        self.key(key);
+        self.bytes.push(b'"');
+        self.bytes.extend_from_slice(value.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+        self.bytes.push(b'"');
+    }
+
+    /// A value that is JSON already.
+    fn json(&mut self, key: &str, value: &[u8]) {
+        self.key(key);
+        self.bytes.extend_from_slice(value);
+    }
+
+    /// A time as RFC 3339, as a [`RecordedEvent`]'s `recorded_at` is serialised.
+    fn time(&mut self, key: &str, value: OffsetDateTime) -> anyhow::Result<()> {
+        self.key(key);
+        self.bytes.push(b'"');
+        value.format_into(&mut self.bytes, &Rfc3339)?;
+        self.bytes.push(b'"');
+        Ok(())
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.bytes.push(b'}');
+        self.bytes
     }
 }
 
 /// An `xid8` column (its binary form: 8 bytes, big-endian), as the cursor keeps it. Read from
 /// the row's bytes, not through `::text::bigint`, which costs the server two conversions a row.
 fn xid8(row: &PgRow, index: usize) -> anyhow::Result<i64> {
-    let bytes =
-        row.try_get_raw(index)?.as_bytes().map_err(|e| anyhow::anyhow!("reading column {index} of the log: {e}"))?;
-    let bytes: [u8; 8] = bytes.try_into().with_context(|| format!("column {index} of the log is not an xid8"))?;
+    let bytes: [u8; 8] =
+        raw(row, index)?.try_into().with_context(|| format!("column {index} of the log is not an xid8"))?;
     i64::try_from(u64::from_be_bytes(bytes)).context("a transaction id beyond i64")
 }
 
-/// The bytes of a `json` column sent as text (its binary form is its text).
-fn json_bytes(row: &PgRow, index: usize) -> anyhow::Result<&[u8]> {
+/// A column's bytes as the server sent them (binary format; for `json`, its text).
+fn raw(row: &PgRow, index: usize) -> anyhow::Result<&[u8]> {
     row.try_get_raw(index)?.as_bytes().map_err(|e| anyhow::anyhow!("reading column {index} of the log: {e}"))
 }
 
+/// One read of the log.
 struct MessageBatch {
     messages: Vec<Message>,
-    /// Where its last message is.
-    last: Cursor,
-}
-
-/// How far one read of the log got.
-struct ReadTo {
-    /// The last event read (`after` when none was).
-    last: Cursor,
-    /// Events read.
-    count: usize,
     /// Whether it stopped before events committed behind a transaction still running.
     held_back: bool,
 }
 
-/// Like [`zpanel_commands::postgres::read_all_on`], the log after `after` in gap-safe order —
-/// one batch of at most [`BATCH`] events — sent to `batches`. The rows are decoded as they
-/// arrive, while PostgreSQL still sends the rest, and the snapshot's horizon is taken once per
-/// query (an init plan), not per row. `None` when the receiver is gone.
-async fn read_messages(
-    pool: &PgPool,
-    after: Cursor,
-    batches: &mpsc::Sender<anyhow::Result<MessageBatch>>,
-) -> anyhow::Result<Option<ReadTo>> {
+/// Like [`zpanel_commands::postgres::read_all_on`], the log after `after` in gap-safe order, at
+/// most [`BATCH`] events, as messages. The rows are decoded as they arrive, while PostgreSQL
+/// still sends the rest; the snapshot's horizon is taken once per query (an init plan), not
+/// once per row.
+async fn read_messages(pool: &PgPool, after: Cursor) -> anyhow::Result<MessageBatch> {
     let mut rows = sqlx::query(
         "select global_position, tx_id, stream_id, stream_position, event_id, event_type,
                 schema_version, team_id, payload::text, metadata::text, recorded_at,
@@ -415,33 +442,22 @@ async fn read_messages(
     .bind(after.position)
     .bind(BATCH as i64)
     .fetch(pool);
-    let mut read = ReadTo { last: after, count: 0, held_back: false };
-    let mut batch = MessageBatch { messages: Vec::with_capacity(BATCH), last: after };
+    let mut batch = MessageBatch { messages: Vec::with_capacity(BATCH), held_back: false };
     while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await.context("reading the log")? {
         // Committed after the oldest transaction still running began: later transactions
         // may still commit events before it, so the read ends here.
         if !row.try_get_unchecked::<bool, _>(11)? {
-            read.held_back = true;
+            batch.held_back = true;
             break;
         }
-        let message = Message::from_row(&row)?;
-        batch.last = message.cursor;
-        batch.messages.push(message);
+        batch.messages.push(Message::from_row(&row)?);
     }
-    if !batch.messages.is_empty() {
-        read.last = batch.last;
-        read.count = batch.messages.len();
-        if batches.send(Ok(batch)).await.is_err() {
-            return Ok(None);
-        }
-    }
-    Ok(Some(read))
+    Ok(batch)
 }
 
 /// A batch on its way to the broker.
 struct InFlight {
     last: Cursor,
-    count: u64,
     deliveries: Vec<DeliveryFuture>,
     /// How many of `deliveries`, from the first, the broker acknowledged.
     acknowledged: usize,

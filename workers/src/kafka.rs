@@ -11,7 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use std::time::Duration;
 use uuid::Uuid;
@@ -65,13 +65,26 @@ impl KafkaConfig {
     /// # Errors
     /// When librdkafka refuses the configuration.
     pub fn producer(&self) -> anyhow::Result<FutureProducer> {
-        self.client()
+        self.producer_settings().create().context("creating the Kafka producer")
+    }
+
+    /// The same producer as [`KafkaConfig::producer`], telling `context` of each delivery
+    /// instead of completing a future per message.
+    ///
+    /// # Errors
+    /// When librdkafka refuses the configuration.
+    pub fn producer_with<C: ProducerContext + 'static>(&self, context: C) -> anyhow::Result<ThreadedProducer<C>> {
+        self.producer_settings().create_with_context(context).context("creating the Kafka producer")
+    }
+
+    fn producer_settings(&self) -> ClientConfig {
+        let mut config = self.client();
+        config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
-            .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string())
-            .create()
-            .context("creating the Kafka producer")
+            .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string());
+        config
     }
 
     /// A consumer in `group` that commits only the offsets it was given (after handling), in

@@ -6,6 +6,7 @@ use super::{ms, percentiles};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::producer::BaseRecord;
 use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -16,9 +17,11 @@ use zpanel_commands::sample::{self, HandlerSink, Shape};
 use zpanel_commands::{Actor, AppendSignal, CommandContext, CommandHandler, Keyring, PgEventStore, RecordedEvent};
 use zpanel_domain::application::{Application, ApplicationCommand, EnvValue};
 use zpanel_domain::values::EnvKey;
+use zpanel_workers::kafka::{CountDeliveries, Deliveries};
 use zpanel_workers::{Delivery, Handler, HandlerError, KafkaConfig, Relay, Worker};
 
-/// How many times the relay benchmark times its rounds in the order plain, relay, relay, plain.
+/// How many times the relay benchmark times its rounds in the order plain, counting, relay,
+/// relay, counting, plain.
 const PAIRS: usize = 2;
 
 fn fresh_topic(kafka: &KafkaConfig, label: &str) -> KafkaConfig {
@@ -36,13 +39,22 @@ struct PlainMessage {
     schema_version: u32,
 }
 
+impl PlainMessage {
+    fn headers(&self) -> rdkafka::message::OwnedHeaders {
+        zpanel_workers::kafka::headers_of(&self.event_type, self.event_id, self.team_id, self.schema_version)
+    }
+}
+
 /// Relays a log of `events` events, beside a plain producer sending the same messages.
 ///
 /// The broker's state drifts over a run (an in-memory broker gets slower as it fills), so each
 /// round writes to topics of its own, deleted after it; and this machine's speed drifts too, so
-/// after an untimed round the two are timed alternately, in the order plain, relay, relay, plain,
-/// [`PAIRS`] times over, and the means of their rounds compared: what drift is left weighs on
-/// both alike.
+/// after an untimed round they are timed alternately, in the order plain, counting, relay, relay,
+/// counting, plain, [`PAIRS`] times over, and the means of their rounds compared: what drift is
+/// left weighs on all alike. The target compares the relay with the plain producer (rdkafka's
+/// `FutureProducer`, a future per message); the counting producer sends the same messages the
+/// way the relay's producer does, counting deliveries, so beside it the relay's rate shows what
+/// reading the log costs alone.
 pub(super) async fn relay(pool: &PgPool, kafka: &KafkaConfig, events: u64) -> anyhow::Result<()> {
     let bar = progress(events, "writing the log")?;
     let written = sample::write_log(pool, events, |n| bar.inc(n)).await?;
@@ -70,22 +82,30 @@ pub(super) async fn relay(pool: &PgPool, kafka: &KafkaConfig, events: u64) -> an
     // The first round against a broker is not timed: whichever side ran first would meet a
     // broker that has never held a message.
     plain_round(kafka, &messages).await?;
-    let (mut plain, mut relay) = (Vec::new(), Vec::new());
+    let (mut plain, mut counting, mut relay) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..PAIRS {
         plain.push(plain_round(kafka, &messages).await?);
+        counting.push(counting_round(kafka, &messages).await?);
         relay.push(relay_round(pool, kafka, written).await?);
         relay.push(relay_round(pool, kafka, written).await?);
+        counting.push(counting_round(kafka, &messages).await?);
         plain.push(plain_round(kafka, &messages).await?);
     }
     let rates = |rounds: &[f64]| rounds.iter().map(|rate| format!("{rate:.0}")).collect::<Vec<_>>().join(" / ");
     let mean = |rounds: &[f64]| rounds.iter().sum::<f64>() / rounds.len() as f64;
     println!(
-        "| relay of {written} events, rounds (after an untimed one) plain, relay, relay, plain ×{PAIRS} | plain producer (warmed up): {} messages/s, mean {:.0} | relay after its first batch: {} events/s, mean {:.0}; ratio **{:.2}** | target ≥ 0.80 × plain |",
+        "| relay of {written} events, rounds (after an untimed one) plain, counting, relay, relay, counting, plain ×{PAIRS} | plain producer (warmed up): {} messages/s, mean {:.0} | relay after its first batch: {} events/s, mean {:.0}; ratio **{:.2}** | target ≥ 0.80 × plain |",
         rates(&plain),
         mean(&plain),
         rates(&relay),
         mean(&relay),
         mean(&relay) / mean(&plain)
+    );
+    println!(
+        "| the same messages from a producer counting its deliveries as the relay does (no future per message) | {} messages/s, mean {:.0} | relay / counting producer **{:.2}** | (information) |",
+        rates(&counting),
+        mean(&counting),
+        mean(&relay) / mean(&counting)
     );
     Ok(())
 }
@@ -97,10 +117,7 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
     let producer = plain.producer()?;
     let topic = plain.topic.as_str();
     let record = |m: &'a PlainMessage| {
-        rdkafka::producer::FutureRecord::to(topic)
-            .key(m.key.as_str())
-            .payload(m.value.as_slice())
-            .headers(zpanel_workers::kafka::headers_of(&m.event_type, m.event_id, m.team_id, m.schema_version))
+        rdkafka::producer::FutureRecord::to(topic).key(m.key.as_str()).payload(m.value.as_slice()).headers(m.headers())
     };
     // Warmed up: connected, its producer id given, the topic's metadata known — as the relay
     // is once its first batch is acknowledged, from when its rate is timed.
@@ -132,6 +149,51 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
     drop(producer);
     plain.delete_topics().await?;
     println!("plain producer: {} messages in {secs:.2}s", messages.len());
+    Ok(messages.len() as f64 / secs)
+}
+
+/// Sends `messages` to a fresh topic from a producer that counts its deliveries, as the relay's
+/// does, instead of taking a future per message; returns its rate in messages/s.
+async fn counting_round(kafka: &KafkaConfig, messages: &[PlainMessage]) -> anyhow::Result<f64> {
+    let plain = fresh_topic(kafka, "counting");
+    plain.ensure_topics().await?;
+    let producer = plain.producer_with(CountDeliveries)?;
+    let send = async |message: &PlainMessage, deliveries: &Arc<Deliveries>| {
+        let mut record = BaseRecord::with_opaque_to(&plain.topic, Arc::clone(deliveries))
+            .key(message.key.as_str())
+            .payload(message.value.as_slice())
+            .headers(message.headers());
+        loop {
+            match producer.send(record) {
+                Ok(()) => return,
+                // A full queue: let the producer's threads drain it.
+                Err((_, back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    };
+    // Warmed up, as the plain producer is.
+    if let Some(first) = messages.first() {
+        let warm_up = Arc::new(Deliveries::new(1));
+        send(first, &warm_up).await;
+        warm_up.settled().await?;
+    }
+    let bar = progress(messages.len() as u64, "counting producer")?;
+    let started = Instant::now();
+    let deliveries = Arc::new(Deliveries::new(messages.len()));
+    for message in messages {
+        send(message, &deliveries).await;
+    }
+    bar.set_position(messages.len() as u64);
+    bar.set_message("counting producer: awaiting acknowledgements");
+    deliveries.settled().await?;
+    let secs = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    drop(producer);
+    plain.delete_topics().await?;
+    println!("counting producer: {} messages in {secs:.2}s", messages.len());
     Ok(messages.len() as f64 / secs)
 }
 

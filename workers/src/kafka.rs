@@ -7,13 +7,18 @@
 
 use anyhow::Context as _;
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::sync::Notify;
 use uuid::Uuid;
 use zpanel_commands::RecordedEvent;
 
@@ -154,6 +159,74 @@ impl KafkaConfig {
             .operation_timeout(Some(Duration::from_secs(10)))
             .request_timeout(Some(Duration::from_secs(10)));
         Ok((admin, options))
+    }
+}
+
+/// A producer context that counts each delivery report into the [`Deliveries`] its message
+/// carries. rdkafka's `FutureProducer` makes a channel and a future for every message; a caller
+/// that only needs to know when a group of messages (the relay's batch) is all acknowledged, or
+/// the first refused, counts instead.
+#[derive(Debug)]
+pub struct CountDeliveries;
+
+impl ClientContext for CountDeliveries {}
+
+impl ProducerContext for CountDeliveries {
+    type DeliveryOpaque = Arc<Deliveries>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, deliveries: Arc<Deliveries>) {
+        deliveries.settle(result.as_ref().err().map(|(e, _)| e));
+    }
+}
+
+/// The delivery reports of a group of messages, counted as the producer's thread receives them.
+#[derive(Debug)]
+pub struct Deliveries {
+    /// Messages not yet acknowledged or refused.
+    pending: AtomicUsize,
+    /// The first refusal.
+    failed: OnceLock<KafkaError>,
+    /// Signalled when the last message settles or the first is refused.
+    changed: Notify,
+}
+
+impl Deliveries {
+    /// The reports of `messages` messages, none received yet.
+    #[must_use]
+    pub fn new(messages: usize) -> Self {
+        Self { pending: AtomicUsize::new(messages), failed: OnceLock::new(), changed: Notify::new() }
+    }
+
+    /// One message's report: acknowledged, or refused with `error`.
+    fn settle(&self, error: Option<&KafkaError>) {
+        let first_refusal = error.is_some_and(|e| self.failed.set(e.clone()).is_ok());
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 || first_refusal {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Whether every message was acknowledged, looking without waiting.
+    #[must_use]
+    pub fn succeeded(&self) -> bool {
+        self.failed.get().is_none() && self.pending.load(Ordering::Acquire) == 0
+    }
+
+    /// Waits until every message was acknowledged, or one refused. The state is looked at
+    /// before each wait (a signal sent before the wait began is kept as a permit), so a
+    /// cancelled call loses nothing.
+    ///
+    /// # Errors
+    /// The first refusal.
+    pub async fn settled(&self) -> anyhow::Result<()> {
+        loop {
+            if let Some(e) = self.failed.get() {
+                return Err(e.clone()).context("the broker did not acknowledge an event");
+            }
+            if self.pending.load(Ordering::Acquire) == 0 {
+                return Ok(());
+            }
+            self.changed.notified().await;
+        }
     }
 }
 

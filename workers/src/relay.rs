@@ -14,26 +14,24 @@
 
 use crate::backoff::Backoff;
 use crate::exclusive::Exclusive;
-use crate::kafka::{self, KafkaConfig};
+use crate::kafka::{self, CountDeliveries, Deliveries, KafkaConfig};
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{
-    BaseRecord, DeliveryFuture, DeliveryResult, FutureProducer, FutureRecord, Producer as _, ProducerContext,
-    PurgeConfig, ThreadedProducer,
+    BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig, ThreadedProducer,
 };
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolCopyExt as _;
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 use zpanel_commands::{AppendSignal, Cursor, RecordedEvent};
 
@@ -145,7 +143,7 @@ impl Relay {
         let mut last_store = Instant::now();
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut reader = Reader::start(self.pool.clone(), self.signal.clone(), acked);
-        let mut producer: Option<ThreadedProducer<Counting>> = None;
+        let mut producer: Option<ThreadedProducer<CountDeliveries>> = None;
         let mut backoff = Backoff::new();
         loop {
             let step = async {
@@ -222,17 +220,17 @@ impl Relay {
     /// if needed.
     async fn enqueue(
         &self,
-        producer: &mut Option<ThreadedProducer<Counting>>,
+        producer: &mut Option<ThreadedProducer<CountDeliveries>>,
         batch: Batch,
     ) -> anyhow::Result<InFlight> {
         let last = batch.messages.last().context("an empty batch")?.cursor;
         if producer.is_none() {
             self.kafka.ensure_topics().await?;
-            *producer = Some(self.kafka.producer_with(Counting)?);
+            *producer = Some(self.kafka.producer_with(CountDeliveries)?);
         }
         let producer = producer.as_ref().context("no producer")?;
         let count = batch.messages.len();
-        let acks = Arc::new(Acks::new(count));
+        let acks = Arc::new(Deliveries::new(count));
         for Message { key, envelope, headers, .. } in batch.messages {
             let mut record = BaseRecord::with_opaque_to(&self.kafka.topic, Arc::clone(&acks))
                 .key(&batch.bytes[key])
@@ -310,65 +308,6 @@ impl Drop for Reader {
 async fn acknowledged(batch: Option<&InFlight>) -> anyhow::Result<()> {
     let Some(batch) = batch else { return std::future::pending().await };
     batch.acks.settled().await
-}
-
-/// The relay's producer context: each delivery report is counted in its batch's [`Acks`]. A
-/// future per message, as rdkafka's `FutureProducer` makes, would cost an allocation and a
-/// channel for every event, where the relay only needs to know when a batch is done.
-struct Counting;
-
-impl ClientContext for Counting {}
-
-impl ProducerContext for Counting {
-    type DeliveryOpaque = Arc<Acks>;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
-        acks.settle(result.as_ref().err().map(|(e, _)| e));
-    }
-}
-
-/// The delivery reports of one batch, counted as the producer's thread receives them.
-struct Acks {
-    /// Messages of the batch not yet acknowledged or refused.
-    pending: AtomicUsize,
-    /// The first refusal.
-    failed: OnceLock<KafkaError>,
-    /// Signalled when the last message settles or the first is refused.
-    changed: Notify,
-}
-
-impl Acks {
-    fn new(messages: usize) -> Self {
-        Self { pending: AtomicUsize::new(messages), failed: OnceLock::new(), changed: Notify::new() }
-    }
-
-    /// One message's report: acknowledged, or refused with `error`.
-    fn settle(&self, error: Option<&KafkaError>) {
-        let first_refusal = error.is_some_and(|e| self.failed.set(e.clone()).is_ok());
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 || first_refusal {
-            self.changed.notify_one();
-        }
-    }
-
-    /// Whether every message was acknowledged, looking without waiting.
-    fn succeeded(&self) -> bool {
-        self.failed.get().is_none() && self.pending.load(Ordering::Acquire) == 0
-    }
-
-    /// Waits until every message was acknowledged, or one refused. The state is looked at
-    /// before each wait (a signal sent before the wait began is kept as a permit), so a
-    /// cancelled call loses nothing.
-    async fn settled(&self) -> anyhow::Result<()> {
-        loop {
-            if let Some(e) = self.failed.get() {
-                return Err(e.clone()).context("the broker did not acknowledge an event");
-            }
-            if self.pending.load(Ordering::Acquire) == 0 {
-                return Ok(());
-            }
-            self.changed.notified().await;
-        }
-    }
 }
 
 /// One read of the log, as the relay produces it: each message's key and envelope lie in one
@@ -653,7 +592,7 @@ struct InFlight {
     last: Cursor,
     /// Its messages.
     count: usize,
-    acks: Arc<Acks>,
+    acks: Arc<Deliveries>,
 }
 
 /// Enqueues one record; a full queue is drained by waiting a little.

@@ -145,11 +145,8 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
         delivery.await?.map_err(|(e, _)| e)?;
     }
     let secs = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
     drop(producer);
-    plain.delete_topics().await?;
-    println!("plain producer: {} messages in {secs:.2}s", messages.len());
-    Ok(messages.len() as f64 / secs)
+    round_ended("plain producer", &plain, &bar, messages.len(), secs).await
 }
 
 /// Sends `messages` to a fresh topic from a producer that counts its deliveries, as the relay's
@@ -190,11 +187,22 @@ async fn counting_round(kafka: &KafkaConfig, messages: &[PlainMessage]) -> anyho
     bar.set_message("counting producer: awaiting acknowledgements");
     deliveries.settled().await?;
     let secs = started.elapsed().as_secs_f64();
-    bar.finish_and_clear();
     drop(producer);
-    plain.delete_topics().await?;
-    println!("counting producer: {} messages in {secs:.2}s", messages.len());
-    Ok(messages.len() as f64 / secs)
+    round_ended("counting producer", &plain, &bar, messages.len(), secs).await
+}
+
+/// A producer's round is over after `secs`: its topics deleted, its rate in messages/s.
+async fn round_ended(
+    name: &str,
+    topics: &KafkaConfig,
+    bar: &ProgressBar,
+    sent: usize,
+    secs: f64,
+) -> anyhow::Result<f64> {
+    bar.finish_and_clear();
+    topics.delete_topics().await?;
+    println!("{name}: {sent} messages in {secs:.2}s");
+    Ok(sent as f64 / secs)
 }
 
 /// Relays the whole log to a fresh topic; returns its rate in events/s after its first

@@ -22,8 +22,8 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{
     BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig, ThreadedProducer,
 };
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolCopyExt as _;
+use sqlx::postgres::PgConnection;
+use sqlx::{ConnectOptions as _, PgPool};
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
@@ -257,6 +257,11 @@ enum Step {
 
 /// A task reading the log ahead of the relay, batch after batch, into a short queue. It waits
 /// for appends when it has read everything, and stops at its first error, which it queues.
+///
+/// It reads on a connection of its own, not one of the pool's: a `COPY` cut short (the task
+/// aborted, a row it cannot parse) leaves the connection mid-copy, and sqlx would give such a
+/// connection back to the pool with the copy's last replies still unread, for the next query
+/// to take as its own. The task's connection is closed with it instead.
 struct Reader {
     batches: mpsc::Receiver<anyhow::Result<Batch>>,
     task: tokio::task::JoinHandle<()>,
@@ -268,9 +273,16 @@ impl Reader {
         let task = tokio::spawn(async move {
             let mut appended = signal.subscribe();
             let mut after = after;
+            let mut connection = match pool.connect_options().connect().await {
+                Ok(connection) => connection,
+                Err(e) => {
+                    let _ = sender.send(Err(e).context("connecting to read the log")).await;
+                    return;
+                }
+            };
             loop {
                 appended.mark_unchanged();
-                let batch = match read_messages(&pool, after).await {
+                let batch = match read_messages(&mut connection, after).await {
                     Ok(batch) => batch,
                     Err(e) => {
                         let _ = sender.send(Err(e)).await;
@@ -564,7 +576,7 @@ fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
 /// taken once (an init plan), not once per row. `payload` and `metadata` are selected as
 /// `json`, whose binary form is its text: a `::text` cast made the server convert both for every
 /// row (a fifth of its time per event).
-async fn read_messages(pool: &PgPool, after: Cursor) -> anyhow::Result<Batch> {
+async fn read_messages(connection: &mut PgConnection, after: Cursor) -> anyhow::Result<Batch> {
     // `COPY` takes no parameters: the cursor, two integers of the relay's own, is written in.
     let statement = format!(
         "copy (select global_position, tx_id, stream_id, stream_position, event_id, event_type,
@@ -577,7 +589,7 @@ async fn read_messages(pool: &PgPool, after: Cursor) -> anyhow::Result<Batch> {
            to stdout (format binary)",
         after.tx_id, after.position
     );
-    let mut chunks = pool.copy_out_raw(&statement).await.context("reading the log")?;
+    let mut chunks = connection.copy_out_raw(&statement).await.context("reading the log")?;
     let mut batch = Batch::new();
     let mut rows = CopyRows::default();
     while let Some(chunk) = chunks.try_next().await.context("reading the log")? {

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use zpanel_commands::postgres::{EVENT_COLUMNS, event_from_row, read_all_on};
+use zpanel_commands::postgres::{BELOW_HORIZON, EVENT_COLUMNS, event_from_row, read_all_on};
 use zpanel_commands::{
     Actor, AppendSignal, CommandContext, CommandHandler, Cursor, Keyring, PgEventStore, RecordedEvent,
 };
@@ -277,7 +277,7 @@ async fn tail(db: Arc<Database>, follow: bool, lines: i64, shutdown: impl Future
     // The newest events below the safe horizon: the cursor after them misses nothing later.
     // One more than asked is read, so that `-n 0` still learns where the log ends.
     let rows = sqlx::query(&format!(
-        "select {EVENT_COLUMNS} from events where tx_id < pg_snapshot_xmin(pg_current_snapshot())
+        "select {EVENT_COLUMNS} from events where {BELOW_HORIZON}
           order by events.tx_id desc, events.global_position desc limit $1"
     ))
     .bind(lines.max(0) + 1)

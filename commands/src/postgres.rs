@@ -24,6 +24,11 @@ pub struct PgEventStore {
 pub const EVENT_COLUMNS: &str = "global_position, tx_id::text::bigint as tx_id, stream_id, stream_position, event_id, \
      event_type, schema_version, team_id, payload, metadata, recorded_at";
 
+/// True for an event below the log's safe horizon: its transaction id is older than the oldest
+/// transaction still running, so no event can still commit before it (ADR 0001). The horizon is
+/// a sub-select, so a query takes it once (an init plan), not once per row.
+pub const BELOW_HORIZON: &str = "tx_id < (select pg_snapshot_xmin(pg_current_snapshot()))";
+
 /// An append statement: `$bump` is a CTE that touches the stream row only if the expected
 /// version holds, returning it; the events are inserted only through that row.
 macro_rules! append_sql {
@@ -273,7 +278,7 @@ where
     E: sqlx::PgExecutor<'e>,
 {
     let sql = format!(
-        "select {EVENT_COLUMNS}, tx_id < pg_snapshot_xmin(pg_current_snapshot()) as safe
+        "select {EVENT_COLUMNS}, {BELOW_HORIZON} as safe
            from events
           where (tx_id, global_position) > ($1::text::xid8, $2)
           -- Qualified: a bare `tx_id` would name the selected `tx_id::text::bigint`, which no

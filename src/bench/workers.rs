@@ -156,32 +156,23 @@ async fn counting_round(kafka: &KafkaConfig, messages: &[PlainMessage]) -> anyho
     plain.ensure_topics().await?;
     let producer = plain.producer_with(CountDeliveries)?;
     let send = async |message: &PlainMessage, deliveries: &Arc<Deliveries>| {
-        let mut record = BaseRecord::with_opaque_to(&plain.topic, Arc::clone(deliveries))
-            .key(message.key.as_str())
+        let record = BaseRecord::with_opaque_to(&plain.topic, Arc::clone(deliveries))
+            .key(message.key.as_bytes())
             .payload(message.value.as_slice())
             .headers(message.headers());
-        loop {
-            match producer.send(record) {
-                Ok(()) => return,
-                // A full queue: let the producer's threads drain it.
-                Err((_, back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            }
-        }
+        zpanel_workers::kafka::send(&producer, record).await
     };
     // Warmed up, as the plain producer is.
     if let Some(first) = messages.first() {
         let warm_up = Arc::new(Deliveries::new(1));
-        send(first, &warm_up).await;
+        send(first, &warm_up).await?;
         warm_up.settled().await?;
     }
     let bar = progress(messages.len() as u64, "counting producer")?;
     let started = Instant::now();
     let deliveries = Arc::new(Deliveries::new(messages.len()));
     for message in messages {
-        send(message, &deliveries).await;
+        send(message, &deliveries).await?;
     }
     bar.set_position(messages.len() as u64);
     bar.set_message("counting producer: awaiting acknowledgements");

@@ -452,7 +452,7 @@ async fn an_event_delivered_twice_is_handled_once_in_both_modes() {
         // Delivered again: through Kafka as a duplicate message, in-process by a rewound cursor.
         match &mode.delivery {
             Delivery::Kafka(kafka) => {
-                let producer = kafka.producer().expect("producer");
+                let producer = kafka.producer_with(zpanel_workers::kafka::CountDeliveries).expect("producer");
                 zpanel_workers::relay::produce_in_order(&producer, &kafka.topic, &[wanted[0].clone()])
                     .await
                     .expect("produce a duplicate");

@@ -13,7 +13,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -226,6 +226,26 @@ impl Deliveries {
                 return Ok(());
             }
             self.changed.notified().await;
+        }
+    }
+}
+
+/// Enqueues `record` on `producer`; a full queue is drained by waiting a little.
+///
+/// # Errors
+/// When librdkafka refuses the message for another reason.
+pub async fn send(
+    producer: &ThreadedProducer<CountDeliveries>,
+    mut record: BaseRecord<'_, [u8], [u8], Arc<Deliveries>>,
+) -> anyhow::Result<()> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err((e, _)) => return Err(e).context("enqueueing an event for Kafka"),
         }
     }
 }

@@ -17,11 +17,8 @@ use crate::exclusive::Exclusive;
 use crate::kafka::{self, CountDeliveries, Deliveries, KafkaConfig};
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{
-    BaseRecord, DeliveryFuture, FutureProducer, FutureRecord, Producer as _, PurgeConfig, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, Producer as _, PurgeConfig, ThreadedProducer};
 use sqlx::postgres::PgConnection;
 use sqlx::{ConnectOptions as _, PgPool};
 use std::collections::VecDeque;
@@ -33,6 +30,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
 use uuid::Uuid;
+use zpanel_commands::postgres::BELOW_HORIZON;
 use zpanel_commands::{AppendSignal, Cursor, RecordedEvent};
 
 /// Events enqueued, and acknowledged, per batch.
@@ -232,18 +230,11 @@ impl Relay {
         let count = batch.messages.len();
         let acks = Arc::new(Deliveries::new(count));
         for Message { key, envelope, headers, .. } in batch.messages {
-            let mut record = BaseRecord::with_opaque_to(&self.kafka.topic, Arc::clone(&acks))
+            let record = BaseRecord::with_opaque_to(&self.kafka.topic, Arc::clone(&acks))
                 .key(&batch.bytes[key])
                 .payload(&batch.bytes[envelope])
                 .headers(headers);
-            // A full queue is drained by waiting a little.
-            while let Err((e, back)) = producer.send(record) {
-                if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) {
-                    return Err(e).context("enqueueing an event for Kafka");
-                }
-                record = back;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            kafka::send(producer, record).await?;
         }
         Ok(InFlight { last, count, acks })
     }
@@ -572,16 +563,14 @@ fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
 /// most [`BATCH`] events, as messages. It is read as a binary `COPY`, whose rows the relay parses
 /// as they arrive while PostgreSQL still sends the rest: without sqlx's row stream and its
 /// per-column decoding, the relay's side of the read costs about a quarter less than a
-/// `select`'s (PostgreSQL's about a tenth more; see ADR 0007). The snapshot's horizon is
-/// taken once (an init plan), not once per row. `payload` and `metadata` are selected as
+/// `select`'s (PostgreSQL's about a tenth more; see ADR 0007). `payload` and `metadata` are selected as
 /// `json`, whose binary form is its text: a `::text` cast made the server convert both for every
 /// row (a fifth of its time per event).
 async fn read_messages(connection: &mut PgConnection, after: Cursor) -> anyhow::Result<Batch> {
     // `COPY` takes no parameters: the cursor, two integers of the relay's own, is written in.
     let statement = format!(
         "copy (select global_position, tx_id, stream_id, stream_position, event_id, event_type,
-                      schema_version, team_id, payload, metadata, recorded_at,
-                      tx_id < (select pg_snapshot_xmin(pg_current_snapshot()))
+                      schema_version, team_id, payload, metadata, recorded_at, {BELOW_HORIZON}
                  from events
                 where (tx_id, global_position) > ('{}'::xid8, {})
                 order by events.tx_id, events.global_position
@@ -607,43 +596,26 @@ struct InFlight {
     acks: Arc<Deliveries>,
 }
 
-/// Enqueues one record; a full queue is drained by waiting a little.
-async fn enqueue(producer: &FutureProducer, mut record: FutureRecord<'_, str, [u8]>) -> anyhow::Result<DeliveryFuture> {
-    loop {
-        match producer.send_result(record) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                record = back;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err((e, _)) => return Err(e).context("enqueueing an event for Kafka"),
-        }
-    }
-}
-
 /// Enqueues `events` on `producer` in order (encoded as [`kafka::encode`] does), then waits
 /// until the broker acknowledged them all.
 ///
 /// # Errors
-/// The first delivery that failed.
-pub async fn produce_in_order(producer: &FutureProducer, topic: &str, events: &[RecordedEvent]) -> anyhow::Result<()> {
-    let mut deliveries = Vec::with_capacity(events.len());
+/// The first message refused.
+pub async fn produce_in_order(
+    producer: &ThreadedProducer<CountDeliveries>,
+    topic: &str,
+    events: &[RecordedEvent],
+) -> anyhow::Result<()> {
+    let deliveries = Arc::new(Deliveries::new(events.len()));
     for event in events {
         let value = kafka::encode(event)?;
-        let record = FutureRecord::to(topic)
-            .key(event.stream_id.as_str())
+        let record = BaseRecord::with_opaque_to(topic, Arc::clone(&deliveries))
+            .key(event.stream_id.as_bytes())
             .payload(value.as_slice())
             .headers(kafka::headers(event));
-        deliveries.push(enqueue(producer, record).await?);
+        kafka::send(producer, record).await?;
     }
-    for delivery in deliveries {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e).context("the broker did not acknowledge an event"),
-            Err(_) => anyhow::bail!("the producer dropped a delivery"),
-        }
-    }
-    Ok(())
+    deliveries.settled().await
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use super::{ms, percentiles};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::BaseRecord;
 use sqlx::PgPool;
 use std::collections::HashMap;
@@ -132,10 +133,11 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => break deliveries.push(delivery),
-                Err((_, back)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
+                Err((e, _)) => return Err(e).context("the plain producer refused a message"),
             }
         }
     }

@@ -64,6 +64,12 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Ask a running Zpanel process whether it is up: `GET URL` (its `/healthz`), exit 0 on a
+    /// `200`. For container health checks: Zpanel's image has no HTTP client of its own.
+    Health {
+        /// What to ask, e.g. `http://127.0.0.1:8080/healthz`.
+        url: String,
+    },
     /// Measure Zpanel against baselines on this machine (figures for docs/BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -125,8 +131,19 @@ pub async fn run(cli: Cli, shutdown: impl Future<Output = ()> + Send) -> anyhow:
             println!("new master key {id} seals from now on; older keys still open what they sealed");
             Ok(())
         }
+        Command::Health { url } => health(&url).await,
         Command::Bench { command } => crate::bench::run(&config, command).await,
     }
+}
+
+async fn health(url: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let response = client.get(url).send().await.with_context(|| format!("asking {url}"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(status.is_success(), "{url} answered {status}: {}", body.trim());
+    println!("{}", body.trim());
+    Ok(())
 }
 
 async fn with_database<F, Fut>(config: &Config, connections: u32, f: F) -> anyhow::Result<()>

@@ -42,15 +42,9 @@ impl Caddy {
         let admin_port = free_port();
         let config = dir.0.join("caddy.json");
         std::fs::write(&config, format!(r#"{{"admin":{{"listen":"127.0.0.1:{admin_port}"}}}}"#)).expect("config");
-        let child = Command::new("caddy")
+        let child = caddy_in(&dir.0)
             .args(["run", "--config"])
             .arg(&config)
-            .env("HOME", &dir.0)
-            .env("XDG_DATA_HOME", dir.0.join("data"))
-            .env("XDG_CONFIG_HOME", dir.0.join("config"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("caddy is installed (scripts/test installs it)");
         let admin = format!("http://127.0.0.1:{admin_port}");
@@ -72,6 +66,20 @@ impl Caddy {
             ("ZPANEL_DEPLOY_GRACE_SECONDS", "1"),
         ]
     }
+}
+
+/// A `caddy` command whose home, data and saved configuration live under `dir`, quiet.
+#[must_use]
+pub fn caddy_in(dir: &Path) -> Command {
+    let mut command = Command::new("caddy");
+    command
+        .env("HOME", dir)
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
 }
 
 impl Drop for Caddy {

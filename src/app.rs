@@ -20,6 +20,8 @@ pub struct App {
     pub state: ApiState,
     /// Where the API listens.
     pub address: SocketAddr,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_address: Option<SocketAddr>,
     /// The parts, the API's among them.
     pub parts: Parts,
 }
@@ -190,18 +192,30 @@ pub fn start_workers(
 /// How long a stopping process waits for its deploy jobs to hand their deployments back.
 const DEPLOY_SHUTDOWN_PATIENCE: Duration = Duration::from_secs(20);
 
+/// How the API of a process is set up.
+#[derive(Debug)]
+pub struct ApiSettings {
+    /// Per-token request budgets.
+    pub rate: RateLimiter,
+    /// Responses of a shared `events` subscription buffered for its slowest subscriber.
+    pub subscription_buffer: usize,
+    /// What one request, token or socket may cost.
+    pub limits: zpanel_api::limits::Limits,
+    /// Where `/metrics` is served (`None`: nowhere); never the API's own listener.
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
 /// Starts the projections, the feed, the deployment log listener and the API on `listener`.
 /// Appends through the returned state raise `signal`, which wakes the projections at once.
 ///
 /// # Errors
-/// When the listener has no address.
+/// When a listener has no address.
 pub fn start(
     pool: sqlx::PgPool,
     signal: AppendSignal,
     keyring: Arc<Keyring>,
     listener: tokio::net::TcpListener,
-    rate: RateLimiter,
-    subscription_buffer: usize,
+    settings: ApiSettings,
     container_logs: Option<Arc<dyn zpanel_api::logs::ContainerLogs>>,
 ) -> anyhow::Result<App> {
     let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
@@ -213,22 +227,28 @@ pub fn start(
         pool,
         keyring,
         feed: feed.clone(),
-        rate: Arc::new(rate),
+        rate: Arc::new(settings.rate),
+        limits: settings.limits,
+        subscriptions: Arc::new(zpanel_api::limits::Subscriptions::new(settings.limits.subscriptions_per_token)),
         metrics: Arc::default(),
         token_checks: Arc::default(),
         cache: Arc::default(),
         logs: logs.clone(),
         container_logs,
-        subscription_buffer,
+        subscription_buffer: settings.subscription_buffer,
     };
     let address = listener.local_addr()?;
+    let metrics_address = settings.metrics.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
     let mut parts = Parts::new();
     parts.spawn("the projection runner", move |until| async move { runner.run(signal, until).await });
     parts.spawn("the subscription feed", move |until| async move { feed.run(until).await });
     parts.spawn("the deployment log listener", move |until| logs.run(until));
-    let router = zpanel_api::router(state.clone());
-    parts.spawn("the API server", move |until| zpanel_api::serve(listener, router, until));
-    Ok(App { state, address, parts })
+    let routers = zpanel_api::routers(state.clone());
+    parts.spawn("the API server", move |until| zpanel_api::serve(listener, routers.api, until));
+    if let Some(metrics) = settings.metrics {
+        parts.spawn("the metrics server", move |until| zpanel_api::serve(metrics, routers.metrics, until));
+    }
+    Ok(App { state, address, metrics_address, parts })
 }
 
 /// The running release's output, straight from the Docker Engine where it runs (this machine's,

@@ -165,22 +165,28 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("listening on {} (ZPANEL_LISTEN)", config.listen))?;
+    let metrics = match config.metrics_listen.trim() {
+        "" => None,
+        listen => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen} (ZPANEL_METRICS_LISTEN)"))?,
+        ),
+    };
     let db = Database::open(config, 32).await?;
     let signal = AppendSignal::new();
     let bridge = signal.bridge(db.pool.clone()).await?;
-    let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
+    let settings = crate::app::ApiSettings {
+        rate: zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst),
+        subscription_buffer: config.subscription_buffer,
+        limits: config.api_limits(),
+        metrics,
+    };
     let keyring = Arc::new(keyring);
     let places = config.deploy().places();
     let container_logs = crate::app::EngineLogs::new(db.pool.clone(), signal.clone(), &keyring, &places)?;
-    let mut app = crate::app::start(
-        db.pool.clone(),
-        signal.clone(),
-        keyring,
-        listener,
-        rate,
-        config.subscription_buffer,
-        Some(container_logs),
-    )?;
+    let mut app =
+        crate::app::start(db.pool.clone(), signal.clone(), keyring, listener, settings, Some(container_logs))?;
     if with_workers {
         let metrics = Arc::clone(&app.state.metrics);
         let keyring = Arc::clone(&app.state.keyring);
@@ -188,6 +194,10 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
         crate::app::start_workers(&mut app.parts, &db.pool, &signal, &keyring, &mode, Some(&metrics))?;
     }
     tracing::info!(address = %app.address, "zpanel is running");
+    // Tests and scripts read where each listener is from these lines; the API's comes last.
+    if let Some(metrics) = app.metrics_address {
+        println!("metrics on http://{metrics}/metrics");
+    }
     println!("listening on http://{}", app.address);
     let result = app.run_until(shutdown).await;
     bridge.abort();
@@ -357,6 +367,7 @@ async fn bootstrap(db: Arc<Database>, team: String) -> anyhow::Result<()> {
         token_hash: generated.hash.clone(),
         expires_at: None,
         creator_abilities: root,
+        creator_expires_at: None,
         now: time::OffsetDateTime::now_utc(),
     };
     let ctx = CommandContext::new(team_id, actor, "cli");

@@ -30,6 +30,28 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_API_BURST", default_value_t = 200, global = true)]
     pub api_burst: u32,
 
+    /// Largest answer the API sends (JSON bytes); a larger one is replaced by a
+    /// `LIMIT_EXCEEDED` error.
+    #[arg(long, env = "ZPANEL_API_MAX_RESPONSE_BYTES", default_value_t = zpanel_api::limits::RESPONSE_BYTES,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1024..=1 << 30), global = true)]
+    pub api_max_response_bytes: usize,
+
+    /// Subscriptions one API token may hold open at once (per API process).
+    #[arg(long, env = "ZPANEL_SUBSCRIPTIONS_PER_TOKEN", default_value_t = zpanel_api::limits::SUBSCRIPTIONS_PER_TOKEN,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000), global = true)]
+    pub subscriptions_per_token: usize,
+
+    /// Subscriptions one WebSocket may hold open at once.
+    #[arg(long, env = "ZPANEL_SUBSCRIPTIONS_PER_SOCKET", default_value_t = zpanel_api::limits::SUBSCRIPTIONS_PER_SOCKET,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000), global = true)]
+    pub subscriptions_per_socket: usize,
+
+    /// Where `serve` and `api` serve `/metrics` (`host:port`; port 0 picks a free one; empty:
+    /// nowhere). Never on the API's listener: the counters describe every team's traffic, so
+    /// they stay on loopback unless the operator opens them.
+    #[arg(long, env = "ZPANEL_METRICS_LISTEN", default_value = "127.0.0.1:9464", global = true)]
+    pub metrics_listen: String,
+
     /// Responses of a shared live audit stream buffered for its slowest WebSocket subscriber;
     /// one further behind catches up from the audit log on its own.
     #[arg(long, env = "ZPANEL_SUBSCRIPTION_BUFFER", default_value_t = zpanel_api::hub::CAPACITY,
@@ -117,6 +139,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// What one API request, token or socket may cost.
+    #[must_use]
+    pub fn api_limits(&self) -> zpanel_api::limits::Limits {
+        zpanel_api::limits::Limits {
+            response_bytes: self.api_max_response_bytes,
+            subscriptions_per_token: self.subscriptions_per_token,
+            subscriptions_per_socket: self.subscriptions_per_socket,
+        }
+    }
+
     /// The broker settings, when Kafka is configured.
     #[must_use]
     pub fn kafka(&self) -> Option<zpanel_workers::KafkaConfig> {

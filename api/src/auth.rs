@@ -49,6 +49,11 @@ impl Caller {
         self.abilities.allows(Ability::ReadSensitive)
     }
 
+    /// The hash of the token presented, to look it up again.
+    pub(crate) fn token_hash(&self) -> &str {
+        &self.token_hash
+    }
+
     /// The actor recorded on the events this caller causes.
     #[must_use]
     pub fn actor(&self) -> Actor {
@@ -132,6 +137,13 @@ pub async fn connection_init(pool: &PgPool, payload: &serde_json::Value) -> ApiR
     authenticate(pool, header).await
 }
 
+/// The caller whose token hashes to `hash`, if the token works now. The one place that decides
+/// whether a token works (it exists, is not revoked, has not expired): HTTP requests, every
+/// operation sent on a WebSocket and open subscriptions all ask here, so a rule added here (the
+/// token's user still in the team) holds on every transport at once.
+///
+/// # Errors
+/// When the database fails.
 pub(crate) async fn lookup(pool: &PgPool, hash: &str) -> ApiResult<Option<Caller>> {
     // By prefix, then the whole hash compared in constant time: how long the index takes
     // depends on the prefix only.

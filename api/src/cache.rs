@@ -98,12 +98,11 @@ pub struct Version {
     checkpoints: std::sync::Arc<Vec<(i64, i64)>>,
 }
 
-/// A kept answer.
+/// A kept answer: its body, the same in either media type it is sent as (each request's
+/// `Accept` chooses its own).
 #[derive(Clone, Debug)]
 pub struct Answer {
     made: Instant,
-    /// The response's `Content-Type`.
-    pub content_type: axum::http::HeaderValue,
     /// The response body.
     pub body: Bytes,
 }
@@ -197,14 +196,7 @@ impl QueryCache {
     }
 
     /// Keeps the answer `token` got to `request` at `version`.
-    pub fn keep_answer(
-        &self,
-        version: &Version,
-        token: Uuid,
-        request: Bytes,
-        content_type: axum::http::HeaderValue,
-        body: Bytes,
-    ) {
+    pub fn keep_answer(&self, version: &Version, token: Uuid, request: Bytes, body: Bytes) {
         if body.len() > MAX_ANSWER {
             return;
         }
@@ -218,7 +210,7 @@ impl QueryCache {
             }
         }
         let key = (token, request);
-        let answer = Answer { made: Instant::now(), content_type, body };
+        let answer = Answer { made: Instant::now(), body };
         if let Some(replaced) = kept.answers.insert(key.clone(), answer) {
             kept.bytes -= replaced.body.len() + key.1.len();
         } else {

@@ -28,6 +28,9 @@ pub enum ApiError {
     },
     /// The request conflicts with the current state (a domain rule, a concurrent change).
     Conflict(String),
+    /// A request, token or socket went past a limit the operator set (an answer's size, open
+    /// subscriptions); the message says which.
+    LimitExceeded(String),
     /// The token sent too many requests.
     RateLimited {
         /// When the next request would be accepted.
@@ -57,7 +60,7 @@ impl ApiError {
             Self::Forbidden(ability) => format!("this token lacks the `{ability}` ability"),
             Self::NotFound(what) => format!("{what} not found"),
             Self::InvalidInput { field, rule } => format!("{field}: {rule}"),
-            Self::Conflict(message) => message.clone(),
+            Self::Conflict(message) | Self::LimitExceeded(message) => message.clone(),
             Self::RateLimited { retry_after_ms } => format!("rate limit exceeded; retry after {retry_after_ms} ms"),
             Self::Internal(_) => "internal error".into(),
         }
@@ -81,6 +84,7 @@ impl ApiError {
             Self::NotFound(_) => "NOT_FOUND",
             Self::InvalidInput { .. } => "INVALID_INPUT",
             Self::Conflict(_) => "CONFLICT",
+            Self::LimitExceeded(_) => "LIMIT_EXCEEDED",
             Self::RateLimited { .. } => "RATE_LIMITED",
             Self::Internal(_) => "INTERNAL",
         }
@@ -90,7 +94,10 @@ impl ApiError {
     pub fn from_command<E: zpanel_domain::Rejection>(what: &'static str, error: CommandError<E>) -> Self {
         match error {
             CommandError::Rejected(rule) if rule.is_not_found() => Self::NotFound(what),
-            CommandError::Rejected(rule) => Self::Conflict(rule.to_string()),
+            CommandError::Rejected(rule) => match rule.field() {
+                Some(field) => Self::invalid(field, rule),
+                None => Self::Conflict(rule.to_string()),
+            },
             CommandError::NotFound => Self::NotFound(what),
             CommandError::Conflict { kind } => {
                 Self::Conflict(format!("the {kind} was changed concurrently; try again"))

@@ -143,6 +143,33 @@ impl Item {
         }
     }
 
+    /// The response as JSON, unless it takes more than `max` bytes (a shared one is written
+    /// once, whole; one of its own is written no further than `max`).
+    ///
+    /// # Errors
+    /// When it is larger.
+    pub fn json_within(&self, max: usize) -> Result<Arc<str>, crate::limits::TooLarge> {
+        match self {
+            Self::Shared(shared) => {
+                let json = shared.json();
+                if json.len() > max { Err(crate::limits::TooLarge) } else { Ok(json) }
+            }
+            Self::Own(response) => {
+                let bytes = crate::limits::to_json_within(response, max)?;
+                String::from_utf8(bytes).map(Arc::from).map_err(|_| crate::limits::TooLarge)
+            }
+        }
+    }
+
+    /// The response.
+    #[must_use]
+    pub fn response(&self) -> &Response {
+        match self {
+            Self::Shared(shared) => &shared.response,
+            Self::Own(response) => response,
+        }
+    }
+
     fn into_response(self) -> Response {
         match self {
             Self::Shared(shared) => copy(&shared.response),

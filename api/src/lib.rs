@@ -6,21 +6,25 @@
 //!   to subscribers.
 //! - [`hub`]: one execution of the live audit stream per distinct subscription, shared by
 //!   every WebSocket subscriber of it.
-//! - [`session`]: the `graphql-transport-ws` protocol, sending shared responses as written.
-//! - [`http`]: the routes — `/graphql` (POST, GraphiQL, WebSocket), the SDL, health, metrics,
-//!   webhooks.
+//! - [`session`]: the GraphQL WebSocket protocols (`graphql-transport-ws`, and the older
+//!   `graphql-ws`), sending shared responses as written.
+//! - `gate`: what every operation passes on either transport — the token as it stands now,
+//!   its rate budget, the alias cap — and the shape of the schema's refusals.
+//! - [`http`]: the routes — `/graphql` (POST, GraphiQL, WebSocket), the SDL, health, webhooks;
+//!   and `/metrics`, on a router of its own for the operator's listener.
 //! - [`webhooks`]: git hosts' push webhooks — signature checks, payload parsing, and the
 //!   deployment a push to an application's branch queues.
 //! - [`logs`]: deployments' logs, read from their table and followed live through one
 //!   `LISTEN` per process; containers' logs, from a [`logs::ContainerLogs`] source.
 //! - [`error`]: the one error type, with stable `extensions.code`s.
-//! - [`limits`]: abuse limits — aliases, per-token rate.
+//! - [`limits`]: abuse limits — aliases, per-token rate, answer size, open subscriptions.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod cache;
 pub mod error;
 pub mod feed;
+mod gate;
 pub mod http;
 pub mod hub;
 pub mod limits;
@@ -34,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use zpanel_commands::{CommandHandler, Cursor, Keyring, PgEventStore};
 
-pub use http::{router, serve};
+pub use http::{Routers, routers, serve};
 
 /// How long a mutation waits for the read models to show its effect before answering.
 pub const READ_YOUR_WRITES: Duration = Duration::from_secs(10);
@@ -52,6 +56,10 @@ pub struct ApiState {
     pub feed: feed::Feed,
     /// Per-token request budgets.
     pub rate: Arc<limits::RateLimiter>,
+    /// What one request, token or socket may cost.
+    pub limits: limits::Limits,
+    /// Open subscriptions per token.
+    pub subscriptions: Arc<limits::Subscriptions>,
     /// Request counters and latencies.
     pub metrics: Arc<metrics::Metrics>,
     /// Shared re-checks of subscriptions' tokens.

@@ -17,8 +17,17 @@ pub type ZpanelSchema = Schema<query::Query, mutation::Mutation, subscription::S
 
 /// Deepest selection accepted.
 pub const MAX_DEPTH: usize = 12;
-/// Most complex query accepted (each field counts one; lists count their `first`).
-pub const MAX_COMPLEXITY: usize = 2_000;
+/// Most costly operation accepted: each field costs one, and a paged list costs its `first` (or
+/// its default page) times its selection ([`list_cost`]). One deployment's log of 1000 lines
+/// with every field costs about 5000; the logs of 100 deployments cost a hundred times that.
+pub const MAX_COMPLEXITY: usize = 20_000;
+
+/// The cost of a paged list field: itself, and `first` (or `default`) items of its selection.
+/// Counted before execution, so a request that would build a huge answer never runs.
+pub(crate) fn list_cost(first: Option<i32>, default: usize, child_complexity: usize) -> usize {
+    let items = first.map_or(default, |n| usize::try_from(n).unwrap_or(0));
+    items.saturating_mul(child_complexity).saturating_add(1)
+}
 
 /// Whether unknown names get "did you mean …?" hints: only for authenticated requests, so the
 /// schema is not guessed field by field by strangers (introspection itself stays open: this is

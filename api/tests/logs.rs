@@ -58,6 +58,7 @@ async fn env(container_logs: Option<Arc<dyn ContainerLogs>>) -> Env {
         token_hash: token.hash.clone(),
         expires_at: None,
         creator_abilities: Abilities::new(Ability::ALL),
+        creator_expires_at: None,
         now: OffsetDateTime::now_utc(),
     };
     let ctx = CommandContext::new(mine.team_id, Actor::system("test"), "test");
@@ -73,6 +74,8 @@ async fn env(container_logs: Option<Arc<dyn ContainerLogs>>) -> Env {
         keyring: Arc::new(keyring),
         feed: zpanel_api::feed::Feed::new(db.pool.clone(), names, runner.projected()),
         rate: Arc::new(zpanel_api::limits::RateLimiter::new(1000, 1000)),
+        limits: zpanel_api::limits::Limits::default(),
+        subscriptions: Arc::new(zpanel_api::limits::Subscriptions::new(1000)),
         metrics: Arc::default(),
         token_checks: Arc::default(),
         cache: Arc::default(),

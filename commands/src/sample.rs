@@ -376,6 +376,7 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
             token_hash: token.hash,
             expires_at: None,
             creator_abilities: all,
+            creator_expires_at: None,
             now,
         },
     )

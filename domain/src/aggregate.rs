@@ -132,6 +132,13 @@ pub trait Rejection: std::error::Error + Send + Sync + 'static {
     /// Whether the rule is that the aggregate does not exist (never did, or was removed):
     /// clients are told it is not found, exactly as for another team's id.
     fn is_not_found(&self) -> bool;
+
+    /// The command field whose value broke the rule, as clients name it (`expiresAt`), when
+    /// the rule is about one value the client chose: clients are then told it is invalid
+    /// input naming that field, rather than a conflict with the current state.
+    fn field(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// An aggregate: a consistency boundary whose state is the fold of its events.

@@ -1,7 +1,8 @@
 //! An API token of a team: a bearer secret (`zp_…`) that carries abilities.
 //!
 //! The token itself never enters the domain: the handler generates it, shows it once, and puts
-//! only its hex SHA-256 into the command. A token never grants what its creator lacks.
+//! only its hex SHA-256 into the command. A token never grants what its creator lacks, and never
+//! outlives it: a creator that expires makes only tokens that expire no later.
 
 use crate::aggregate::{Aggregate, DomainEvent};
 use crate::changes::{Describe, FieldValue};
@@ -81,6 +82,8 @@ pub enum ApiTokenCommand {
         expires_at: Option<OffsetDateTime>,
         /// What the user or token asking for it may do (outside fact).
         creator_abilities: Abilities,
+        /// When the user's session or token asking for it stops working, if ever (outside fact).
+        creator_expires_at: Option<OffsetDateTime>,
         /// The time of the request.
         now: OffsetDateTime,
     },
@@ -139,6 +142,14 @@ pub enum ApiTokenError {
     /// An expiry that has already passed.
     #[error("the expiry must be in the future")]
     ExpiryInThePast,
+    /// A token that would outlive its creator (one that never expires, or expires later):
+    /// refused rather than shortened, so that nobody holds a token that stops working earlier
+    /// than they asked without knowing it.
+    #[error("a token cannot outlive its creator; give an expiry no later than {}", rfc3339(*.creator_expires_at))]
+    OutlivesCreator {
+        /// When the creator stops working.
+        creator_expires_at: OffsetDateTime,
+    },
     /// The hash is not a hex SHA-256; refused so that a token can never be stored by mistake.
     #[error("the token hash must be 64 lowercase hex digits")]
     TokenHashMalformed,
@@ -151,6 +162,20 @@ impl crate::Rejection for ApiTokenError {
     fn is_not_found(&self) -> bool {
         matches!(self, Self::ApiTokenNotFound)
     }
+
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::NoAbilities | Self::ExceedsCreator => Some("abilities"),
+            Self::ExpiryInThePast | Self::OutlivesCreator { .. } => Some("expiresAt"),
+            Self::ApiTokenAlreadyExists | Self::ApiTokenNotFound | Self::TokenHashMalformed | Self::AlreadyRevoked => {
+                None
+            }
+        }
+    }
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap_or_else(|_| at.to_string())
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -175,6 +200,7 @@ impl Aggregate for ApiToken {
                     token_hash,
                     expires_at,
                     creator_abilities,
+                    creator_expires_at,
                     now,
                 },
             ) => {
@@ -186,6 +212,11 @@ impl Aggregate for ApiToken {
                 }
                 if expires_at.is_some_and(|expiry| expiry <= *now) {
                     return Err(ApiTokenError::ExpiryInThePast);
+                }
+                if let Some(creator_expires_at) = *creator_expires_at
+                    && expires_at.is_none_or(|expiry| expiry > creator_expires_at)
+                {
+                    return Err(ApiTokenError::OutlivesCreator { creator_expires_at });
                 }
                 if !is_sha256_hex(token_hash) {
                     return Err(ApiTokenError::TokenHashMalformed);
@@ -277,8 +308,18 @@ mod tests {
             token_hash: HASH.into(),
             expires_at,
             creator_abilities: abilities(creator),
+            creator_expires_at: None,
             now: NOW,
         }
+    }
+
+    /// `create`, asked by a creator that expires at `creator_expires_at`.
+    fn create_by_expiring(expires_at: Option<OffsetDateTime>, creator_expires_at: OffsetDateTime) -> ApiTokenCommand {
+        let mut command = create(&[Ability::Read], &[Ability::Root], expires_at);
+        if let ApiTokenCommand::CreateApiToken { creator_expires_at: creator, .. } = &mut command {
+            *creator = Some(creator_expires_at);
+        }
+        command
     }
 
     fn created(expires_at: Option<OffsetDateTime>) -> Vec<ApiTokenEvent> {
@@ -304,6 +345,7 @@ mod tests {
             token_hash: HASH.into(),
             expires_at: Some(expiry),
             creator_abilities: abilities(&[Ability::Read, Ability::Deploy, Ability::Write]),
+            creator_expires_at: None,
             now: NOW,
         };
         assert_eq!(
@@ -350,6 +392,24 @@ mod tests {
                 Err(ApiTokenError::ExpiryInThePast)
             );
         }
+    }
+
+    #[test]
+    fn a_token_never_outlives_a_creator_that_expires() {
+        let creator_expires_at = NOW + Duration::days(1);
+        for expires_at in [None, Some(creator_expires_at + Duration::seconds(1)), Some(NOW + Duration::days(365))] {
+            assert_eq!(
+                given(&[]).decide(&create_by_expiring(expires_at, creator_expires_at)),
+                Err(ApiTokenError::OutlivesCreator { creator_expires_at }),
+                "{expires_at:?}"
+            );
+        }
+        for expires_at in [creator_expires_at, NOW + Duration::hours(1)] {
+            assert!(given(&[]).decide(&create_by_expiring(Some(expires_at), creator_expires_at)).is_ok());
+        }
+        let refusal = ApiTokenError::OutlivesCreator { creator_expires_at };
+        assert!(refusal.to_string().ends_with("2025-03-02T12:00:00Z"), "{refusal}");
+        assert_eq!(crate::Rejection::field(&refusal), Some("expiresAt"));
     }
 
     #[test]

@@ -43,6 +43,7 @@ async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> 
         token_hash: generated.hash.clone(),
         expires_at: None,
         creator_abilities: root,
+        creator_expires_at: None,
         now: time::OffsetDateTime::now_utc(),
     };
     let ctx = CommandContext::new(team.team_id, Actor::system("bench"), "bench");
@@ -59,8 +60,16 @@ async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> 
         signal,
         Arc::new(keyring),
         listener,
-        unlimited,
-        zpanel_api::hub::CAPACITY,
+        crate::app::ApiSettings {
+            rate: unlimited,
+            subscription_buffer: zpanel_api::hub::CAPACITY,
+            // The subscription benchmark holds thousands of one token's subscriptions.
+            limits: zpanel_api::limits::Limits {
+                subscriptions_per_token: usize::MAX,
+                ..zpanel_api::limits::Limits::default()
+            },
+            metrics: None,
+        },
         None,
     )?;
     let url = format!("http://{}", app.address);

@@ -162,8 +162,12 @@ impl Zpanel {
             signal.clone(),
             keyring,
             listener,
-            rate,
-            config.subscription_buffer,
+            crate::app::ApiSettings {
+                rate,
+                subscription_buffer: config.subscription_buffer,
+                limits: config.api_limits(),
+                metrics: None,
+            },
             Some(logs),
         )?;
         let keyring = Arc::clone(&app.state.keyring);

@@ -15,6 +15,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 pub struct App {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// Where it serves `/metrics`: `http://127.0.0.1:PORT/metrics`.
+    pub metrics_url: String,
     /// The database it uses.
     pub db: TestDatabase,
     /// Its data directory.
@@ -93,8 +95,8 @@ impl App {
         for (k, v) in env {
             command.env(k, v);
         }
-        let (child, url) = listen(command).await;
-        Self { url, db, data, child, http: reqwest::Client::new() }
+        let (child, url, metrics_url) = listen(command).await;
+        Self { url, metrics_url, db, data, child, http: reqwest::Client::new() }
     }
 
     /// Starts `zpanel serve` with default settings.
@@ -148,6 +150,15 @@ impl App {
         (response.status().as_u16(), response.text().await.expect("body"))
     }
 
+    /// Its `/metrics`, from the operator's listener; returns status and body.
+    ///
+    /// # Panics
+    /// When the HTTP exchange fails.
+    pub async fn metrics(&self) -> (u16, String) {
+        let response = self.http.get(&self.metrics_url).send().await.expect("GET /metrics");
+        (response.status().as_u16(), response.text().await.expect("body"))
+    }
+
     /// Opens a `graphql-transport-ws` subscription with `token`.
     ///
     /// # Panics
@@ -190,6 +201,62 @@ impl App {
     }
 }
 
+/// A raw WebSocket to an [`App`].
+pub type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl App {
+    /// A WebSocket to the API speaking `protocol`, nothing sent yet.
+    ///
+    /// # Panics
+    /// When the handshake fails.
+    pub async fn socket(&self, protocol: &str) -> Socket {
+        let mut request =
+            format!("{}/graphql", self.url.replacen("http", "ws", 1)).into_client_request().expect("request");
+        request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().expect("header"));
+        tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake").0
+    }
+
+    /// A WebSocket speaking `protocol`, initialised with `token` and acknowledged.
+    ///
+    /// # Panics
+    /// When the handshake or `connection_init` fails.
+    pub async fn session(&self, protocol: &str, token: &str) -> Socket {
+        let mut socket = self.socket(protocol).await;
+        send(
+            &mut socket,
+            json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {token}") } }),
+        )
+        .await;
+        let ack = receive(&mut socket).await;
+        assert_eq!(ack.as_ref().map(|m| m["type"].clone()), Ok(json!("connection_ack")), "{ack:?}");
+        socket
+    }
+}
+
+/// Sends `message` as text.
+///
+/// # Panics
+/// When the socket is closed.
+pub async fn send(socket: &mut Socket, message: Value) {
+    socket.send(Message::text(message.to_string())).await.expect("sent");
+}
+
+/// The next text message as JSON, or the close code (pings are skipped).
+///
+/// # Panics
+/// When nothing comes within 20 s.
+pub async fn receive(socket: &mut Socket) -> Result<Value, u16> {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(20), socket.next()).await.expect("an answer");
+        match next {
+            None | Some(Err(_)) => return Err(1006),
+            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(text.as_str()).expect("JSON")),
+            Some(Ok(Message::Close(frame))) => return Err(frame.map_or(1005, |f| u16::from(f.code))),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
 impl Drop for App {
     fn drop(&mut self) {
         stop(&mut self.child);
@@ -213,7 +280,7 @@ impl App {
     pub async fn peer(&self, subcommand: &str) -> Peer {
         let mut command = zpanel(&self.db, &self.data.0);
         command.arg(subcommand);
-        let (child, url) = listen(command).await;
+        let (child, url, _) = listen(command).await;
         Peer { url, child }
     }
 }
@@ -224,25 +291,32 @@ impl Drop for Peer {
     }
 }
 
-/// Spawns `command` and waits until it says where it listens.
-async fn listen(mut command: std::process::Command) -> (Child, String) {
+/// Spawns `command` and waits until it says where it listens: the API's address, and where it
+/// serves `/metrics` (said first).
+async fn listen(mut command: std::process::Command) -> (Child, String, String) {
     command.stdin(Stdio::null()).stdout(Stdio::piped());
     let mut child = command.spawn().expect("starts zpanel");
     let stdout = child.stdout.take().expect("stdout");
-    let url = tokio::task::spawn_blocking(move || {
+    let (url, metrics) = tokio::task::spawn_blocking(move || {
         let mut lines = BufReader::new(stdout).lines();
+        let mut metrics = String::new();
         let url = lines
             .by_ref()
             .map_while(Result::ok)
-            .find_map(|line| line.strip_prefix("listening on ").map(str::to_owned))
+            .find_map(|line| {
+                if let Some(at) = line.strip_prefix("metrics on ") {
+                    at.clone_into(&mut metrics);
+                }
+                line.strip_prefix("listening on ").map(str::to_owned)
+            })
             .expect("zpanel prints where it listens");
         // Keep draining, so the child never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        url
+        (url, metrics)
     })
     .await
     .expect("reading stdout");
-    (child, url)
+    (child, url, metrics)
 }
 
 fn stop(child: &mut Child) {

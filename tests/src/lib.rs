@@ -53,6 +53,7 @@ pub fn zpanel(db: &TestDatabase, data_dir: &std::path::Path) -> Command {
         .env("ZPANEL_DATABASE_URL", &db.url)
         .env("ZPANEL_DATA_DIR", data_dir)
         .env("ZPANEL_LISTEN", "127.0.0.1:0")
+        .env("ZPANEL_METRICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn");
     command
 }

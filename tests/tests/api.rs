@@ -2,7 +2,7 @@
 //! spoken to over HTTP and WebSocket.
 
 use serde_json::{Value, json};
-use zpanel_tests::api::App;
+use zpanel_tests::api::{App, receive, send};
 
 const CREATE_PROJECT: &str = "mutation($name: String!) { createProject(input: { name: $name }) { id name } }";
 const CREATE_APP: &str = "mutation($project: ID!, $name: String!) {
@@ -430,7 +430,7 @@ async fn abuse_limits_hold_and_health_endpoints_answer() {
     assert_eq!(app.get("/healthz").await.0, 200);
     let (ready, body) = app.get("/readyz").await;
     assert_eq!(ready, 200, "{body}");
-    let (status, metrics) = app.get("/metrics").await;
+    let (status, metrics) = app.metrics().await;
     assert_eq!(status, 200);
     assert!(metrics.contains("zpanel_graphql_requests_seconds_count{kind=\"query\",outcome=\"ok\"}"), "{metrics}");
     assert!(metrics.contains("zpanel_projection_lag_seconds{projection=\"audit_log\"}"), "{metrics}");
@@ -585,7 +585,7 @@ async fn a_repeated_query_sees_every_change_made_through_any_process() {
 async fn metric_reaches(app: &App, metric: &str, wanted: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let (_, body) = app.get("/metrics").await;
+        let (_, body) = app.metrics().await;
         let value = body.lines().find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')).map(str::to_owned);
         if value.as_deref() == Some(wanted) {
             return;
@@ -645,35 +645,6 @@ async fn subscribers_of_one_audit_stream_share_its_execution_and_a_slow_one_catc
     assert!(resynchronised >= 1, "the slow subscriber was told it had fallen behind");
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A WebSocket to `app` speaking `protocol`, nothing sent yet.
-async fn socket(app: &App, protocol: &str) -> Socket {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let mut request = format!("{}/graphql", app.url.replacen("http", "ws", 1)).into_client_request().expect("request");
-    request.headers_mut().insert("Sec-WebSocket-Protocol", protocol.parse().expect("header"));
-    tokio_tungstenite::connect_async(request).await.expect("WebSocket handshake").0
-}
-
-async fn send(socket: &mut Socket, message: Value) {
-    use futures::SinkExt as _;
-    socket.send(tokio_tungstenite::tungstenite::Message::text(message.to_string())).await.expect("sent");
-}
-
-/// The next text message as JSON, or the close code.
-async fn receive(socket: &mut Socket) -> Result<Value, u16> {
-    use futures::StreamExt as _;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        let next = tokio::time::timeout(std::time::Duration::from_secs(20), socket.next()).await.expect("an answer");
-        match next.expect("open").expect("a message") {
-            Message::Text(text) => return Ok(serde_json::from_str(text.as_str()).expect("JSON")),
-            Message::Close(frame) => return Err(frame.map_or(1005, |f| u16::from(f.code))),
-            _ => {}
-        }
-    }
-}
-
 /// The `graphql-transport-ws` protocol's rules: who may subscribe, ids, pings, operations other
 /// than subscriptions, and a client's `complete`.
 #[tokio::test]
@@ -681,19 +652,19 @@ async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
     let app = App::start().await;
     let root = app.bootstrap("Protocol");
 
-    let mut bad = socket(&app, "graphql-transport-ws").await;
+    let mut bad = app.socket("graphql-transport-ws").await;
     send(&mut bad, json!({ "type": "connection_init", "payload": { "authorization": "Bearer zp_nope" } })).await;
     assert_eq!(receive(&mut bad).await, Err(4403), "a bad token is forbidden");
 
-    let mut early = socket(&app, "graphql-transport-ws").await;
+    let mut early = app.socket("graphql-transport-ws").await;
     send(&mut early, json!({ "id": "1", "type": "subscribe", "payload": { "query": "{ me { id } }" } })).await;
     assert_eq!(receive(&mut early).await, Err(4401), "subscribing before the acknowledgement");
 
-    let mut garbled = socket(&app, "graphql-transport-ws").await;
+    let mut garbled = app.socket("graphql-transport-ws").await;
     send(&mut garbled, json!({ "type": "no_such_message" })).await;
     assert_eq!(receive(&mut garbled).await, Err(4400));
 
-    let mut ws = socket(&app, "graphql-transport-ws").await;
+    let mut ws = app.socket("graphql-transport-ws").await;
     let init = json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {root}") } });
     send(&mut ws, init.clone()).await;
     assert_eq!(receive(&mut ws).await, Ok(json!({ "type": "connection_ack" })));
@@ -725,7 +696,7 @@ async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
     send(&mut ws, json!({ "id": "f", "type": "subscribe", "payload": events })).await;
     assert_eq!(receive(&mut ws).await, Err(4409), "an id already running");
 
-    let mut twice = socket(&app, "graphql-transport-ws").await;
+    let mut twice = app.socket("graphql-transport-ws").await;
     send(&mut twice, init.clone()).await;
     assert!(receive(&mut twice).await.is_ok());
     send(&mut twice, init).await;
@@ -738,7 +709,7 @@ async fn the_websocket_session_follows_the_graphql_transport_ws_protocol() {
 async fn the_older_graphql_ws_protocol_still_subscribes() {
     let app = App::start().await;
     let root = app.bootstrap("Legacy");
-    let mut ws = socket(&app, "graphql-ws").await;
+    let mut ws = app.socket("graphql-ws").await;
     send(&mut ws, json!({ "type": "connection_init", "payload": { "authorization": format!("Bearer {root}") } })).await;
     assert_eq!(receive(&mut ws).await.expect("an answer")["type"], "connection_ack");
     let start = json!({ "id": "1", "type": "start", "payload": { "query": "subscription { events { eventType } }" } });

@@ -278,7 +278,7 @@ async fn unknown_applications_and_providers_are_not_found_and_large_bodies_too_l
     let large = vec![b' '; (1 << 20) + 1];
     assert_eq!(setup.deliver("github", &setup.application, &headers, &large).await.0, 413);
 
-    let (status, metrics) = setup.app.get("/metrics").await;
+    let (status, metrics) = setup.app.metrics().await;
     assert_eq!(status, 200);
     assert!(
         metrics.contains("zpanel_webhook_deliveries_total{provider=\"github\",outcome=\"not_found\"} 3"),

@@ -937,8 +937,9 @@ impl Mutation {
         found("server", load::server(state, caller, id).await?)
     }
 
-    /// Creates an API token; its secret is in the answer, once. Needs `root`, and never grants
-    /// more than the caller has.
+    /// Creates an API token; its secret is in the answer, once. Needs `root`, never grants more
+    /// than the caller has, and never outlives it: a caller that expires must give an
+    /// `expiresAt` no later than its own.
     async fn create_api_token(&self, ctx: &Context<'_>, input: CreateApiTokenInput) -> ApiResult<CreatedApiToken> {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Root)?;
@@ -964,6 +965,7 @@ impl Mutation {
             token_hash: generated.hash.clone(),
             expires_at,
             creator_abilities: caller.abilities.clone(),
+            creator_expires_at: caller.expires_at,
             now: OffsetDateTime::now_utc(),
         };
         let outcome =

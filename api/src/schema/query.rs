@@ -148,6 +148,7 @@ impl Query {
     }
 
     /// Applications, oldest first, optionally of one project and environment.
+    #[graphql(complexity = "super::list_cost(first, 50, child_complexity)")]
     async fn applications(
         &self,
         ctx: &Context<'_>,
@@ -211,6 +212,7 @@ impl Query {
     }
 
     /// An application's deployments, newest first.
+    #[graphql(complexity = "super::list_cost(first, 50, child_complexity)")]
     async fn deployments(
         &self,
         ctx: &Context<'_>,
@@ -273,6 +275,7 @@ impl Query {
 
     /// A deployment's log: the lines after sequence `after` (default: from the first), at most
     /// `first` (default 500, up to 1000). The subscription `deploymentLogs` follows them live.
+    #[graphql(complexity = "super::list_cost(first, 500, child_complexity)")]
     async fn deployment_logs(
         &self,
         ctx: &Context<'_>,
@@ -336,6 +339,7 @@ impl Query {
     }
 
     /// The audit log, newest first: who changed what, with before and after values.
+    #[graphql(complexity = "super::list_cost(first, 50, child_complexity)")]
     async fn audit_log(
         &self,
         ctx: &Context<'_>,
@@ -392,6 +396,7 @@ impl Query {
 
     /// A stream's events as recorded, from a version on (at most `first`, default 100, up to
     /// 1000). Sealed values read as `"[secret]"`.
+    #[graphql(complexity = "super::list_cost(first, 100, child_complexity)")]
     async fn events(
         &self,
         ctx: &Context<'_>,

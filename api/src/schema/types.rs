@@ -476,6 +476,7 @@ impl Deployment {
 impl Deployment {
     /// Its log: the lines after sequence `after` (default: from the first), at most `first`
     /// (default 500, up to 1000). The subscription `deploymentLogs` follows them live.
+    #[graphql(complexity = "super::list_cost(first, 500, child_complexity)")]
     async fn logs(&self, ctx: &Context<'_>, after: Option<i32>, first: Option<i32>) -> ApiResult<Vec<LogLine>> {
         let (state, caller) = super::caller(ctx)?;
         caller.require(zpanel_domain::values::Ability::Read)?;
@@ -839,7 +840,7 @@ impl AuditEntry {
     }
 }
 
-/// A stored event, as recorded (sealed values replaced by `"[secret]"`).
+/// A stored event, as recorded (sealed values and hashes of secrets replaced by `"[secret]"`).
 #[derive(Clone, Debug, SimpleObject)]
 pub struct Event {
     /// Its position in the whole log.
@@ -867,7 +868,7 @@ pub struct Event {
 impl Event {
     pub(crate) fn from_recorded(event: &zpanel_commands::RecordedEvent) -> ApiResult<Self> {
         let mut payload = event.payload.to_value().map_err(|e| anyhow::anyhow!("decoding a payload: {e}"))?;
-        mask_sealed(&mut payload);
+        mask_secrets(&mut payload);
         Ok(Self {
             position: event.global_position,
             version: event.version,
@@ -883,18 +884,52 @@ impl Event {
     }
 }
 
-/// Replaces every sealed secret (`{key_id, nonce, ciphertext, digest}`) by `"[secret]"`: the
-/// ciphertext is safe, but clients have no use for it, and none of it should travel.
-fn mask_sealed(value: &mut Value) {
+/// Replaces every sealed secret (`{key_id, nonce, ciphertext, digest}`) and every hash of a
+/// secret (`token_hash`, any `…_hash`) by `"[secret]"`. The ciphertext is safe, but clients have
+/// no use for it, and none of it should travel; a token's hash is what it is looked up by, and a
+/// `read` token has no business holding another token's.
+fn mask_secrets(value: &mut Value) {
     match value {
         Value::Object(map) => {
             if map.contains_key("ciphertext") && map.contains_key("nonce") {
                 *value = Value::String(zpanel_domain::changes::SECRET_PLACEHOLDER.to_owned());
                 return;
             }
-            map.values_mut().for_each(mask_sealed);
+            for (key, field) in map.iter_mut() {
+                if key == "hash" || key.ends_with("_hash") || key.ends_with("Hash") {
+                    *field = Value::String(zpanel_domain::changes::SECRET_PLACEHOLDER.to_owned());
+                } else {
+                    mask_secrets(field);
+                }
+            }
         }
-        Value::Array(items) => items.iter_mut().for_each(mask_sealed),
+        Value::Array(items) => items.iter_mut().for_each(mask_secrets),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_secrets;
+    use serde_json::json;
+
+    #[test]
+    fn sealed_values_and_hashes_of_secrets_never_leave_in_an_event() {
+        let mut payload = json!({
+            "type": "ApiTokenCreated",
+            "data": { "name": "ci", "token_hash": "9f86d081884c7d65", "abilities": ["read"] },
+            "webhook_secret": { "key_id": "k", "nonce": "n", "ciphertext": "c", "digest": "d" },
+            "env": [{ "key": "A", "value": { "key_id": "k", "nonce": "n", "ciphertext": "c", "digest": "d" } }],
+        });
+        mask_secrets(&mut payload);
+        assert_eq!(
+            payload,
+            json!({
+                "type": "ApiTokenCreated",
+                "data": { "name": "ci", "token_hash": "[secret]", "abilities": ["read"] },
+                "webhook_secret": "[secret]",
+                "env": [{ "key": "A", "value": "[secret]" }],
+            })
+        );
     }
 }

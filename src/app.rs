@@ -217,6 +217,7 @@ pub fn start(
     listener: tokio::net::TcpListener,
     settings: ApiSettings,
     container_logs: Option<Arc<dyn zpanel_api::logs::ContainerLogs>>,
+    git_local_roots: zpanel_domain::values::GitLocalRoots,
 ) -> anyhow::Result<App> {
     let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
     let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
@@ -236,6 +237,7 @@ pub fn start(
         logs: logs.clone(),
         container_logs,
         subscription_buffer: settings.subscription_buffer,
+        git_local_roots: Arc::new(git_local_roots),
     };
     let address = listener.local_addr()?;
     let metrics_address = settings.metrics.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;

@@ -133,9 +133,31 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_SERVER_CHECK_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400), global = true)]
     pub server_check_seconds: u64,
 
+    /// Directories (comma-separated) under which applications may be built from local
+    /// repositories (`/path` or `file:///path` as `gitUrl`); unset, none may. Any path the
+    /// worker's user can read would otherwise be a tenant's to clone.
+    #[arg(long, env = "ZPANEL_GIT_LOCAL_ROOTS", value_parser = local_roots, global = true)]
+    pub git_local_roots: Option<LocalRoots>,
+
     /// Image builds a worker runs at once.
     #[arg(long, env = "ZPANEL_DEPLOY_BUILDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64), global = true)]
     pub deploy_builds: u64,
+}
+
+/// `ZPANEL_GIT_LOCAL_ROOTS`, each directory with its symbolic links resolved.
+#[derive(Clone, Debug, Default)]
+pub struct LocalRoots(Vec<PathBuf>);
+
+fn local_roots(raw: &str) -> Result<LocalRoots, String> {
+    let mut roots = Vec::new();
+    for root in raw.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        let canonical = std::fs::canonicalize(root).map_err(|e| format!("{root}: {e}"))?;
+        if !canonical.is_dir() {
+            return Err(format!("{root} is not a directory"));
+        }
+        roots.push(canonical);
+    }
+    Ok(LocalRoots(roots))
 }
 
 impl Config {
@@ -147,6 +169,12 @@ impl Config {
             subscriptions_per_token: self.subscriptions_per_token,
             subscriptions_per_socket: self.subscriptions_per_socket,
         }
+    }
+
+    /// Where local repositories may be cloned from.
+    #[must_use]
+    pub fn git_local_roots(&self) -> zpanel_domain::values::GitLocalRoots {
+        zpanel_domain::values::GitLocalRoots::new(self.git_local_roots.clone().unwrap_or_default().0)
     }
 
     /// The broker settings, when Kafka is configured.
@@ -191,6 +219,7 @@ impl Config {
             concurrent_builds: usize::try_from(self.deploy_builds).unwrap_or(2),
             lease: Duration::from_secs(self.lease_seconds),
             route_sync: Duration::from_secs(self.route_sync_seconds),
+            git_local_roots: self.git_local_roots(),
         }
     }
 }

@@ -74,6 +74,8 @@ pub struct ApiState {
     /// Responses of a shared `events` subscription buffered for its slowest subscriber
     /// ([`hub`]).
     pub subscription_buffer: usize,
+    /// Where applications may be built from local repositories (`ZPANEL_GIT_LOCAL_ROOTS`).
+    pub git_local_roots: Arc<zpanel_domain::values::GitLocalRoots>,
 }
 
 impl ApiState {

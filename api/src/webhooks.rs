@@ -18,8 +18,11 @@
 //! 5. otherwise a deployment of the application as it is now is queued, with the reason
 //!    `webhook` and the pushed commit: `202 {"deploymentId": "…"}`.
 //!
-//! The command id is a UUID v5 of the application, the provider and the host's delivery id, so a
-//! redelivered webhook answers with the first delivery's deployment and queues nothing twice.
+//! The command id is a UUID v5 of the application, the provider and the digest of the signed
+//! body, so a redelivered webhook answers with the first delivery's deployment and queues
+//! nothing twice. Not the host's delivery id: that header is outside the signature, and a
+//! captured delivery replayed with a fresh id would queue again. (Deliveries recorded before
+//! were keyed by their delivery id; a redelivery of one is still recognised by it.)
 
 use crate::ApiState;
 use crate::error::ApiError;
@@ -559,9 +562,13 @@ async fn handle(
         return Ok(Answer::Ignored(format!("a push to {}; the application deploys {git_ref}", push.pushed)));
     }
 
-    let command_id = Uuid::new_v5(&app_id, format!("webhook:{provider}:{}", delivery.id).as_bytes());
-    if let Some(deployment) = queued_by(state, command_id).await? {
-        return Ok(Answer::Queued { deployment, repeated: true });
+    let body_digest = hex::encode(Sha256::digest(body));
+    let command_id = Uuid::new_v5(&app_id, format!("webhook:{provider}:body:sha256:{body_digest}").as_bytes());
+    let by_delivery_id = Uuid::new_v5(&app_id, format!("webhook:{provider}:{}", delivery.id).as_bytes());
+    for earlier in [command_id, by_delivery_id] {
+        if let Some(deployment) = queued_by(state, earlier).await? {
+            return Ok(Answer::Queued { deployment, repeated: true });
+        }
     }
     let origin = format!("webhook:{provider}");
     let ctx = CommandContext::new(TeamId::from_uuid(team_id), Actor::webhook(provider.as_str()), &origin)

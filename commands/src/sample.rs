@@ -400,10 +400,11 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
                     environment: EnvironmentName::production(),
                     name: name.clone(),
                     source: Source::Git {
-                        url: valid(GitUrl::parse("/srv/git/shop.git"))?,
+                        url: valid(GitUrl::parse("git@git.example.com:acme/shop.git"))?,
                         git_ref: valid(GitRef::parse("main"))?,
                         dockerfile: RepoPath::dockerfile(),
                         deploy_key: Some(key_id),
+                        credentials: None,
                     },
                     port: valid(Port::try_from(8080u32))?,
                     health_check: HealthCheck::default(),

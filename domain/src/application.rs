@@ -27,6 +27,10 @@ pub enum Source {
         dockerfile: RepoPath,
         /// The SSH key to clone with, for private repositories.
         deploy_key: Option<PrivateKeyId>,
+        /// The https credentials (`user:token`) that were written into the URL, sealed: the
+        /// URL is kept without them, so nothing that shows it shows them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credentials: Option<SealedSecret>,
     },
     /// Pulled as a ready-made image.
     Image {
@@ -156,6 +160,7 @@ impl ApplicationState {
         let ApplicationPatch {
             name,
             git_url,
+            git_credentials,
             git_ref,
             dockerfile,
             deploy_key,
@@ -174,8 +179,15 @@ impl ApplicationState {
         set(&mut self.server_id, server_id);
         // A field of the other kind of source cannot be set (decide rejects it); ignore it.
         match &mut self.source {
-            Source::Git { url, git_ref: current_ref, dockerfile: current_dockerfile, deploy_key: current_key } => {
+            Source::Git {
+                url,
+                git_ref: current_ref,
+                dockerfile: current_dockerfile,
+                deploy_key: current_key,
+                credentials: current_credentials,
+            } => {
                 set(url, git_url);
+                set(current_credentials, git_credentials);
                 set(current_ref, git_ref);
                 set(current_dockerfile, dockerfile);
                 set(current_key, deploy_key);
@@ -234,8 +246,12 @@ impl ReleaseView<'_> {
         };
         let plain = FieldValue::Plain;
         match self.source {
-            Source::Git { url, git_ref, dockerfile, deploy_key } => {
-                put("gitUrl", plain(json!(url.as_str())));
+            Source::Git { url, git_ref, dockerfile, deploy_key, credentials } => {
+                // Redacted: events from before credentials were sealed hold them in the URL.
+                put("gitUrl", plain(json!(url.redacted())));
+                if let Some(sealed) = credentials {
+                    put("gitCredentials", FieldValue::Secret { digest: sealed.digest.clone() });
+                }
                 put("gitRef", plain(json!(git_ref.as_str())));
                 put("dockerfile", plain(json!(dockerfile.as_str())));
                 put("deployKey", plain(json!(deploy_key.map(|k| k.to_string()))));
@@ -309,6 +325,10 @@ pub struct ApplicationPatch {
     /// A new repository (git applications only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_url: Option<GitUrl>,
+    /// New sealed https credentials for the repository, or `Some(None)` to clone without
+    /// (git applications only).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option")]
+    pub git_credentials: Option<Option<SealedSecret>>,
     /// A new ref to build (git applications only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<GitRef>,
@@ -758,18 +778,31 @@ fn changes_of(
         ..ApplicationPatch::default()
     };
     match &state.source {
-        Source::Git { url, git_ref, dockerfile, deploy_key } => {
+        Source::Git { url, git_ref, dockerfile, deploy_key, credentials } => {
             if patch.image.is_some() {
                 return Err(ApplicationError::NotRunningAnImage);
             }
             changes.git_url = changed(&patch.git_url, url);
+            // Compared by digest: each seal of the same credentials differs.
+            changes.git_credentials = patch.git_credentials.clone().filter(|new| match (new, credentials) {
+                (Some(new), Some(current)) => !new.same_secret_as(current),
+                (None, None) => false,
+                _ => true,
+            });
+            // Credentials are the origin's: a repository elsewhere does not get them unless
+            // they are given again (else whoever may change the URL could send them anywhere).
+            if let (Some(new), Some(_), None) = (&changes.git_url, credentials, &patch.git_credentials)
+                && new.origin() != url.origin()
+            {
+                changes.git_credentials = Some(None);
+            }
             changes.git_ref = changed(&patch.git_ref, git_ref);
             changes.dockerfile = changed(&patch.dockerfile, dockerfile);
             changes.deploy_key = changed(&patch.deploy_key, deploy_key);
         }
         Source::Image { image } => {
             let git_field = [
-                ("gitUrl", patch.git_url.is_some()),
+                ("gitUrl", patch.git_url.is_some() || patch.git_credentials.is_some()),
                 ("gitRef", patch.git_ref.is_some()),
                 ("dockerfile", patch.dockerfile.is_some()),
                 ("deployKey", patch.deploy_key.is_some()),
@@ -831,6 +864,7 @@ pub(crate) mod tests {
         Source::Git {
             url: GitUrl::parse("https://example.com/acme/web.git").expect("valid url"),
             git_ref: GitRef::parse("main").expect("valid ref"),
+            credentials: None,
             dockerfile: RepoPath::dockerfile(),
             deploy_key: None,
         }
@@ -964,6 +998,80 @@ pub(crate) mod tests {
             active_application()
                 .decide(&update(ApplicationPatch { name: Some(name("api")), ..ApplicationPatch::default() })),
             Err(ApplicationError::NameTaken { name: name("api") })
+        );
+    }
+
+    #[test]
+    fn sealed_git_credentials_change_only_when_their_digest_does_and_show_only_it() {
+        let with = |digest: &str| ApplicationPatch {
+            git_credentials: Some(Some(sealed(digest))),
+            ..ApplicationPatch::default()
+        };
+        let mut history = created(git_source());
+        let set = given(&history).decide(&update(with("d1"))).expect("set");
+        assert_eq!(set.len(), 1);
+        history.extend(set);
+        // The same credentials sealed again (another nonce, another ciphertext): no change.
+        let resealed = SealedSecret { nonce: "another".into(), ciphertext: "other".into(), ..sealed("d1") };
+        let again = ApplicationPatch { git_credentials: Some(Some(resealed)), ..ApplicationPatch::default() };
+        assert_eq!(given(&history).decide(&update(again)), Ok(vec![]));
+        let described = given(&history).describe();
+        assert_eq!(described.get("gitCredentials"), Some(&FieldValue::Secret { digest: "d1".into() }));
+        let cleared = ApplicationPatch { git_credentials: Some(None), ..ApplicationPatch::default() };
+        history.extend(given(&history).decide(&update(cleared)).expect("cleared"));
+        assert_eq!(given(&history).describe().get("gitCredentials"), None);
+    }
+
+    #[test]
+    fn moving_the_repository_to_another_origin_drops_its_credentials_unless_given_again() {
+        let url = |s: &str| Some(GitUrl::parse(s).expect("valid url"));
+        let mut history = created(git_source());
+        let set = ApplicationPatch { git_credentials: Some(Some(sealed("d1"))), ..ApplicationPatch::default() };
+        history.extend(given(&history).decide(&update(set)).expect("set"));
+        let same_origin =
+            ApplicationPatch { git_url: url("https://example.com/acme/api.git"), ..ApplicationPatch::default() };
+        let kept = given(&history).decide(&update(same_origin)).expect("moved");
+        assert!(
+            matches!(&kept[..], [ApplicationEvent::ApplicationUpdated { patch }] if patch.git_credentials.is_none())
+        );
+        let elsewhere =
+            ApplicationPatch { git_url: url("https://attacker.example/x.git"), ..ApplicationPatch::default() };
+        let dropped = given(&history).decide(&update(elsewhere)).expect("moved");
+        assert!(
+            matches!(&dropped[..], [ApplicationEvent::ApplicationUpdated { patch }] if patch.git_credentials == Some(None)),
+            "{dropped:?}"
+        );
+        let given_again = ApplicationPatch {
+            git_url: url("https://other.example/x.git"),
+            git_credentials: Some(Some(sealed("d2"))),
+            ..ApplicationPatch::default()
+        };
+        let moved = given(&history).decide(&update(given_again)).expect("moved");
+        assert!(matches!(&moved[..], [ApplicationEvent::ApplicationUpdated { patch }]
+            if patch.git_credentials == Some(Some(sealed("d2")))));
+    }
+
+    #[test]
+    fn a_url_recorded_with_credentials_before_they_were_sealed_is_described_without_them() {
+        let source = Source::Git {
+            url: GitUrl::parse("https://bot:s3cr3t@example.com/acme/web.git").expect("valid url"),
+            git_ref: GitRef::parse("main").expect("valid ref"),
+            dockerfile: RepoPath::dockerfile(),
+            deploy_key: None,
+            credentials: None,
+        };
+        let described = given(&created(source)).describe();
+        assert_eq!(described.get("gitUrl"), Some(&FieldValue::Plain(json!("https://***@example.com/acme/web.git"))));
+        assert!(!format!("{described:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn git_credentials_on_an_image_application_are_rejected() {
+        let image = Source::Image { image: ImageRef::parse("nginx").expect("valid image") };
+        let patch = ApplicationPatch { git_credentials: Some(None), ..ApplicationPatch::default() };
+        assert_eq!(
+            given(&created(image)).decide(&update(patch)),
+            Err(ApplicationError::NotBuiltFromGit { field: "gitUrl" })
         );
     }
 

@@ -206,6 +206,13 @@ impl GitUrl {
         }
         if let Some(rest) = s.strip_prefix("ssh://") {
             check_url_rest(rest)?;
+            let authority = rest.split('/').next().unwrap_or_default();
+            if let Some((user, _)) = authority.rsplit_once('@')
+                && !user.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                // A password in an ssh URL is never used, only shown.
+                return reject("the user before '@' may contain only letters, digits, '.', '_' and '-'");
+            }
             return Ok(GitTransport::Ssh);
         }
         if let Some(path) = s.strip_prefix("file://") {
@@ -243,8 +250,176 @@ impl GitUrl {
         // The constructor checked it.
         Self::transport_of(&self.0).unwrap_or(GitTransport::Https)
     }
+
+    /// The path of a local repository (`/abs/path`, or `file:///abs/path` without its scheme);
+    /// `None` for a remote one.
+    #[must_use]
+    pub fn local_path(&self) -> Option<&str> {
+        match self.transport() {
+            GitTransport::Local => Some(self.0.strip_prefix("file://").unwrap_or(&self.0)),
+            GitTransport::Https | GitTransport::Ssh => None,
+        }
+    }
+
+    /// The URL a submodule URL `raw` from `.gitmodules` names, read as git reads it: a relative
+    /// one (`./x`, `../x`) against this repository's URL (`../x` is a sibling of the
+    /// repository), any other as a URL of its own. Either way it must be a valid [`GitUrl`].
+    ///
+    /// # Errors
+    /// When the result is not a valid repository URL, or a relative URL climbs above the
+    /// repository's host (or above `/` for a local one).
+    pub fn submodule(&self, raw: &str) -> Result<Self, ValueError> {
+        if !(raw.starts_with("./") || raw.starts_with("../")) {
+            return Self::parse(raw);
+        }
+        let (prefix, path) = self.split_path();
+        let absolute = path.starts_with('/');
+        let mut segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        for part in raw.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => {
+                    if segments.pop().is_none() {
+                        return reject("a relative submodule url must not climb above the repository's host");
+                    }
+                }
+                part => segments.push(part),
+            }
+        }
+        let slash = if absolute { "/" } else { "" };
+        Self::parse(&format!("{prefix}{slash}{}", segments.join("/")))
+    }
+
+    /// What names the host: `https://host:port`, `ssh://user@host`, `user@host:`, `file://`,
+    /// or nothing for a local path. Credentials for `https` are scoped to it.
+    #[must_use]
+    pub fn origin(&self) -> &str {
+        self.split_path().0
+    }
+
+    /// The URL split into its [origin](Self::origin) and the repository's path there.
+    fn split_path(&self) -> (&str, &str) {
+        let s = self.0.as_str();
+        if let Some((scheme, rest)) = s.split_once("://") {
+            let at = rest.find('/').map_or(s.len(), |i| scheme.len() + 3 + i);
+            return s.split_at(at);
+        }
+        match self.transport() {
+            GitTransport::Local => ("", s),
+            // scp-like: the constructor checked that there is a ':'.
+            GitTransport::Https | GitTransport::Ssh => s.split_at(s.find(':').map_or(0, |i| i + 1)),
+        }
+    }
+
+    /// The credentials written into an `http(s)` URL (`https://user:token@host/…`), which
+    /// must never be shown or passed on a command line.
+    #[must_use]
+    pub fn credentials(&self) -> Option<&str> {
+        let rest = self.0.strip_prefix("https://").or_else(|| self.0.strip_prefix("http://"))?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        authority.rsplit_once('@').map(|(userinfo, _)| userinfo)
+    }
+
+    /// The URL without its [credentials](Self::credentials).
+    #[must_use]
+    pub fn without_credentials(&self) -> Self {
+        match self.credentials() {
+            Some(userinfo) => Self(self.0.replacen(&format!("{userinfo}@"), "", 1)),
+            None => self.clone(),
+        }
+    }
+
+    /// The URL as it may be shown: its credentials, if any, replaced by `***`.
+    #[must_use]
+    pub fn redacted(&self) -> String {
+        match self.credentials() {
+            Some(userinfo) => self.0.replacen(&format!("{userinfo}@"), &format!("{}@", Self::MASK), 1),
+            None => self.0.clone(),
+        }
+    }
+
+    /// The URL as it may be shown, for a repository that has `sealed` credentials besides:
+    /// `https://***@host/path`, so a reader knows some are set (and giving this back as
+    /// `gitUrl` keeps them), but never what they are.
+    #[must_use]
+    pub fn shown(&self, sealed: bool) -> String {
+        match self.0.split_once("://") {
+            Some((scheme, rest)) if sealed && self.credentials().is_none() && scheme.starts_with("http") => {
+                format!("{scheme}://{}@{rest}", Self::MASK)
+            }
+            _ => self.redacted(),
+        }
+    }
+
+    /// What [`redacted`](Self::redacted) shows in place of credentials.
+    pub const MASK: &'static str = "***";
 }
 string_value!(GitUrl);
+
+/// The directories an operator lets tenants clone local repositories from
+/// (`ZPANEL_GIT_LOCAL_ROOTS`), with symbolic links resolved. None by default: a local path
+/// reaches whatever the worker's user can read on its host, other teams' files among them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GitLocalRoots(Vec<std::path::PathBuf>);
+
+impl GitLocalRoots {
+    /// Roots given as canonical absolute paths (the caller resolves them when it reads its
+    /// settings: the domain does no I/O).
+    #[must_use]
+    pub fn new(roots: Vec<std::path::PathBuf>) -> Self {
+        Self(roots.into_iter().filter(|r| r.is_absolute()).collect())
+    }
+
+    /// The roots.
+    #[must_use]
+    pub fn roots(&self) -> &[std::path::PathBuf] {
+        &self.0
+    }
+
+    /// Whether a local repository at `path` (its symbolic links resolved) lies under a root.
+    #[must_use]
+    pub fn contain(&self, path: &std::path::Path) -> bool {
+        path.is_absolute() && self.0.iter().any(|root| path.starts_with(root))
+    }
+
+    /// Checks that `url` may be cloned here: any remote URL; a local one only when its path,
+    /// with every symbolic link resolved by `canonicalize` (`std::fs::canonicalize`, passed in
+    /// since the domain does no I/O), lies under a root. A path that does not exist yet is
+    /// judged by its deepest existing ancestor, so a link created there later is caught by the
+    /// check the worker makes again before it clones.
+    ///
+    /// # Errors
+    /// When `url` is local and outside every root, or its path cannot be read.
+    pub fn admit(
+        &self,
+        url: &GitUrl,
+        canonicalize: impl Fn(&std::path::Path) -> std::io::Result<std::path::PathBuf>,
+    ) -> Result<(), ValueError> {
+        let Some(path) = url.local_path() else { return Ok(()) };
+        if self.0.is_empty() {
+            return reject("must not be a local path: this installation allows no local repositories");
+        }
+        let outside = || reject("must lie under a directory this installation allows local repositories from");
+        let mut existing = std::path::Path::new(path);
+        let mut missing = Vec::new();
+        let canonical = loop {
+            match canonicalize(existing) {
+                Ok(canonical) => break canonical,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                        return outside();
+                    };
+                    missing.push(name);
+                    existing = parent;
+                }
+                Err(_) => return outside(),
+            }
+        };
+        // No '..' in the missing part: GitUrl refuses it.
+        let full = missing.iter().rev().fold(canonical, |path, name| path.join(name));
+        if self.contain(&full) { Ok(()) } else { outside() }
+    }
+}
 
 fn check_url_rest(rest: &str) -> Result<(), ValueError> {
     let authority = rest.split('/').next().unwrap_or_default();
@@ -891,6 +1066,94 @@ mod tests {
         ] {
             assert!(GitUrl::parse(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    fn url(s: &str) -> GitUrl {
+        GitUrl::parse(s).expect("valid url")
+    }
+
+    #[test]
+    fn relative_submodule_urls_resolve_against_the_repository_as_git_resolves_them() {
+        for (base, raw, resolved) in [
+            ("https://h.io/acme/web.git", "../lib.git", "https://h.io/acme/lib.git"),
+            ("https://h.io/acme/web.git", "./vendor/x", "https://h.io/acme/web.git/vendor/x"),
+            ("https://h.io:8443/acme/web", "../../other/lib", "https://h.io:8443/other/lib"),
+            ("git@h.io:acme/web.git", "../lib.git", "git@h.io:acme/lib.git"),
+            ("ssh://git@h.io/acme/web.git", "../lib", "ssh://git@h.io/acme/lib"),
+            ("/srv/repos/web", "../lib", "/srv/repos/lib"),
+            ("/srv/repos/web", "../../../etc/secrets", "/etc/secrets"),
+            ("file:///srv/repos/web", "../lib", "file:///srv/repos/lib"),
+            ("https://h.io/acme/web.git", "https://other.io/lib.git", "https://other.io/lib.git"),
+            ("https://h.io/acme/web.git", "/etc/secrets", "/etc/secrets"),
+        ] {
+            assert_eq!(url(base).submodule(raw).map(String::from), Ok(resolved.to_owned()), "{raw} in {base}");
+        }
+        for (base, raw) in [
+            ("https://h.io/acme/web.git", "../../../x"),
+            ("git@h.io:acme/web.git", "../../../x"),
+            ("/srv/web", "../../../x"),
+            ("https://h.io/acme/web.git", "ext::sh -c id"),
+            ("https://h.io/acme/web.git", "-uhttps://x"),
+            ("https://h.io/acme/web.git", "relative/without/dot"),
+        ] {
+            assert!(url(base).submodule(raw).is_err(), "{raw:?} in {base} should be refused");
+        }
+    }
+
+    #[test]
+    fn credentials_in_a_url_are_found_removed_and_masked() {
+        let with = url("https://oauth2:glpat-s3cr3t@gitlab.example.com/acme/web.git");
+        assert_eq!(with.credentials(), Some("oauth2:glpat-s3cr3t"));
+        assert_eq!(with.without_credentials().as_str(), "https://gitlab.example.com/acme/web.git");
+        assert_eq!(with.redacted(), "https://***@gitlab.example.com/acme/web.git");
+        let token_only = url("http://ghp_token@127.0.0.1:3000/repo.git");
+        assert_eq!(token_only.credentials(), Some("ghp_token"));
+        assert_eq!(token_only.redacted(), "http://***@127.0.0.1:3000/repo.git");
+        for plain in ["https://h.io/a@b", "git@h.io:a/b", "ssh://git@h.io/a", "/srv/a@b"] {
+            assert_eq!(url(plain).credentials(), None, "{plain}");
+            assert_eq!(url(plain).redacted(), plain);
+        }
+        assert!(GitUrl::parse("ssh://git:password@h.io/a").is_err(), "an ssh password is refused");
+    }
+
+    fn no_links(path: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+        Ok(path.to_path_buf())
+    }
+
+    #[test]
+    fn local_repositories_are_admitted_only_under_a_root() {
+        let roots = GitLocalRoots::new(vec!["/srv/repos".into()]);
+        assert_eq!(roots.admit(&url("/srv/repos/web"), no_links), Ok(()));
+        assert_eq!(roots.admit(&url("file:///srv/repos/a/b"), no_links), Ok(()));
+        assert_eq!(roots.admit(&url("https://h.io/a"), no_links), Ok(()));
+        for outside in ["/srv/repos-other/web", "/etc", "file:///root/.ssh", "/srv"] {
+            assert!(roots.admit(&url(outside), no_links).is_err(), "{outside} should be refused");
+        }
+        let none = GitLocalRoots::default();
+        assert!(none.admit(&url("/srv/repos/web"), no_links).is_err(), "no roots: no local repositories");
+        assert_eq!(none.admit(&url("git@h.io:a/b"), no_links), Ok(()));
+    }
+
+    #[test]
+    fn a_link_under_a_root_is_judged_by_where_it_leads() {
+        let roots = GitLocalRoots::new(vec!["/srv/repos".into()]);
+        // /srv/repos/link -> /etc; /srv/repos/new does not exist yet.
+        let resolve = |path: &std::path::Path| -> std::io::Result<std::path::PathBuf> {
+            let s = path.to_str().unwrap_or_default();
+            if let Some(rest) = s.strip_prefix("/srv/repos/link") {
+                return Ok(format!("/etc{rest}").into());
+            }
+            if s.starts_with("/srv/repos/new") {
+                return Err(std::io::ErrorKind::NotFound.into());
+            }
+            Ok(path.to_path_buf())
+        };
+        assert!(roots.admit(&url("/srv/repos/link/shadow"), resolve).is_err());
+        assert_eq!(roots.admit(&url("/srv/repos/new/web.git"), resolve), Ok(()));
+        let denied = |_: &std::path::Path| -> std::io::Result<std::path::PathBuf> {
+            Err(std::io::ErrorKind::PermissionDenied.into())
+        };
+        assert!(roots.admit(&url("/srv/repos/web"), denied).is_err(), "unreadable: refused");
     }
 
     #[test]

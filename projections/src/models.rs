@@ -72,8 +72,10 @@ fn shown_config(
     server_id: Option<String>,
 ) -> Value {
     let source = match source {
-        Source::Git { url, git_ref, dockerfile, deploy_key } => json!({
-            "kind": "git", "gitUrl": url, "gitRef": git_ref, "dockerfile": dockerfile, "deployKeyId": deploy_key,
+        // Credentials only as `***` (events from before they were sealed hold them in the URL).
+        Source::Git { url, git_ref, dockerfile, deploy_key, credentials } => json!({
+            "kind": "git", "gitUrl": url.shown(credentials.is_some()), "gitRef": git_ref, "dockerfile": dockerfile,
+            "deployKeyId": deploy_key,
         }),
         Source::Image { image } => json!({ "kind": "image", "image": image }),
     };

@@ -71,6 +71,7 @@ async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> 
             metrics: None,
         },
         None,
+        zpanel_domain::values::GitLocalRoots::default(),
     )?;
     let url = format!("http://{}", app.address);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -151,7 +151,16 @@ struct Zpanel {
 }
 
 impl Zpanel {
-    async fn start(config: &Config, pool: &PgPool, caddy: &Caddy, work_dir: PathBuf) -> anyhow::Result<Self> {
+    /// Starts it, letting applications be built from local repositories under `repos`.
+    async fn start(
+        config: &Config,
+        pool: &PgPool,
+        caddy: &Caddy,
+        work_dir: PathBuf,
+        repos: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let repos = std::fs::canonicalize(repos).context("the repositories' directory")?;
+        let git_local_roots = zpanel_domain::values::GitLocalRoots::new(vec![repos]);
         let signal = AppendSignal::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let rate = zpanel_api::limits::RateLimiter::new(config.api_rate, config.api_burst);
@@ -169,6 +178,7 @@ impl Zpanel {
                 metrics: None,
             },
             Some(logs),
+            git_local_roots.clone(),
         )?;
         let keyring = Arc::clone(&app.state.keyring);
         let mode = crate::app::WorkerMode {
@@ -182,6 +192,7 @@ impl Zpanel {
                 proxy_listen: caddy.listen.clone(),
                 work_dir,
                 grace: Duration::from_secs(1),
+                git_local_roots,
                 ..config.deploy()
             },
         };
@@ -654,7 +665,7 @@ impl Stage {
             }
         };
         let work_dir = config.data_dir.join(format!("bench-builds-{run}"));
-        match Zpanel::start(config, pool, &caddy, work_dir.clone()).await {
+        match Zpanel::start(config, pool, &caddy, work_dir.clone(), &scratch).await {
             Ok(zpanel) => Ok(Self { run, scratch, caddy, work_dir, zpanel }),
             Err(e) => {
                 caddy.stop().await;
@@ -719,6 +730,7 @@ async fn overhead_rounds(
         git_ref: valid(GitRef::parse("main"))?,
         dockerfile: RepoPath::dockerfile(),
         deploy_key: None,
+        credentials: None,
     };
     let app = zpanel.create_application("web", source, &domain).await?;
     *application = Some(app);

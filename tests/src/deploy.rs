@@ -122,6 +122,21 @@ pub fn ensure_base_image() {
     });
 }
 
+/// The directory test repositories are made in, which every Zpanel the tests start allows
+/// local repositories from (`ZPANEL_GIT_LOCAL_ROOTS`); anything elsewhere on the machine is
+/// out of a tenant's reach.
+///
+/// # Panics
+/// When it cannot be created.
+#[must_use]
+pub fn repositories_root() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = std::env::temp_dir().join("zpanel-e2e-repositories");
+    std::fs::create_dir_all(&root).expect("the repositories' directory");
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    root
+}
+
 /// A local git repository holding a test application: busybox `httpd` serving `/www`.
 #[derive(Debug)]
 pub struct Repo {
@@ -135,7 +150,7 @@ impl Repo {
     /// When git fails.
     #[must_use]
     pub fn new(page: &str) -> Self {
-        let repo = Self { dir: TempDir::new() };
+        let repo = Self { dir: TempDir::within(&repositories_root()) };
         repo.git(&["init", "-q", "-b", "main"]);
         repo.commit_app(page, "");
         repo
@@ -174,6 +189,27 @@ impl Repo {
         self.git(&["add", "-A"]);
         self.git(&["-c", "user.email=test@zpanel.invalid", "-c", "user.name=test", "commit", "-q", "-m", message]);
         self.git(&["rev-parse", "HEAD"]).trim().to_owned()
+    }
+
+    /// Commits a submodule at `path` whose `.gitmodules` URL is `url` (written as given, so
+    /// it may be relative, local or anything git accepts) and whose recorded commit is
+    /// `commit`. Returns the commit.
+    pub fn commit_submodule(&self, path: &str, url: &str, commit: &str) -> String {
+        let gitmodules = format!("[submodule \"{path}\"]\n\tpath = {path}\n\turl = {url}\n");
+        std::fs::write(self.dir.0.join(".gitmodules"), gitmodules).expect("writes .gitmodules");
+        self.git(&["add", ".gitmodules"]);
+        self.git(&["update-index", "--add", "--cacheinfo", &format!("160000,{commit},{path}")]);
+        self.git(&["-c", "user.email=test@zpanel.invalid", "-c", "user.name=test", "commit", "-q", "-m", "submodule"]);
+        self.git(&["rev-parse", "HEAD"]).trim().to_owned()
+    }
+
+    /// A bare copy of the repository in `dir`, ready to be served over git's dumb HTTP
+    /// protocol (plain files).
+    pub fn export_bare(&self, dir: &Path) {
+        let out = Command::new("git").arg("clone").arg("--bare").arg("-q").arg(&self.dir.0).arg(dir).output();
+        assert!(out.expect("git clone").status.success(), "cloning bare");
+        let out = Command::new("git").arg("-C").arg(dir).arg("update-server-info").output();
+        assert!(out.expect("git update-server-info").status.success(), "update-server-info");
     }
 
     fn git(&self, args: &[&str]) -> String {
@@ -398,5 +434,107 @@ fn new_host_key(path: &Path) {
 impl Drop for Sshd {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A git server on loopback speaking git's dumb HTTP protocol (the repositories' files) and
+/// answering only requests that carry one of its accepted Basic credentials; it remembers
+/// every `Authorization` it was sent.
+#[derive(Debug)]
+pub struct GitHttpServer {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GitHttpServer {
+    /// Serves the files under `root` to requests authenticated as one of `accepted`
+    /// (`user:password`).
+    ///
+    /// # Panics
+    /// When it cannot listen.
+    pub async fn start(root: PathBuf, accepted: &[&str]) -> Self {
+        use base64::Engine as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listens");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let accepted: Vec<String> =
+            accepted.iter().map(|c| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(c))).collect();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (root, accepted, log) = (root.clone(), accepted.clone(), std::sync::Arc::clone(&log));
+                tokio::spawn(async move { Self::answer(stream, &root, &accepted, &log).await });
+            }
+        });
+        Self { url, seen, task }
+    }
+
+    async fn answer(
+        mut stream: tokio::net::TcpStream,
+        root: &Path,
+        accepted: &[String],
+        seen: &std::sync::Mutex<Vec<String>>,
+    ) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 65_536 {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let path = head.split_whitespace().nth(1).unwrap_or("/").split('?').next().unwrap_or("/").to_owned();
+        let authorization = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("authorization").then(|| value.trim().to_owned())
+        });
+        if let Some(value) = &authorization
+            && let Ok(mut seen) = seen.lock()
+        {
+            seen.push(value.clone());
+        }
+        let file = root.join(path.trim_start_matches('/'));
+        let response = if !authorization.is_some_and(|a| accepted.contains(&a)) {
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+        } else if path.contains("..") || !file.is_file() {
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+        } else {
+            let body = std::fs::read(&file).unwrap_or_default();
+            let mut response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            response.extend(body);
+            response
+        };
+        let _ = stream.write_all(&response).await;
+        let _ = stream.shutdown().await;
+    }
+
+    /// Every `Authorization` header it was sent, as sent.
+    ///
+    /// # Panics
+    /// When a request handler panicked.
+    #[must_use]
+    pub fn authorizations(&self) -> Vec<String> {
+        self.seen.lock().expect("the log").clone()
+    }
+
+    /// The `Authorization` header `credentials` (`user:password`) make.
+    #[must_use]
+    pub fn basic(credentials: &str) -> String {
+        use base64::Engine as _;
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(credentials))
+    }
+}
+
+impl Drop for GitHttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -54,6 +54,9 @@ pub fn zpanel(db: &TestDatabase, data_dir: &std::path::Path) -> Command {
         .env("ZPANEL_DATA_DIR", data_dir)
         .env("ZPANEL_LISTEN", "127.0.0.1:0")
         .env("ZPANEL_METRICS_LISTEN", "127.0.0.1:0")
+        // Test applications are built from local repositories, which an installation allows
+        // only under the directories it names.
+        .env("ZPANEL_GIT_LOCAL_ROOTS", deploy::repositories_root())
         .env("RUST_LOG", "warn");
     command
 }
@@ -72,6 +75,21 @@ impl TempDir {
     pub fn new() -> Self {
         use std::os::unix::fs::PermissionsExt as _;
         let path = std::env::temp_dir().join(format!("zpanel-e2e-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self(path)
+    }
+}
+
+impl TempDir {
+    /// Creates one in `parent` (created too when missing), traversable by other users.
+    ///
+    /// # Panics
+    /// When it cannot be created.
+    #[must_use]
+    pub fn within(parent: &std::path::Path) -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = parent.join(format!("zpanel-e2e-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&path).expect("temp dir");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         Self(path)

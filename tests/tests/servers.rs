@@ -466,7 +466,7 @@ async fn a_server_is_renamed_moved_and_removed_and_a_key_in_use_is_kept() {
     let project = env.gql("mutation { createProject(input: { name: \"shop\" }) { id } }", json!({})).await;
     let project = project["createProject"]["id"].as_str().expect("project").to_owned();
     let create_app = "mutation($p: ID!, $name: String!, $s: ID, $k: ID) {
-        createApplication(input: { projectId: $p, name: $name, gitUrl: \"/srv/shop.git\", serverId: $s, deployKeyId: $k }) { id } }";
+        createApplication(input: { projectId: $p, name: $name, gitUrl: \"git@git.example.com:acme/shop.git\", serverId: $s, deployKeyId: $k }) { id } }";
     let on_server = env.gql(create_app, json!({ "p": project, "name": "web", "s": server_id })).await;
     let on_server = on_server["createApplication"]["id"].as_str().expect("app").to_owned();
     let cloner = env.gql(create_app, json!({ "p": project, "name": "site", "k": key_id })).await;

@@ -112,6 +112,14 @@ fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// The GitHub push fixture with its `ref` and `after` replaced: another push.
+fn push_of(git_ref: &str, after: &str) -> Vec<u8> {
+    let mut payload: Value = serde_json::from_slice(PUSH).expect("the fixture is JSON");
+    payload["ref"] = json!(git_ref);
+    payload["after"] = json!(after);
+    serde_json::to_vec(&payload).expect("serializes")
+}
+
 /// The GitHub push fixture with its `ref` replaced.
 fn push_to(git_ref: &str) -> Vec<u8> {
     let mut payload: Value = serde_json::from_slice(PUSH).expect("the fixture is JSON");
@@ -166,10 +174,33 @@ async fn a_signed_push_to_the_tracked_branch_queues_one_deployment_however_often
     assert_eq!(queued["actor"], json!({ "kind": "system", "name": "webhook:github" }));
 
     // A new delivery of another push is another deployment.
-    let (status, other) = setup.github("push", &delivery_id(), PUSH).await;
+    let another_push = push_of("refs/heads/master", "0123456789abcdef0123456789abcdef01234567");
+    let (status, other) = setup.github("push", &delivery_id(), &another_push).await;
     assert_eq!(status, 202, "{other}");
     assert_ne!(other["deploymentId"], deployment.as_str());
     assert_eq!(setup.wait_for_deployments(2).await.len(), 2);
+}
+
+#[tokio::test]
+async fn a_captured_delivery_replayed_with_a_fresh_delivery_id_queues_nothing() {
+    let setup = Setup::start("master").await;
+    let (status, first) = setup.github("push", &delivery_id(), PUSH).await;
+    assert_eq!(status, 202, "{first}");
+    assert_eq!(setup.wait_for_deployments(1).await.len(), 1);
+
+    // An attacker who saw the delivery (a proxy's log, a shared CI runner) sends the same
+    // signed body again; the delivery id is outside the signature, so it makes up new ones.
+    for _ in 0..3 {
+        let (status, replay) = setup.github("push", &delivery_id(), PUSH).await;
+        assert_eq!(status, 202, "{replay}");
+        assert_eq!(replay["deploymentId"], first["deploymentId"], "{replay}");
+        assert_eq!(replay["repeated"], true, "{replay}");
+    }
+    let bare = [("X-GitHub-Event", "push".to_owned()), ("X-Hub-Signature-256", signature(&setup.secret, PUSH))];
+    let (status, replay) = setup.deliver("github", &setup.application, &bare, PUSH).await;
+    assert_eq!((status, &replay["repeated"]), (202, &json!(true)), "without a delivery id: {replay}");
+    setup.settle().await;
+    assert_eq!(setup.deployments(&setup.application).await.len(), 1, "a replay queued a deployment");
 }
 
 #[tokio::test]

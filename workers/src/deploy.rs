@@ -64,6 +64,8 @@ pub struct DeployConfig {
     pub lease: Duration,
     /// How often routes are checked against the running releases (and repaired).
     pub route_sync: Duration,
+    /// Where local repositories may be cloned from (`ZPANEL_GIT_LOCAL_ROOTS`).
+    pub git_local_roots: zpanel_domain::values::GitLocalRoots,
 }
 
 impl DeployConfig {

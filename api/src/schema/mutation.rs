@@ -24,6 +24,7 @@ use zpanel_domain::deployment::{Deployment as DeploymentAggregate, DeploymentCom
 use zpanel_domain::ids::{ApiTokenId, ApplicationId, DeploymentId, PrivateKeyId, ProjectId, ServerId};
 use zpanel_domain::private_key::{PrivateKey as KeyAggregate, PrivateKeyCommand};
 use zpanel_domain::project::{Project as ProjectAggregate, ProjectCommand};
+use zpanel_domain::secret::SealedSecret;
 use zpanel_domain::server::{Server as ServerAggregate, ServerCommand, ServerPatch};
 use zpanel_domain::values::{
     Abilities, Ability, DomainName, EnvKey, EnvironmentName, GitRef, GitUrl, HealthCheck, HealthPath, Host, ImageRef,
@@ -38,6 +39,29 @@ pub struct Mutation;
 /// Parses an input field, naming it in the error.
 fn field<T>(name: &str, value: &str, parse: impl FnOnce(&str) -> Result<T, ValueError>) -> ApiResult<T> {
     parse(value).map_err(|e| ApiError::invalid(name, e.rule))
+}
+
+/// A repository URL that this installation lets tenants clone: a local path only under the
+/// operator's roots (checked on the API's host here, and again by the worker before it clones).
+fn git_url(state: &ApiState, name: &str, value: &str) -> ApiResult<GitUrl> {
+    let url = field(name, value, GitUrl::parse)?;
+    state
+        .git_local_roots
+        .admit(&url, |path| std::fs::canonicalize(path))
+        .map_err(|e| ApiError::invalid(name, e.rule))?;
+    Ok(url)
+}
+
+/// `url` without the credentials written into it, and them sealed (they never reach an
+/// event, a read model or a log in plaintext): `Some(None)` when it has none; `None` when they
+/// are `***`, as reads show them, which keeps the credentials the application has.
+fn sealed_credentials(state: &ApiState, url: &GitUrl) -> (GitUrl, Option<Option<SealedSecret>>) {
+    let sealed = match url.credentials() {
+        Some(GitUrl::MASK) => None,
+        Some(userinfo) => Some(Some(state.keyring.seal(&Plaintext::new(userinfo.to_owned())))),
+        None => Some(None),
+    };
+    (url.without_credentials(), sealed)
 }
 
 /// Parses an optional input field.
@@ -547,15 +571,26 @@ impl Mutation {
         let source = match (&input.git_url, &input.image) {
             (Some(_), Some(_)) => return Err(ApiError::invalid("image", "give either gitUrl or image, not both")),
             (None, None) => return Err(ApiError::invalid("gitUrl", "give either gitUrl or image")),
-            (Some(url), None) => Source::Git {
-                url: field("gitUrl", url, GitUrl::parse)?,
-                git_ref: field("gitRef", input.git_ref.as_deref().unwrap_or("main"), GitRef::parse)?,
-                dockerfile: field("dockerfile", input.dockerfile.as_deref().unwrap_or("Dockerfile"), RepoPath::parse)?,
-                deploy_key: match &input.deploy_key_id {
-                    Some(id) => Some(team_key(state, caller, "deployKeyId", id).await?),
-                    None => None,
-                },
-            },
+            (Some(url), None) => {
+                let (url, credentials) = sealed_credentials(state, &git_url(state, "gitUrl", url)?);
+                let credentials = credentials.ok_or_else(|| {
+                    ApiError::invalid("gitUrl", "'***' stands for credentials already stored; give the credentials")
+                })?;
+                Source::Git {
+                    url,
+                    credentials,
+                    git_ref: field("gitRef", input.git_ref.as_deref().unwrap_or("main"), GitRef::parse)?,
+                    dockerfile: field(
+                        "dockerfile",
+                        input.dockerfile.as_deref().unwrap_or("Dockerfile"),
+                        RepoPath::parse,
+                    )?,
+                    deploy_key: match &input.deploy_key_id {
+                        Some(id) => Some(team_key(state, caller, "deployKeyId", id).await?),
+                        None => None,
+                    },
+                }
+            }
             (None, Some(image)) => Source::Image { image: field("image", image, ImageRef::parse)? },
         };
         let health_check = HealthCheck {
@@ -619,9 +654,14 @@ impl Mutation {
             }
             None => None,
         };
+        let given_url = match input.git_url.as_deref() {
+            Some(url) => Some(sealed_credentials(state, &git_url(state, "gitUrl", url)?)),
+            None => None,
+        };
         let patch = ApplicationPatch {
             name: optional("name", input.name.as_deref(), Name::parse)?,
-            git_url: optional("gitUrl", input.git_url.as_deref(), GitUrl::parse)?,
+            git_url: given_url.as_ref().map(|(url, _)| url.clone()),
+            git_credentials: given_url.and_then(|(_, credentials)| credentials),
             git_ref: optional("gitRef", input.git_ref.as_deref(), GitRef::parse)?,
             dockerfile: optional("dockerfile", input.dockerfile.as_deref(), RepoPath::parse)?,
             deploy_key: None,

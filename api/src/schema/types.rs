@@ -305,7 +305,9 @@ impl Application {
     }
     async fn git_url(&self) -> Option<String> {
         match &self.state.source {
-            Source::Git { url, .. } => Some(url.to_string()),
+            // Credentials show as `***`: sealed ones are not in the URL, and older events may
+            // still hold them in it.
+            Source::Git { url, credentials, .. } => Some(url.shown(credentials.is_some())),
             Source::Image { .. } => None,
         }
     }
@@ -904,6 +906,14 @@ fn mask_secrets(value: &mut Value) {
             }
         }
         Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        // A repository URL recorded with its credentials, before they were sealed apart.
+        Value::String(text) => {
+            if let Ok(url) = zpanel_domain::values::GitUrl::parse(text)
+                && url.credentials().is_some()
+            {
+                *text = url.redacted();
+            }
+        }
         _ => {}
     }
 }

@@ -12,7 +12,7 @@
 use super::logs::{DeployLog, Stream};
 use super::{Deployer, Ending, Stop};
 use crate::docker::{ContainerSpec, LABEL_APPLICATION, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, OutputLine};
-use crate::git::{Git, KeyFile};
+use crate::git::{Access, Git, KeyFile};
 use crate::http::{Http, HttpError};
 use crate::place::Place;
 use crate::remote::Dial;
@@ -195,18 +195,36 @@ impl Pipeline {
             image
         } else {
             match self.state.release.source.clone() {
-                Source::Git { url, git_ref, dockerfile, deploy_key } => {
+                Source::Git { url, git_ref, dockerfile, deploy_key, credentials } => {
                     self.begin(DeploymentStep::Resolve)?;
                     let key = match deploy_key {
                         Some(key_id) => Some(self.deploy_key(*key_id.as_uuid()).await?),
                         None => None,
                     };
-                    let known_hosts = self.deployer.inner.config.work_dir.join("known_hosts");
-                    let git = Git::new(&url, key.as_ref(), &known_hosts);
+                    let credentials = match credentials {
+                        Some(sealed) => Some(
+                            self.deployer
+                                .inner
+                                .keyring
+                                .open(&sealed)
+                                .map_err(|e| anyhow::anyhow!("opening the repository's credentials: {e}"))?,
+                        ),
+                        None => None,
+                    };
+                    let inner = Arc::clone(&self.deployer.inner);
+                    let config = &inner.config;
+                    let known_hosts = config.work_dir.join("known_hosts");
+                    let access = Access {
+                        key: key.as_ref(),
+                        credentials: credentials.as_ref().map(|c| c.expose()),
+                        known_hosts: &known_hosts,
+                        local_roots: &config.git_local_roots,
+                    };
+                    let git = Git::new(&url, access, &config.work_dir)?;
                     let commit = match self.state.commit.clone() {
                         Some(commit) => commit,
                         None => {
-                            self.log.system(format!("resolving {git_ref} in {url}"));
+                            self.log.system(format!("resolving {git_ref} in {}", git.url()));
                             let log = self.log.clone();
                             let resolving = git.resolve(&git_ref, |_, line| log.line(Stream::Stderr, &line));
                             let commit = self.interruptible(resolving).await??;
@@ -225,6 +243,7 @@ impl Pipeline {
                     let checkout =
                         git.checkout(&git_ref, &commit, &checkout_dir, |_, line| log.line(Stream::Stderr, &line));
                     self.interruptible(checkout).await??;
+                    drop(git);
                     drop(key);
                     self.complete(DeploymentStep::Clone).await?;
 

@@ -21,7 +21,7 @@
 //!   larger than the operator allows is replaced by a `LIMIT_EXCEEDED` error. A finished
 //!   operation is followed by `complete`. The client's `complete` (`stop`) stops its operation.
 //!   A subscription that ends because its token stopped working closes the socket with `4403`
-//!   after telling it why.
+//!   after telling it why and completing.
 //! - `ping` is answered with `pong`; an unparsable message closes with `4400`.
 
 use crate::ApiState;
@@ -360,8 +360,16 @@ impl Session {
             }
         };
         sink.send(send(frame)).await.map_err(|_| gone())?;
-        // A subscription ended because the token stopped working: so does the session.
-        if revoked { Err(forbidden()) } else { Ok(()) }
+        if revoked {
+            // A subscription ended because the token stopped working: it completes as any
+            // ended operation does, then so does the session.
+            if let Some(operation) = self.operations.remove(&key) {
+                let complete = format!(r#"{{"id":{},"type":"complete"}}"#, operation.id);
+                sink.send(send(complete)).await.map_err(|_| gone())?;
+            }
+            return Err(forbidden());
+        }
+        Ok(())
     }
 
     /// The `error` message refusing operation `id`: the GraphQL errors (`graphql-transport-ws`)

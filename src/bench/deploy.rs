@@ -178,6 +178,8 @@ impl Zpanel {
                 proxy_listen: caddy.listen.clone(),
                 work_dir,
                 grace: Duration::from_secs(1),
+                // The bench builds from the imported base image, as an operator's own.
+                local_images: zpanel_workers::images::LocalImages::parse(BASE_IMAGE).map_err(anyhow::Error::msg)?,
                 ..config.deploy()
             },
         };

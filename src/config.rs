@@ -142,6 +142,58 @@ pub struct Config {
     /// Image builds a worker runs at once.
     #[arg(long, env = "ZPANEL_DEPLOY_BUILDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64), global = true)]
     pub deploy_builds: u64,
+
+    /// Lines of its programs' output a deployment's log keeps; the rest is left out, and the
+    /// log says so.
+    #[arg(long, env = "ZPANEL_DEPLOY_LOG_MAX_LINES", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(10..=10_000_000), global = true)]
+    pub deploy_log_max_lines: u64,
+
+    /// Bytes of its programs' output a deployment's log keeps.
+    #[arg(long, env = "ZPANEL_DEPLOY_LOG_MAX_BYTES", default_value_t = 5 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 34), global = true)]
+    pub deploy_log_max_bytes: u64,
+
+    /// Images tenants may use from the Docker Engine's store without a pull, put there by the
+    /// operator: comma-separated references, or prefixes ending in `*` (`registry.internal/base/*`).
+    /// They are never pulled for a tenant. Unset: every image is pulled by its full reference.
+    #[arg(long, env = "ZPANEL_LOCAL_IMAGES", default_value = "", value_parser = parse_local_images, global = true)]
+    pub local_images: zpanel_workers::images::LocalImages,
+
+    /// Memory (bytes) of a container whose application sets none.
+    #[arg(long, env = "ZPANEL_CONTAINER_MEMORY_BYTES", default_value_t = 512 << 20, value_parser = clap::value_parser!(u64).range(6 << 20..), global = true)]
+    pub container_memory_bytes: u64,
+
+    /// The most memory (bytes) an application may set for its container.
+    #[arg(long, env = "ZPANEL_CONTAINER_MAX_MEMORY_BYTES", default_value_t = 4 << 30, value_parser = clap::value_parser!(u64).range(6 << 20..), global = true)]
+    pub container_max_memory_bytes: u64,
+
+    /// CPU (thousandths of a CPU) of a container whose application sets none.
+    #[arg(long, env = "ZPANEL_CONTAINER_CPU_MILLIS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_024_000), global = true)]
+    pub container_cpu_millis: u32,
+
+    /// The most CPU (thousandths of a CPU) an application may set.
+    #[arg(long, env = "ZPANEL_CONTAINER_MAX_CPU_MILLIS", default_value_t = 4000, value_parser = clap::value_parser!(u32).range(1..=1_024_000), global = true)]
+    pub container_max_cpu_millis: u32,
+
+    /// Processes (and threads) a container may run at once.
+    #[arg(long, env = "ZPANEL_CONTAINER_PIDS", default_value_t = 1024, value_parser = clap::value_parser!(i64).range(16..=4_194_304), global = true)]
+    pub container_pids: i64,
+
+    /// Memory (bytes) of each step of an image build; at most 2 GiB (the Engine API client
+    /// carries it as a 32-bit number).
+    #[arg(long, env = "ZPANEL_BUILD_MEMORY_BYTES", default_value_t = 2047 << 20, value_parser = clap::value_parser!(u64).range(6 << 20..=2_147_483_647), global = true)]
+    pub build_memory_bytes: u64,
+
+    /// CPU (thousandths of a CPU) of each step of an image build.
+    #[arg(long, env = "ZPANEL_BUILD_CPU_MILLIS", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_024_000), global = true)]
+    pub build_cpu_millis: u32,
+
+    /// How long (seconds) an image build may take before the deployment fails.
+    #[arg(long, env = "ZPANEL_BUILD_TIMEOUT_SECONDS", default_value_t = 1200, value_parser = clap::value_parser!(u64).range(10..=86_400), global = true)]
+    pub build_timeout_seconds: u64,
+}
+
+fn parse_local_images(list: &str) -> Result<zpanel_workers::images::LocalImages, String> {
+    zpanel_workers::images::LocalImages::parse(list)
 }
 
 /// `ZPANEL_GIT_LOCAL_ROOTS`, each directory with its symbolic links resolved.
@@ -220,6 +272,22 @@ impl Config {
             lease: Duration::from_secs(self.lease_seconds),
             route_sync: Duration::from_secs(self.route_sync_seconds),
             git_local_roots: self.git_local_roots(),
+            limits: zpanel_workers::deploy::EngineLimits {
+                // A default above the cap is the cap.
+                memory_bytes: self.container_memory_bytes.min(self.container_max_memory_bytes),
+                max_memory_bytes: self.container_max_memory_bytes,
+                cpu_millis: self.container_cpu_millis.min(self.container_max_cpu_millis),
+                max_cpu_millis: self.container_max_cpu_millis,
+                pids: self.container_pids,
+                build_memory_bytes: self.build_memory_bytes,
+                build_cpu_millis: self.build_cpu_millis,
+                build_timeout: Duration::from_secs(self.build_timeout_seconds),
+            },
+            local_images: self.local_images.clone(),
+            log_limits: zpanel_workers::deploy::LogLimits {
+                max_lines: usize::try_from(self.deploy_log_max_lines).unwrap_or(usize::MAX),
+                max_bytes: usize::try_from(self.deploy_log_max_bytes).unwrap_or(usize::MAX),
+            },
         }
     }
 }

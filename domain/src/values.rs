@@ -574,6 +574,91 @@ impl ImageRef {
         }
         Ok(Self(s.to_owned()))
     }
+
+    /// Parses a reference an application may name: [`ImageRef::parse`], outside Zpanel's own
+    /// repositories (`zpanel/…` on Docker Hub, where it tags the images it builds), and not
+    /// something the Docker Engine could take for an image id. Either would let a tenant run,
+    /// or overwrite, an image Zpanel built for another application.
+    ///
+    /// # Errors
+    /// When it does not follow the reference grammar or names what Zpanel keeps for itself.
+    pub fn parse_runnable(s: &str) -> Result<Self, ValueError> {
+        let image = Self::parse(s)?;
+        if image.is_zpanel_owned() {
+            return reject("must not name Zpanel's own images (zpanel/…)");
+        }
+        if image.may_name_an_image_id() {
+            return reject("must name a repository, not an image id (add a tag, e.g. :latest)");
+        }
+        Ok(image)
+    }
+
+    /// The registry (`ghcr.io`, `localhost:5000`), the repository path in it, the tag and the
+    /// digest. `None` for the registry means Docker Hub.
+    fn parts(&self) -> (Option<&str>, &str, Option<&str>, Option<&str>) {
+        let (name_tag, digest) = match self.0.split_once('@') {
+            Some((n, d)) => (n, Some(d)),
+            None => (self.0.as_str(), None),
+        };
+        let last_slash = name_tag.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match name_tag[last_slash..].rfind(':') {
+            Some(i) => (&name_tag[..last_slash + i], Some(&name_tag[last_slash + i + 1..])),
+            None => (name_tag, None),
+        };
+        match name.split_once('/') {
+            Some((first, rest)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+                let registry = (first != "docker.io" && first != "index.docker.io").then_some(first);
+                (registry, rest, tag, digest)
+            }
+            _ => (None, name, tag, digest),
+        }
+    }
+
+    /// The repository as the Docker Engine names it locally (`nginx`, `ghcr.io/org/app`): Docker
+    /// Hub's domain and its `library/` left out.
+    #[must_use]
+    pub fn repository(&self) -> String {
+        match self.parts() {
+            (Some(registry), path, _, _) => format!("{registry}/{path}"),
+            (None, path, _, _) => path.strip_prefix("library/").filter(|p| !p.contains('/')).unwrap_or(path).to_owned(),
+        }
+    }
+
+    /// The tag (`latest` when none is given and no digest pins the image).
+    #[must_use]
+    pub fn tag(&self) -> Option<&str> {
+        match self.parts() {
+            (_, _, Some(tag), _) => Some(tag),
+            (_, _, None, None) => Some("latest"),
+            (_, _, None, Some(_)) => None,
+        }
+    }
+
+    /// The digest (`sha256:…`), when the reference pins one.
+    #[must_use]
+    pub fn digest(&self) -> Option<&str> {
+        self.parts().3
+    }
+
+    /// Whether it names one of Zpanel's own repositories: `zpanel/…` on Docker Hub, which the
+    /// engine stores under the same local name as the images Zpanel builds.
+    #[must_use]
+    pub fn is_zpanel_owned(&self) -> bool {
+        matches!(self.parts(), (None, path, _, _) if path.starts_with("zpanel/"))
+    }
+
+    /// Whether the Docker Engine could take it for an image id or a prefix of one: a Docker
+    /// Hub name of hex digits alone with no tag (looked up as an id when no such repository is
+    /// stored), or `sha256:<hex>`.
+    #[must_use]
+    pub fn may_name_an_image_id(&self) -> bool {
+        let hex = |s: &str| s.chars().all(|c| c.is_ascii_hexdigit());
+        match self.parts() {
+            (None, path, None, None) => hex(path),
+            (None, "sha256", Some(tag), None) => hex(tag),
+            _ => false,
+        }
+    }
 }
 string_value!(ImageRef);
 
@@ -1212,6 +1297,38 @@ mod tests {
         for bad in ["", "Nginx", "-nginx", "nginx:", "nginx:-x", "a//b", "nginx latest", "app@sha256:xyz", "a..b"] {
             assert!(ImageRef::parse(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn an_application_image_cannot_name_zpanels_own_repositories_or_an_image_id() {
+        for reserved in [
+            "zpanel/0190c6d2-8c1e-7000-8000-000000000000:build-abc",
+            "docker.io/zpanel/app",
+            "index.docker.io/zpanel/app:v1",
+            "abc123",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(ImageRef::parse(reserved).is_ok(), "{reserved} is a reference");
+            assert!(ImageRef::parse_runnable(reserved).is_err(), "{reserved} should be refused");
+        }
+        for ok in ["nginx", "abc123:1", "ghcr.io/zpanel/app:v1", "zpanel-test/busybox", "myorg/zpanel", "cafe/app"] {
+            assert!(ImageRef::parse_runnable(ok).is_ok(), "{ok} should be allowed");
+        }
+    }
+
+    #[test]
+    fn an_image_reference_splits_as_the_docker_engine_names_it() {
+        let parse = |s: &str| ImageRef::parse(s).expect("valid");
+        assert_eq!(parse("docker.io/library/nginx").repository(), "nginx");
+        assert_eq!(parse("docker.io/library/nginx").tag(), Some("latest"));
+        assert_eq!(parse("library/nginx:1.27").repository(), "nginx");
+        assert_eq!(parse("localhost:5000/a/b:v1").repository(), "localhost:5000/a/b");
+        assert_eq!(parse("localhost:5000/a/b:v1").tag(), Some("v1"));
+        let pinned = parse("ghcr.io/o/a@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
+        assert_eq!(pinned.repository(), "ghcr.io/o/a");
+        assert_eq!(pinned.tag(), None);
+        assert!(pinned.digest().is_some_and(|d| d.starts_with("sha256:")));
     }
 
     #[test]

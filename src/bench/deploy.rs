@@ -193,6 +193,8 @@ impl Zpanel {
                 work_dir,
                 grace: Duration::from_secs(1),
                 git_local_roots,
+                // The bench builds from the imported base image, as an operator's own.
+                local_images: zpanel_workers::images::LocalImages::parse(BASE_IMAGE).map_err(anyhow::Error::msg)?,
                 ..config.deploy()
             },
         };

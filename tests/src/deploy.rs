@@ -57,13 +57,15 @@ impl Caddy {
     }
 
     /// The environment that points Zpanel at this Caddy (and shortens the grace period
-    /// before an old release is stopped).
+    /// before an old release is stopped), with the base image as one of the operator's local
+    /// images (nothing can be pulled here).
     #[must_use]
     pub fn env(&self) -> Vec<(&'static str, &str)> {
         vec![
             ("ZPANEL_CADDY_ADMIN", self.admin.as_str()),
             ("ZPANEL_PROXY_LISTEN", self.listen.as_str()),
             ("ZPANEL_DEPLOY_GRACE_SECONDS", "1"),
+            ("ZPANEL_LOCAL_IMAGES", BASE_IMAGE),
         ]
     }
 }
@@ -253,13 +255,24 @@ pub async fn page(http: &reqwest::Client, listen: &str, domain: &str) -> Result<
     Ok((status, answer.text().await.map_err(|e| e.to_string())?))
 }
 
-/// Removes every container and image Zpanel made for `application_id` (tests clean up after
-/// themselves; the engine is shared).
+/// Removes every container and image Zpanel made for `application_id`, and its team's
+/// network once no container uses it (tests clean up after themselves; the engine is shared,
+/// and its address pools hold a few dozen networks).
 pub fn remove_application(application_id: &str) {
     let label = format!("label=zpanel.application={application_id}");
     let ids = Command::new("docker").args(["ps", "-aq", "--filter", &label]).output().expect("docker ps");
+    let mut teams = std::collections::BTreeSet::new();
     for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+        let team = Command::new("docker")
+            .args(["inspect", "-f", "{{index .Config.Labels \"zpanel.team\"}}", id])
+            .output()
+            .expect("docker inspect");
+        teams.insert(String::from_utf8_lossy(&team.stdout).trim().to_owned());
         let _ = Command::new("docker").args(["rm", "-f", id]).output();
+    }
+    for team in teams.into_iter().filter(|t| !t.is_empty()) {
+        // Refused while another application of the team still runs: its removal takes it.
+        let _ = Command::new("docker").args(["network", "rm", &format!("zpanel-team-{team}")]).output();
     }
     let repo = format!("zpanel/{application_id}");
     let images = Command::new("docker").args(["images", "-q", &repo]).output().expect("docker images");

@@ -375,7 +375,9 @@ const CONTROL: &str = "mutation($id: ID!) {
 
 #[tokio::test]
 async fn an_image_application_runs_its_image_and_a_pull_that_cannot_reach_its_registry_fails_with_why() {
-    let env = Env::start().await;
+    // The operator put the `web` images on the engine: they are used without a pull.
+    let local = format!("{},127.0.0.1:9/zpanel-test/web:*", zpanel_tests::deploy::BASE_IMAGE);
+    let env = Env::start_with("serve", &[("ZPANEL_LOCAL_IMAGES", local.as_str())]).await;
     // A registry on a closed loopback port: the pull fails at once, and stays on this machine.
     let image = format!("127.0.0.1:9/zpanel-test/web:{}", uuid::Uuid::new_v4().simple());
     let repo = Repo::new("from an image");

@@ -16,7 +16,7 @@
 mod logs;
 mod pipeline;
 
-pub use logs::DeployLog;
+pub use logs::{DeployLog, LogLimits};
 
 use crate::lease::LeaseKeeper;
 use crate::place::{Place, PlaceConfig, Places};
@@ -66,6 +66,66 @@ pub struct DeployConfig {
     pub route_sync: Duration,
     /// Where local repositories may be cloned from (`ZPANEL_GIT_LOCAL_ROOTS`).
     pub git_local_roots: zpanel_domain::values::GitLocalRoots,
+    /// What containers and builds may use of the machine.
+    pub limits: EngineLimits,
+    /// Images tenants may use from the engine's store without a pull (`ZPANEL_LOCAL_IMAGES`).
+    pub local_images: crate::images::LocalImages,
+    /// How much output a deployment's log keeps.
+    pub log_limits: LogLimits,
+}
+
+/// What containers and builds may use of the machine they share with other teams' (the
+/// `ZPANEL_CONTAINER_*` and `ZPANEL_BUILD_*` settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineLimits {
+    /// Memory of a container whose application sets none, in bytes.
+    pub memory_bytes: u64,
+    /// The most memory an application may set.
+    pub max_memory_bytes: u64,
+    /// CPU of a container whose application sets none, in thousandths of a CPU.
+    pub cpu_millis: u32,
+    /// The most CPU an application may set.
+    pub max_cpu_millis: u32,
+    /// Processes (and threads) a container may run at once.
+    pub pids: i64,
+    /// Memory of each step of a build, in bytes.
+    pub build_memory_bytes: u64,
+    /// CPU of each step of a build, in thousandths of a CPU.
+    pub build_cpu_millis: u32,
+    /// How long a build may take.
+    pub build_timeout: Duration,
+}
+
+impl Default for EngineLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 512 * 1024 * 1024,
+            max_memory_bytes: 4 * 1024 * 1024 * 1024,
+            cpu_millis: 1000,
+            max_cpu_millis: 4000,
+            pids: 1024,
+            build_memory_bytes: 2047 * 1024 * 1024,
+            build_cpu_millis: 2000,
+            build_timeout: Duration::from_secs(1200),
+        }
+    }
+}
+
+impl EngineLimits {
+    /// The memory (bytes) and CPU (thousandths) a container of an application with `own`
+    /// limits gets: its own within the operator's caps, the operator's defaults where it sets
+    /// none. `note` hears of each limit lowered to its cap.
+    pub fn container(&self, own: &zpanel_domain::values::ResourceLimits, note: impl Fn(String)) -> (u64, u32) {
+        let memory = own.memory_bytes.unwrap_or(self.memory_bytes);
+        let cpu = own.cpu_millis.unwrap_or(self.cpu_millis);
+        if memory > self.max_memory_bytes {
+            note(format!("memory {memory} bytes is over the operator's cap; using {} bytes", self.max_memory_bytes));
+        }
+        if cpu > self.max_cpu_millis {
+            note(format!("cpu {cpu} millis is over the operator's cap; using {} millis", self.max_cpu_millis));
+        }
+        (memory.min(self.max_memory_bytes), cpu.min(self.max_cpu_millis))
+    }
 }
 
 impl DeployConfig {
@@ -474,7 +534,13 @@ impl Deployer {
         let deadline = started_at + self.inner.config.timeout;
         let remaining = (deadline - OffsetDateTime::now_utc()).try_into().unwrap_or(Duration::ZERO);
         let secrets = pipeline::Secrets::open(&self.inner.keyring, &state.release)?;
-        let log = DeployLog::start(self.inner.pool.clone(), deployment_id, secrets.redactions()).await?;
+        let log = DeployLog::start(
+            self.inner.pool.clone(),
+            deployment_id,
+            secrets.redactions(),
+            self.inner.config.log_limits,
+        )
+        .await?;
         let cancel_watch = self.watch_cancellation(team_id, deployment_id);
         let mut pipeline = pipeline::Pipeline::new(self.clone(), state, secrets, log.clone(), stop);
         let ending = tokio::select! {
@@ -493,6 +559,10 @@ impl Deployer {
             }
         };
         cancel_watch.abort();
+        let left_out = log.left_out();
+        if left_out > 0 {
+            log.system(format!("{left_out} lines of output were left out of this log"));
+        }
         if !matches!(ending, Ending::Released { .. } | Ending::LeaseLost) {
             pipeline.undo().await;
         }

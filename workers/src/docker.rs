@@ -8,15 +8,18 @@
 use crate::remote::Dial;
 use anyhow::Context as _;
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
-    BuildImageOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListImagesOptions,
-    LogsOptions, RemoveContainerOptions, RemoveImageOptions, StopContainerOptions, TagImageOptions,
+    BuildImageOptions, CreateContainerOptions, CreateImageOptions, InspectNetworkOptions, ListContainersOptions,
+    ListImagesOptions, LogsOptions, RemoveContainerOptions, RemoveImageOptions, StopContainerOptions, TagImageOptions,
 };
 use futures::{Stream, StreamExt as _};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
+use zpanel_domain::values::ImageRef;
 
 /// Label: the team a container or image belongs to.
 pub const LABEL_TEAM: &str = "zpanel.team";
@@ -32,6 +35,10 @@ pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 
 /// A request may take this long: builds and pulls stream for minutes.
 const REQUEST_TIMEOUT_SECS: u64 = 3600;
+
+/// The longest line of build output held while waiting for its end; a longer one is handed
+/// out in pieces (a program that prints without newlines must not fill the worker's memory).
+const MAX_PARTIAL_LINE: usize = 64 * 1024;
 
 /// A Docker Engine.
 #[derive(Clone, Debug)]
@@ -82,10 +89,35 @@ pub struct ContainerSpec {
     /// The port the application listens on inside the container; published on 127.0.0.1 at a
     /// port the engine chooses.
     pub port: u16,
-    /// Memory limit in bytes.
+    /// Memory limit in bytes (swap included: the container gets no swap beyond it).
     pub memory_bytes: Option<u64>,
     /// CPU limit in thousandths of a CPU.
     pub cpu_millis: Option<u32>,
+    /// How many processes (and threads) it may run at once.
+    pub pids: Option<i64>,
+    /// The network it joins (its team's); `None`: the engine's default bridge.
+    pub network: Option<String>,
+}
+
+/// What a build may use: its `RUN` steps run in containers like any other.
+#[derive(Clone, Debug, Default)]
+pub struct BuildSpec {
+    /// Memory limit in bytes of each step's container (swap included).
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in thousandths of a CPU.
+    pub cpu_millis: Option<u32>,
+    /// The network its steps join (the team's); `None`: the engine's default bridge.
+    pub network: Option<String>,
+}
+
+/// A network Zpanel keeps for a team: a bridge of its own, so its containers share no
+/// network with other teams'.
+#[derive(Clone, Debug)]
+pub struct NetworkSpec {
+    /// Its name (`zpanel-team-<team>`).
+    pub name: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
 }
 
 impl Engine {
@@ -154,7 +186,8 @@ impl Engine {
     }
 
     /// Builds the image of the tar archive `context` (a file) with `dockerfile`, tagged `tag`,
-    /// passing `build_args`; each line of output goes to `output`. Returns the image id.
+    /// passing `build_args`, within `spec`'s limits; each line of output goes to `output`.
+    /// Returns the image id.
     ///
     /// Images get no labels: the legacy builder turns each label into a step of its own (a
     /// container created and committed, ~120 ms each). Zpanel finds its images by their
@@ -170,16 +203,26 @@ impl Engine {
         dockerfile: &str,
         tag: &str,
         build_args: HashMap<String, String>,
+        spec: &BuildSpec,
         mut output: impl FnMut(OutputLine),
     ) -> anyhow::Result<String> {
         let file = tokio::fs::File::open(context).await.context("opening the build context")?;
         let body = bollard::body_try_stream(file_chunks(file));
+        // The client carries the build's memory as a 32-bit number: at most 2 GiB.
+        let memory = spec.memory_bytes.map(|m| i32::try_from(m).unwrap_or(i32::MAX));
         let options = BuildImageOptions {
             dockerfile: dockerfile.to_owned(),
             t: Some(tag.to_owned()),
             rm: true,
             forcerm: true,
             buildargs: Some(build_args),
+            memory,
+            memswap: memory,
+            cpuperiod: spec.cpu_millis.map(|_| CPU_PERIOD_MICROS),
+            cpuquota: spec
+                .cpu_millis
+                .map(|m| i32::try_from(i64::from(m) * i64::from(CPU_PERIOD_MICROS) / 1000).unwrap_or(i32::MAX)),
+            networkmode: spec.network.clone(),
             ..Default::default()
         };
         let mut stream = self.docker.build_image(options, None, Some(body));
@@ -207,19 +250,26 @@ impl Engine {
         }
     }
 
-    /// Pulls `image`, each line of progress going to `output`; returns the image id.
+    /// Pulls `image`, each line of progress going to `output`; returns the id of the image the
+    /// pull brought: the one its repository holds at the digest the registry reported, never
+    /// what the name alone resolves to (which may be another image the engine stores).
     ///
     /// # Errors
-    /// When the registry cannot be reached or refuses (with its message).
-    pub async fn pull(&self, image: &str, mut output: impl FnMut(OutputLine)) -> anyhow::Result<String> {
-        let options = CreateImageOptions { from_image: Some(image.to_owned()), ..Default::default() };
+    /// When the registry cannot be reached or refuses (with its message), or the pull did not
+    /// report what it brought.
+    pub async fn pull(&self, image: &ImageRef, mut output: impl FnMut(OutputLine)) -> anyhow::Result<String> {
+        let options = CreateImageOptions { from_image: Some(image.as_str().to_owned()), ..Default::default() };
         let mut stream = self.docker.create_image(Some(options), None, None);
+        let mut digest = image.digest().map(str::to_owned);
         while let Some(info) = stream.next().await {
             let info = info.map_err(engine_error).with_context(|| format!("pulling {image}"))?;
             if let Some(error) = info.error_detail.and_then(|d| d.message) {
                 anyhow::bail!("pulling {image}: {error}");
             }
             if let Some(status) = info.status {
+                if let Some(reported) = status.strip_prefix("Digest: ") {
+                    digest = Some(reported.trim().to_owned());
+                }
                 let text = match info.id {
                     Some(id) => format!("{id}: {status}"),
                     None => status,
@@ -227,7 +277,63 @@ impl Engine {
                 output(OutputLine { is_error: false, text });
             }
         }
-        self.image_id(image).await?.with_context(|| format!("{image} is missing after the pull"))
+        let digest = digest.with_context(|| format!("pulling {image}: the registry reported no digest"))?;
+        let pinned = format!("{}@{digest}", image.repository());
+        self.image_id(&pinned).await?.with_context(|| format!("{pinned} is missing after the pull"))
+    }
+
+    /// The id of the image the engine stores under `image`'s name (repository and tag, or
+    /// digest) — looked up by that name alone, never as an id or an id's prefix.
+    ///
+    /// # Errors
+    /// When the engine fails.
+    pub async fn image_id_by_name(&self, image: &ImageRef) -> anyhow::Result<Option<String>> {
+        let name = crate::images::local_name(image);
+        let found = match self.docker.inspect_image(&name).await {
+            Ok(found) => found,
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(engine_error(e)).with_context(|| format!("inspecting image {name}")),
+        };
+        let named = found.repo_tags.iter().flatten().chain(found.repo_digests.iter().flatten()).any(|n| *n == name);
+        Ok(found.id.filter(|_| named))
+    }
+
+    /// The `ONBUILD` instructions image `id` hands to builds `FROM` it.
+    ///
+    /// # Errors
+    /// When the engine fails or has no such image.
+    pub async fn on_build(&self, id: &str) -> anyhow::Result<Vec<String>> {
+        let image = self
+            .docker
+            .inspect_image(id)
+            .await
+            .map_err(engine_error)
+            .with_context(|| format!("inspecting image {id}"))?;
+        Ok(image.config.and_then(|c| c.on_build).unwrap_or_default())
+    }
+
+    /// Makes sure network `spec.name` exists (a bridge with `spec`'s labels).
+    ///
+    /// # Errors
+    /// When the engine fails.
+    pub async fn ensure_network(&self, spec: &NetworkSpec) -> anyhow::Result<()> {
+        match self.docker.inspect_network(&spec.name, None::<InspectNetworkOptions>).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(engine_error(e)).with_context(|| format!("inspecting network {}", spec.name)),
+        }
+        let request = NetworkCreateRequest {
+            name: spec.name.clone(),
+            driver: Some("bridge".to_owned()),
+            labels: Some(spec.labels.clone()),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(()),
+            // Made by another deployment of the team meanwhile.
+            Err(e) if is_conflict(&e) => Ok(()),
+            Err(e) => Err(engine_error(e)).with_context(|| format!("creating network {}", spec.name)),
+        }
     }
 
     /// The id of image `reference`, if the engine has it.
@@ -284,10 +390,17 @@ impl Engine {
     pub async fn run(&self, spec: &ContainerSpec) -> anyhow::Result<String> {
         let port = format!("{}/tcp", spec.port);
         let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
+        let memory = spec.memory_bytes.and_then(|m| i64::try_from(m).ok());
         let host_config = HostConfig {
             port_bindings: Some(HashMap::from([(port.clone(), Some(vec![binding]))])),
-            memory: spec.memory_bytes.and_then(|m| i64::try_from(m).ok()),
+            memory,
+            // Swap counts within the limit: a container over its memory cannot spill to disk.
+            memory_swap: memory,
             nano_cpus: spec.cpu_millis.map(|m| i64::from(m) * 1_000_000),
+            pids_limit: spec.pids,
+            // Nothing inside gains privileges through setuid binaries or file capabilities.
+            security_opt: Some(vec!["no-new-privileges:true".to_owned()]),
+            network_mode: spec.network.clone(),
             // A small init as PID 1 forwards signals and reaps zombies, so a stop is prompt
             // even for programs that ignore SIGTERM as PID 1 (busybox httpd, many shells).
             init: Some(true),
@@ -499,14 +612,29 @@ fn is_not_modified(e: &bollard::errors::Error) -> bool {
     status_of(e) == Some(304)
 }
 
-/// Appends `text` to `partial` and hands out each complete line.
+/// The CFS period builds' CPU quota is counted in (the kernel's default).
+const CPU_PERIOD_MICROS: i32 = 100_000;
+
+/// Appends `text` to `partial` and hands out each complete line; a line longer than
+/// [`MAX_PARTIAL_LINE`] is handed out in pieces of that size.
 fn split_lines(partial: &mut String, text: &str, mut line: impl FnMut(String)) {
     partial.push_str(text);
-    while let Some(end) = partial.find('\n') {
-        let rest = partial.split_off(end + 1);
-        let mut complete = std::mem::replace(partial, rest);
-        complete.truncate(complete.trim_end_matches(['\n', '\r']).len());
-        line(complete);
+    loop {
+        if let Some(end) = partial.find('\n') {
+            let rest = partial.split_off(end + 1);
+            let mut complete = std::mem::replace(partial, rest);
+            complete.truncate(complete.trim_end_matches(['\n', '\r']).len());
+            line(complete);
+        } else if partial.len() > MAX_PARTIAL_LINE {
+            let mut end = MAX_PARTIAL_LINE;
+            while !partial.is_char_boundary(end) {
+                end -= 1;
+            }
+            let rest = partial.split_off(end);
+            line(std::mem::replace(partial, rest));
+        } else {
+            return;
+        }
     }
 }
 
@@ -543,5 +671,16 @@ mod tests {
         split_lines(&mut partial, "no newline", |l| lines.push(l));
         flush(&mut partial, |l| lines.push(l));
         assert_eq!(lines, ["Step 1/3 : FROM x", "Step 2/3 : RUN y", "no newline"]);
+    }
+
+    #[test]
+    fn output_without_newlines_is_handed_out_in_bounded_pieces() {
+        let mut partial = String::new();
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            split_lines(&mut partial, &"x".repeat(MAX_PARTIAL_LINE), |l| lines.push(l.len()));
+        }
+        assert!(partial.len() <= MAX_PARTIAL_LINE);
+        assert_eq!(lines, [MAX_PARTIAL_LINE, MAX_PARTIAL_LINE]);
     }
 }

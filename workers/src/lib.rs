@@ -9,7 +9,8 @@
 //! - [`lease`]: leases on long jobs, and the supervisor that takes over lapsed ones.
 //! - [`deploy`]: the deploy worker — its queue, its jobs and their pipeline — over
 //!   [`docker`] (the Docker Engine API), [`git`] (argument vectors only) and [`proxy`]
-//!   (Caddy's admin API).
+//!   (Caddy's admin API); [`images`] says which images a deployment may use on an engine
+//!   other teams share, and builds are held to it by reading their Dockerfiles first.
 //! - [`servers`]: the server worker — validates servers over [`ssh`] (russh: host keys trusted
 //!   on first use, fixed commands on exec channels, the Docker socket through a forwarded stream).
 //! - [`remote`]: one pooled SSH connection per server, and [`remote::Dial`], which carries
@@ -21,10 +22,12 @@ mod backoff;
 pub mod consumer;
 pub mod deploy;
 pub mod docker;
+mod dockerfile;
 pub mod embedded;
 pub mod exclusive;
 pub mod git;
 pub mod http;
+pub mod images;
 pub mod kafka;
 pub mod lease;
 pub mod place;

@@ -591,7 +591,7 @@ impl Mutation {
                     },
                 }
             }
-            (None, Some(image)) => Source::Image { image: field("image", image, ImageRef::parse)? },
+            (None, Some(image)) => Source::Image { image: field("image", image, ImageRef::parse_runnable)? },
         };
         let health_check = HealthCheck {
             path: field("healthCheckPath", input.health_check_path.as_deref().unwrap_or("/"), HealthPath::parse)?,
@@ -665,7 +665,7 @@ impl Mutation {
             git_ref: optional("gitRef", input.git_ref.as_deref(), GitRef::parse)?,
             dockerfile: optional("dockerfile", input.dockerfile.as_deref(), RepoPath::parse)?,
             deploy_key: None,
-            image: optional("image", input.image.as_deref(), ImageRef::parse)?,
+            image: optional("image", input.image.as_deref(), ImageRef::parse_runnable)?,
             port: input.port.map(|p| port("port", p)).transpose()?,
             health_check,
             domains: input.domains.as_deref().map(|d| domains("domains", d)).transpose()?,

@@ -11,7 +11,9 @@
 
 use super::logs::{DeployLog, Stream};
 use super::{Deployer, Ending, Stop};
-use crate::docker::{ContainerSpec, LABEL_APPLICATION, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, OutputLine};
+use crate::docker::{
+    BuildSpec, ContainerSpec, LABEL_APPLICATION, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, NetworkSpec, OutputLine,
+};
 use crate::git::{Access, Git, KeyFile};
 use crate::http::{Http, HttpError};
 use crate::place::Place;
@@ -27,7 +29,7 @@ use zpanel_commands::{Actor, CommandContext, CommandError, Keyring};
 use zpanel_domain::application::{EnvValue, ReleaseConfig, Source};
 use zpanel_domain::deployment::{Deployment, DeploymentCommand, DeploymentState, DeploymentStep};
 use zpanel_domain::private_key::PrivateKey;
-use zpanel_domain::values::HealthCheck;
+use zpanel_domain::values::{HealthCheck, ImageRef};
 
 /// The application's environment, opened: plaintext lives only in this process, only for the
 /// job, and reaches only the Docker Engine.
@@ -186,6 +188,10 @@ impl Pipeline {
                 _ => String::new(),
             };
             self.log.system(format!("re-deploying image {image}{of}, without a rebuild"));
+            // A release records the id of its image: a name could resolve to another image now.
+            if !is_image_id(&image) {
+                return Err(Interrupt::Failed(format!("the release's image {image} is not an image id")));
+            }
             engine.image_id(&image).await?.with_context(|| {
                 format!(
                     "the image {image} of that release is no longer on the Docker Engine (pruned); deploy anew instead"
@@ -254,19 +260,7 @@ impl Pipeline {
                 }
                 Source::Image { image } => {
                     self.begin(DeploymentStep::Pull)?;
-                    self.log.system(format!("pulling {image}"));
-                    let log = self.log.clone();
-                    let pulled = engine.pull(image.as_str(), |line| log.line(Stream::Stdout, &line.text));
-                    let id = match self.interruptible(pulled).await? {
-                        Ok(id) => id,
-                        Err(e) => match engine.image_id(image.as_str()).await? {
-                            Some(id) => {
-                                self.log.system(format!("{e:#}; using the copy the Docker Engine has"));
-                                id
-                            }
-                            None => return Err(e.into()),
-                        },
-                    };
+                    let id = self.acquire(&engine, &image).await?;
                     self.complete(DeploymentStep::Pull).await?;
                     id
                 }
@@ -278,14 +272,19 @@ impl Pipeline {
         engine.remove(&name).await?;
         let release = self.state.release.clone();
         let port = release.port.get();
+        let network = self.team_network(&engine).await?;
+        let limits = self.deployer.inner.config.limits;
+        let (memory_bytes, cpu_millis) = limits.container(&release.limits, |m| self.log.system(m));
         let spec = ContainerSpec {
             name: name.clone(),
             image: image.clone(),
             env: self.secrets.runtime_env(),
             labels: self.labels(),
             port,
-            memory_bytes: release.limits.memory_bytes,
-            cpu_millis: release.limits.cpu_millis,
+            memory_bytes: Some(memory_bytes),
+            cpu_millis: Some(cpu_millis),
+            pids: Some(limits.pids),
+            network: Some(network),
         };
         self.log.system(format!("starting container {name}"));
         self.container = Some(name.clone());
@@ -409,6 +408,81 @@ impl Pipeline {
         }
     }
 
+    /// The id of `image` for this deployment ([`crate::images`]): one of the operator's local
+    /// images, found by its name; or pulled by its full reference, by the digest the pull
+    /// reported. Zpanel's own images and image ids are refused; a failed pull never falls
+    /// back to whatever the engine stores under that name.
+    async fn acquire(&self, engine: &crate::docker::Engine, image: &ImageRef) -> StepResult<String> {
+        if let Some(why) = crate::images::refusal(image) {
+            return Err(Interrupt::Failed(format!("{image} cannot be used: {why}")));
+        }
+        if self.deployer.inner.config.local_images.allows(image) {
+            // The operator's images are never pulled for a tenant: a pull could replace them
+            // for every application that uses them.
+            let id = engine.image_id_by_name(image).await?.with_context(|| {
+                format!("{image} is one of the operator's local images (ZPANEL_LOCAL_IMAGES) but the Docker Engine does not have it")
+            })?;
+            self.log.system(format!(
+                "{image} is one of the operator's local images (ZPANEL_LOCAL_IMAGES): using the copy the Docker Engine has, {id}"
+            ));
+            return Ok(id);
+        }
+        self.log.system(format!("pulling {image}"));
+        let log = self.log.clone();
+        let pulled = engine.pull(image, |line| log.line(Stream::Stdout, &line.text));
+        let id = self.interruptible(pulled).await??;
+        self.log.system(format!("pulled {image}: image {id}"));
+        Ok(id)
+    }
+
+    /// The team's own network at the place, made when missing: its containers and builds
+    /// share no network with other teams'.
+    async fn team_network(&self, engine: &crate::docker::Engine) -> StepResult<String> {
+        let team = self.state.team_id.as_uuid().to_string();
+        let spec =
+            NetworkSpec { name: format!("zpanel-team-{team}"), labels: HashMap::from([(LABEL_TEAM.to_owned(), team)]) };
+        engine.ensure_network(&spec).await?;
+        Ok(spec.name)
+    }
+
+    /// Reads the Dockerfile at `dockerfile` in `checkout` and makes every image it builds from
+    /// one this deployment may use ([`Self::acquire`]): the engine's builder would otherwise
+    /// resolve those names against every image it stores. Images whose `ONBUILD` instructions
+    /// read other images are refused too, since they run in this build.
+    async fn check_build_images(
+        &self,
+        engine: &crate::docker::Engine,
+        checkout: &Path,
+        dockerfile: &str,
+        args: &HashMap<String, String>,
+    ) -> StepResult<()> {
+        let text = read_in(checkout, dockerfile).await?;
+        let uses = crate::dockerfile::images(&text, args)
+            .map_err(|e| Interrupt::Failed(format!("{dockerfile} cannot be built: {e}")))?;
+        for used in uses {
+            let image = ImageRef::parse(&used.reference).map_err(|e| {
+                Interrupt::Failed(format!("{dockerfile} line {}: {} {}", used.line, used.reference, e.rule))
+            })?;
+            if let Some(why) = crate::images::refusal(&image) {
+                return Err(Interrupt::Failed(format!(
+                    "{dockerfile} line {}: {image} cannot be built from: {why}",
+                    used.line
+                )));
+            }
+            let id = self.acquire(engine, &image).await?;
+            let on_build = engine.on_build(&id).await?;
+            let triggers =
+                crate::dockerfile::images(&format!("FROM scratch\n{}", on_build.join("\n")), &HashMap::new());
+            if !matches!(triggers.as_deref(), Ok([])) {
+                return Err(Interrupt::Failed(format!(
+                    "{dockerfile} line {}: {image} cannot be built from: its ONBUILD instructions read other images",
+                    used.line
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn labels(&self) -> HashMap<String, String> {
         HashMap::from([
             (LABEL_TEAM.to_owned(), self.state.team_id.as_uuid().to_string()),
@@ -456,6 +530,7 @@ impl Pipeline {
         tokio::task::spawn_blocking(move || tar_context(&source, &target))
             .await
             .context("packing the build context")??;
+        self.check_build_images(engine, checkout, dockerfile, &args).await?;
         let inner = self.deployer.inner.clone();
         let waiting = inner.builds.acquire();
         let _permit = self.interruptible(waiting).await?.context("the build queue closed")?;
@@ -464,8 +539,25 @@ impl Pipeline {
         let log = self.log.clone();
         let output =
             move |line: OutputLine| log.line(if line.is_error { Stream::Stderr } else { Stream::Stdout }, &line.text);
-        let building = engine.build(&context, dockerfile, &reference, args, output);
-        let image = self.interruptible(building).await??;
+        let limits = inner.config.limits;
+        let spec = BuildSpec {
+            memory_bytes: Some(limits.build_memory_bytes),
+            cpu_millis: Some(limits.build_cpu_millis),
+            network: Some(self.team_network(engine).await?),
+        };
+        let building = tokio::time::timeout(
+            limits.build_timeout,
+            engine.build(&context, dockerfile, &reference, args, &spec, output),
+        );
+        let image = match self.interruptible(building).await? {
+            Ok(built) => built?,
+            Err(_) => {
+                return Err(Interrupt::Failed(format!(
+                    "the build took longer than its limit of {} s",
+                    limits.build_timeout.as_secs()
+                )));
+            }
+        };
         engine.tag(&image, &repo, &built).await?;
         self.log.system(format!("built image {image}"));
         Ok(image)
@@ -529,6 +621,25 @@ fn step_name(step: DeploymentStep) -> &'static str {
         DeploymentStep::Route => "switching the route",
         DeploymentStep::Cleanup => "cleaning up",
     }
+}
+
+/// Whether `image` is a full image id (`sha256:` and 64 hex digits), which names one image
+/// and only that one.
+fn is_image_id(image: &str) -> bool {
+    image.strip_prefix("sha256:").is_some_and(|hex| hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// The text of file `path` of the checkout `dir`, refused when it leads out of the checkout
+/// (a symbolic link to a file of the worker's host).
+async fn read_in(dir: &Path, path: &str) -> StepResult<String> {
+    let root = tokio::fs::canonicalize(dir).await.context("reading the checkout")?;
+    let file =
+        tokio::fs::canonicalize(dir.join(path)).await.with_context(|| format!("{path} is not in the repository"))?;
+    if !file.starts_with(&root) {
+        return Err(Interrupt::Failed(format!("{path} leads out of the repository")));
+    }
+    let text = tokio::fs::read(&file).await.with_context(|| format!("reading {path}"))?;
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
 /// What an image is built from; an image with the same key is the same build.

@@ -156,7 +156,7 @@ async fn plain_round<'a>(kafka: &KafkaConfig, messages: &'a [PlainMessage]) -> a
 async fn counting_round(kafka: &KafkaConfig, messages: &[PlainMessage]) -> anyhow::Result<f64> {
     let plain = fresh_topic(kafka, "counting");
     plain.ensure_topics().await?;
-    let producer = plain.producer_with(CountDeliveries)?;
+    let producer = plain.producer_with(CountDeliveries::default())?;
     let send = async |message: &PlainMessage, deliveries: &Arc<Deliveries>| {
         let record = BaseRecord::with_opaque_to(&plain.topic, Arc::clone(deliveries))
             .key(message.key.as_bytes())

@@ -292,6 +292,16 @@ async fn a_broker_outage_loses_and_reorders_nothing() {
     let mut broker = Broker::start();
     let kafka = env.kafka(&broker);
     let running = relay(&env, &kafka);
+    // Consumers in the same process, as `zpanel serve` runs them: they fail, close and start
+    // again through the outage, and create the topics as soon as the broker is back.
+    let consumers = run_workers(
+        &env,
+        &Delivery::Kafka(kafka.clone()),
+        vec![
+            Worker::new("outage-a", Counting::new(&env, &["EnvironmentVariableSet"], 0)),
+            Worker::new("outage-b", Counting::new(&env, &["DeploymentQueued"], 0)),
+        ],
+    );
     for i in 0..20 {
         env.set_variable(i % 4, &format!("before {i}")).await;
     }
@@ -299,8 +309,8 @@ async fn a_broker_outage_loses_and_reorders_nothing() {
     let mut reader = Reader::new(&kafka, &kafka.topic);
     reader.until_seen(&before).await;
 
-    // No consumer lives across the restart: librdkafka 2.12 crashes (a null topic name in its
-    // metadata cache) when a consumer asks the restarted in-memory broker for a topic it forgot.
+    // No outside reader lives across the restart: librdkafka 2.12 crashes (a null topic name in
+    // its metadata cache) when a consumer asks the restarted in-memory broker for a topic it forgot.
     let before_outage = std::mem::take(&mut reader.seen);
     drop(reader);
     broker.stop();
@@ -308,18 +318,20 @@ async fn a_broker_outage_loses_and_reorders_nothing() {
     for i in 0..20 {
         env.set_variable(i % 4, &format!("during {i}")).await;
     }
+    let during: HashSet<Uuid> = env.log().await.iter().map(|e| e.event_id).filter(|id| !before.contains(id)).collect();
     broker.resume();
+    // The restarted broker kept nothing (in-memory storage): a new reader of the new topic finds
+    // every event appended during the outage, with nothing appended after it to push them along.
+    let mut after = Reader::new(&kafka, &kafka.topic);
+    after.until_seen(&during).await;
     for i in 0..20 {
         env.set_variable(i % 4, &format!("after {i}")).await;
     }
-    // The restarted broker kept nothing (in-memory storage): a new reader of the new topic
-    // sees what the relay produced since, which must be everything after the outage began.
-    let all = env.log().await;
-    let since: HashSet<Uuid> = all.iter().map(|e| e.event_id).filter(|id| !before.contains(id)).collect();
-    let mut after = Reader::new(&kafka, &kafka.topic);
+    let since: HashSet<Uuid> = env.log().await.iter().map(|e| e.event_id).filter(|id| !before.contains(id)).collect();
     after.until_seen(&since).await;
     assert_ordered_per_stream(&[before_outage, after.seen.clone()].concat());
     running.stop().await;
+    consumers.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -452,7 +464,8 @@ async fn an_event_delivered_twice_is_handled_once_in_both_modes() {
         // Delivered again: through Kafka as a duplicate message, in-process by a rewound cursor.
         match &mode.delivery {
             Delivery::Kafka(kafka) => {
-                let producer = kafka.producer_with(zpanel_workers::kafka::CountDeliveries).expect("producer");
+                let producer =
+                    kafka.producer_with(zpanel_workers::kafka::CountDeliveries::default()).expect("producer");
                 zpanel_workers::relay::produce_in_order(&producer, &kafka.topic, &[wanted[0].clone()])
                     .await
                     .expect("produce a duplicate");
@@ -723,4 +736,120 @@ async fn serve_relays_to_kafka_and_a_worker_process_takes_over_when_it_stops() {
     reader.until_seen(&log().await).await;
     assert_ordered_per_stream(&reader.seen);
     terminate(&mut worker);
+}
+
+/// `zpanel serve` on Kafka (its workers consuming in-process), with a root token of a team.
+async fn serve_on_kafka(broker: &Broker) -> (zpanel_tests::api::App, String, KafkaConfig) {
+    let kafka = KafkaConfig { topic: format!("e2e{}", Uuid::now_v7().simple()), ..KafkaConfig::new(&broker.address()) };
+    let app = zpanel_tests::api::App::start_with(&[
+        ("ZPANEL_KAFKA_BROKERS", &kafka.brokers),
+        ("ZPANEL_KAFKA_TOPIC", &kafka.topic),
+    ])
+    .await;
+    let token = app.bootstrap("Outage");
+    (app, token, kafka)
+}
+
+/// Creates a project through the API.
+async fn create_project(app: &zpanel_tests::api::App, token: &str, name: &str) {
+    app.graphql(
+        Some(token),
+        "mutation($name: String!) { createProject(input: { name: $name }) { id } }",
+        serde_json::json!({ "name": name }),
+    )
+    .await
+    .ok();
+}
+
+/// The events the relay of `app` reports acknowledged.
+async fn relayed(app: &zpanel_tests::api::App) -> u64 {
+    let (status, metrics) = app.get("/metrics").await;
+    assert_eq!(status, 200, "GET /metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("zpanel_relay_events_total{").and_then(|l| l.split_once("} ")))
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .expect("zpanel_relay_events_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_on_kafka_relays_every_event_appended_while_the_broker_was_away() {
+    let mut broker = Broker::start();
+    let (app, token, kafka) = serve_on_kafka(&broker).await;
+    create_project(&app, &token, "before").await;
+    let before: HashSet<Uuid> = read_log(&app.db.pool).await.iter().map(|e| e.event_id).collect();
+    eventually("the relay to catch up", || async { (relayed(&app).await >= before.len() as u64).then_some(()) }).await;
+
+    broker.stop();
+    // As a user would: a second later, mutations one after another.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..20 {
+        create_project(&app, &token, &format!("during {i}")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all = read_log(&app.db.pool).await;
+    let during: HashSet<Uuid> = all.iter().map(|e| e.event_id).filter(|id| !before.contains(id)).collect();
+    broker.resume();
+    eventually("the relay to report every event acknowledged", || async {
+        (relayed(&app).await >= all.len() as u64).then_some(())
+    })
+    .await;
+    // A reader from outside, in a group of its own, finds every event appended during the outage.
+    let mut reader = Reader::new(&kafka, &kafka.topic);
+    reader.until_seen(&during).await;
+}
+
+/// The messages the consumer group `group` has committed on `kafka`'s topic: the sum of its
+/// committed offsets (tansu's offsets start at 0).
+async fn committed(kafka: &KafkaConfig, group: &str) -> i64 {
+    let (kafka, group) = (kafka.clone(), group.to_owned());
+    // A consumer that asks for the group's offsets without joining it; the call blocks, and so
+    // may closing it, hence a thread of its own and a bound on the wait.
+    let asking = tokio::task::spawn_blocking(move || {
+        let consumer = kafka.consumer(&group).expect("consumer");
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        for partition in 0..kafka.partitions {
+            partitions.add_partition(&kafka.topic, partition);
+        }
+        consumer
+            .committed_offsets(partitions, Duration::from_secs(5))
+            .map_or(0, |offsets| offsets.elements().iter().filter_map(|e| e.offset().to_raw()).filter(|o| *o > 0).sum())
+    });
+    tokio::time::timeout(Duration::from_secs(10), asking).await.map_or(0, |asked| asked.expect("committed offsets"))
+}
+
+/// How long a command may take while the broker is away: it never waits on the broker, so
+/// a slow answer means something it needs was held up by the Kafka side (a consumer closing
+/// on a runtime thread took 10 s, or for as long as the broker stayed away).
+const COMMAND_BOUND: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_answer_at_once_while_the_broker_is_away() {
+    let mut broker = Broker::start();
+    let (app, token, kafka) = serve_on_kafka(&broker).await;
+    create_project(&app, &token, "before").await;
+    let log = read_log(&app.db.pool).await.len() as u64;
+    eventually("the relay to catch up", || async { (relayed(&app).await >= log).then_some(()) }).await;
+    // The in-process consumers are in their groups, consuming, when the broker goes.
+    let kafka = KafkaConfig { topic: kafka.topic.clone(), ..KafkaConfig::new(&broker.address()) };
+    for group in ["zpanel.deploy", "zpanel.server"] {
+        eventually("the consumers to commit what they read", || async {
+            (committed(&kafka, group).await >= i64::try_from(log).expect("a count")).then_some(())
+        })
+        .await;
+    }
+
+    broker.stop();
+    // As a user would: a second later, mutations one after another, for longer than the
+    // consumers' session timeout.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..120 {
+        let started = Instant::now();
+        let answered = tokio::time::timeout(COMMAND_BOUND, create_project(&app, &token, &format!("during {i}"))).await;
+        assert!(answered.is_ok(), "mutation {i} waited more than {COMMAND_BOUND:?} on the broker");
+        assert!(started.elapsed() < COMMAND_BOUND, "mutation {i} took {:?}", started.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 200);
 }

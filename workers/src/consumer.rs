@@ -18,6 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sqlx::PgPool;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -56,14 +57,36 @@ async fn consume(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> anyhow::Result<()> {
     kafka.ensure_topics().await?;
-    let consumer: StreamConsumer = kafka.consumer(&group(worker))?;
-    consumer.subscribe(&[&kafka.topic]).context("subscribing to the events topic")?;
+    let consumer = Arc::new(kafka.consumer(&group(worker))?);
     let mut dead_letters: Option<FutureProducer> = None;
+    let outcome = consume_with(pool, kafka, worker, &consumer, &mut dead_letters, shutdown).await;
+    // Closing a consumer of a group waits, inside librdkafka, on the group's coordinator — for as
+    // long as the broker is away — and a producer flushes when dropped: neither may hold one of the
+    // runtime's threads, whose other tasks (a mutation waiting for its read models) would wait too.
+    kafka::close_off_runtime(consumer).await;
+    kafka::close_off_runtime(dead_letters).await;
+    outcome
+}
+
+async fn consume_with(
+    pool: &PgPool,
+    kafka: &KafkaConfig,
+    worker: &Worker,
+    consumer: &Arc<StreamConsumer>,
+    dead_letters: &mut Option<FutureProducer>,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<()> {
+    consumer.subscribe(&[&kafka.topic]).context("subscribing to the events topic")?;
     loop {
         let message = tokio::select! {
             () = &mut *shutdown => {
-                // Every message received so far is handled: commit their offsets now.
-                match consumer.commit_consumer_state(CommitMode::Sync) {
+                // Every message received so far is handled: commit their offsets now (a call
+                // that blocks until the broker answers, so on a thread of its own).
+                let committing = Arc::clone(consumer);
+                let committed = tokio::task::spawn_blocking(move || committing.commit_consumer_state(CommitMode::Sync))
+                    .await
+                    .context("committing offsets at shutdown")?;
+                match committed {
                     Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
                     Err(e) => tracing::warn!(worker = worker.name(), error = %e, "committing offsets at shutdown"),
                 }
@@ -72,7 +95,7 @@ async fn consume(
             }
             message = consumer.recv() => message.context("receiving from Kafka")?,
         };
-        if !handle(pool, kafka, worker, &message, &mut dead_letters, shutdown).await? {
+        if !handle(pool, kafka, worker, &message, dead_letters, shutdown).await? {
             // Stopped mid-way: uncommitted, the message is delivered again.
             consumer.unsubscribe();
             return Ok(());

@@ -15,7 +15,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, FutureProducer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -123,8 +123,9 @@ impl KafkaConfig {
             NewTopic::new(&self.topic, self.partitions, TopicReplication::Fixed(self.replication)),
             NewTopic::new(&dead_letter, 1, TopicReplication::Fixed(self.replication)),
         ];
-        let results = admin.create_topics(&topics, &options).await.context("creating the Kafka topics")?;
-        for result in results {
+        let results = admin.create_topics(&topics, &options).await;
+        close_off_runtime(admin).await;
+        for result in results.context("creating the Kafka topics")? {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((topic, code)) => anyhow::bail!("the broker refused to create topic {topic}: {code}"),
@@ -141,9 +142,9 @@ impl KafkaConfig {
     pub async fn delete_topics(&self) -> anyhow::Result<()> {
         let (admin, options) = self.admin()?;
         let dead_letter = self.dead_letter_topic();
-        let results =
-            admin.delete_topics(&[&self.topic, &dead_letter], &options).await.context("deleting the Kafka topics")?;
-        for result in results {
+        let results = admin.delete_topics(&[&self.topic, &dead_letter], &options).await;
+        close_off_runtime(admin).await;
+        for result in results.context("deleting the Kafka topics")? {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
                 Err((topic, code)) => anyhow::bail!("the broker refused to delete topic {topic}: {code}"),
@@ -162,14 +163,51 @@ impl KafkaConfig {
     }
 }
 
+/// Drops a librdkafka client (or anything holding one) on a blocking thread, and waits for it.
+/// Dropping one blocks the calling thread until librdkafka is done with it: a consumer of a group
+/// leaves the group, waiting on its coordinator (for as long as the broker is away), a producer
+/// flushes, every client joins its threads. On a runtime thread that would hold up every task
+/// queued behind it there — a mutation waiting for its read models among them.
+pub async fn close_off_runtime<T: Send + 'static>(client: T) {
+    if tokio::task::spawn_blocking(move || drop(client)).await.is_err() {
+        tracing::warn!("closing a Kafka client panicked");
+    }
+}
+
 /// A producer context that counts each delivery report into the [`Deliveries`] its message
 /// carries. rdkafka's `FutureProducer` makes a channel and a future for every message; a caller
 /// that only needs to know when a group of messages (the relay's batch) is all acknowledged, or
 /// the first refused, counts instead.
-#[derive(Debug)]
-pub struct CountDeliveries;
+///
+/// It also remembers whether the producer ever lost every broker: see
+/// [`CountDeliveries::lost_every_broker`].
+#[derive(Debug, Default)]
+pub struct CountDeliveries {
+    lost_every_broker: AtomicBool,
+}
 
-impl ClientContext for CountDeliveries {}
+impl CountDeliveries {
+    /// Whether the producer lost its connections to every broker since it started. A broker
+    /// that comes back may have kept nothing (an in-memory one, a cluster restored empty), and
+    /// a producer that lived through that carries on from state the broker no longer has —
+    /// sequence numbers, topics it knew: the relay replaces it, and produces again what it had
+    /// not had acknowledged before, after making sure of the topics.
+    #[must_use]
+    pub fn lost_every_broker(&self) -> bool {
+        self.lost_every_broker.load(Ordering::Acquire)
+    }
+}
+
+impl ClientContext for CountDeliveries {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Reported on the producer's polling thread in the order of its delivery reports, so
+        // every delivery after the loss is seen after the flag.
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) {
+            self.lost_every_broker.store(true, Ordering::Release);
+        }
+        tracing::warn!(error = %error, reason, "the Kafka producer reports an error");
+    }
+}
 
 impl ProducerContext for CountDeliveries {
     type DeliveryOpaque = Arc<Deliveries>;

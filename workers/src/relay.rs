@@ -155,6 +155,11 @@ impl Relay {
                     }
                     acknowledged = acknowledged(in_flight.front()), if !in_flight.is_empty() => {
                         acknowledged?;
+                        if producer.as_ref().is_some_and(|p| p.context().lost_every_broker()) {
+                            // This batch may have been acknowledged by a broker that came back
+                            // empty, into a topic it no longer had.
+                            anyhow::bail!("the producer lost every broker");
+                        }
                         let batch = in_flight.pop_front().context("no batch in flight")?;
                         acked = batch.last;
                         self.stats.relayed.fetch_add(batch.count as u64, Ordering::Relaxed);
@@ -172,8 +177,9 @@ impl Relay {
             match step.await {
                 Ok(Step::Busy) => backoff.reset(),
                 Ok(Step::Stop) => {
-                    if let Some(producer) = &producer {
-                        let _ = producer.flush(Duration::from_secs(5));
+                    if let Some(producer) = producer.take() {
+                        // Flushing waits on the broker: on a blocking thread, not the runtime's.
+                        kafka::close_off_runtime(FlushOnDrop(producer)).await;
                     }
                     // What the broker acknowledged by now moves the checkpoint; the rest is
                     // produced again by the next active relay.
@@ -199,7 +205,7 @@ impl Relay {
                     // first, so none of them lands after the new one starts over.
                     in_flight.clear();
                     if let Some(old) = producer.take() {
-                        old.purge(PurgeConfig::default().queue().inflight());
+                        kafka::close_off_runtime(PurgeOnDrop(old)).await;
                     }
                     if backoff.wait(shutdown).await {
                         return Ok(());
@@ -222,9 +228,12 @@ impl Relay {
         batch: Batch,
     ) -> anyhow::Result<InFlight> {
         let last = batch.messages.last().context("an empty batch")?.cursor;
+        if producer.as_ref().is_some_and(|p| p.context().lost_every_broker()) {
+            anyhow::bail!("the producer lost every broker");
+        }
         if producer.is_none() {
             self.kafka.ensure_topics().await?;
-            *producer = Some(self.kafka.producer_with(CountDeliveries)?);
+            *producer = Some(self.kafka.producer_with(CountDeliveries::default())?);
         }
         let producer = producer.as_ref().context("no producer")?;
         let count = batch.messages.len();
@@ -237,6 +246,26 @@ impl Relay {
             kafka::send(producer, record).await?;
         }
         Ok(InFlight { last, count, acks })
+    }
+}
+
+/// A producer that, dropped, first waits (up to 5 s) for the broker to acknowledge what it holds:
+/// the relay's at shutdown.
+struct FlushOnDrop(ThreadedProducer<CountDeliveries>);
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.flush(Duration::from_secs(5));
+    }
+}
+
+/// A producer that, dropped, first purges what it holds, so none of it lands after a new producer
+/// starts over: the relay's after a failure.
+struct PurgeOnDrop(ThreadedProducer<CountDeliveries>);
+
+impl Drop for PurgeOnDrop {
+    fn drop(&mut self) {
+        self.0.purge(PurgeConfig::default().queue().inflight());
     }
 }
 

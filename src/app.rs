@@ -203,6 +203,7 @@ pub fn start(
     rate: RateLimiter,
     subscription_buffer: usize,
     container_logs: Option<Arc<dyn zpanel_api::logs::ContainerLogs>>,
+    tenancy: zpanel_api::tenancy::Tenancy,
 ) -> anyhow::Result<App> {
     let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
     let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
@@ -220,6 +221,7 @@ pub fn start(
         logs: logs.clone(),
         container_logs,
         subscription_buffer,
+        tenancy: Arc::new(tenancy),
     };
     let address = listener.local_addr()?;
     let mut parts = Parts::new();

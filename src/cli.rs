@@ -163,6 +163,7 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
         rate,
         config.subscription_buffer,
         Some(container_logs),
+        config.tenancy()?,
     )?;
     if with_workers {
         let metrics = Arc::clone(&app.state.metrics);

@@ -111,12 +111,35 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_SERVER_CHECK_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=86_400), global = true)]
     pub server_check_seconds: u64,
 
+    /// The host names the control plane (API, dashboard) is reached at, comma-separated: no
+    /// application may claim one, nor a wildcard covering one. IP addresses are left out
+    /// (applications' domains are names). Unset: none reserved.
+    #[arg(long, env = "ZPANEL_PUBLIC_HOST", value_delimiter = ',', global = true)]
+    pub public_host: Vec<String>,
+
     /// Image builds a worker runs at once.
     #[arg(long, env = "ZPANEL_DEPLOY_BUILDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64), global = true)]
     pub deploy_builds: u64,
 }
 
 impl Config {
+    /// The API's tenancy rules, with the control plane's host names reserved.
+    ///
+    /// # Errors
+    /// When `ZPANEL_PUBLIC_HOST` holds something that is neither a host name nor an IP address.
+    pub fn tenancy(&self) -> anyhow::Result<zpanel_api::tenancy::Tenancy> {
+        let mut reserved = Vec::new();
+        for host in self.public_host.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
+            if host.parse::<std::net::IpAddr>().is_ok() {
+                continue;
+            }
+            let name = zpanel_domain::values::DomainName::parse(host)
+                .map_err(|e| anyhow::anyhow!("ZPANEL_PUBLIC_HOST: {host:?} {}", e.rule))?;
+            reserved.push(name);
+        }
+        Ok(zpanel_api::tenancy::Tenancy::new(reserved))
+    }
+
     /// The broker settings, when Kafka is configured.
     #[must_use]
     pub fn kafka(&self) -> Option<zpanel_workers::KafkaConfig> {

@@ -15,6 +15,8 @@
 //!   `LISTEN` per process; containers' logs, from a [`logs::ContainerLogs`] source.
 //! - [`error`]: the one error type, with stable `extensions.code`s.
 //! - [`limits`]: abuse limits — aliases, per-token rate.
+//! - [`tenancy`]: the control plane's reserved host names, and each team's budget of server
+//!   validations.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -28,6 +30,7 @@ pub mod logs;
 pub mod metrics;
 pub mod schema;
 pub mod session;
+pub mod tenancy;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -66,6 +69,8 @@ pub struct ApiState {
     /// Responses of a shared `events` subscription buffered for its slowest subscriber
     /// ([`hub`]).
     pub subscription_buffer: usize,
+    /// The rules of a shared installation: reserved host names, validation budgets.
+    pub tenancy: Arc<tenancy::Tenancy>,
 }
 
 impl ApiState {

@@ -79,6 +79,7 @@ async fn env(container_logs: Option<Arc<dyn ContainerLogs>>) -> Env {
         logs: LogNotifier::new(db.pool.clone()),
         container_logs,
         subscription_buffer: zpanel_api::hub::CAPACITY,
+        tenancy: Arc::default(),
     };
     let schema = zpanel_api::schema::build(state.clone(), Suggestions::On);
     Env { db, handler, runner, state, schema, caller, mine, theirs }

@@ -62,6 +62,7 @@ async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> 
         unlimited,
         zpanel_api::hub::CAPACITY,
         None,
+        zpanel_api::tenancy::Tenancy::default(),
     )?;
     let url = format!("http://{}", app.address);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -165,6 +165,7 @@ impl Zpanel {
             rate,
             config.subscription_buffer,
             Some(logs),
+            config.tenancy()?,
         )?;
         let keyring = Arc::clone(&app.state.keyring);
         let mode = crate::app::WorkerMode {

@@ -117,9 +117,10 @@ async fn of_teams_claiming_one_domain_at_once_exactly_one_wins() {
     {
         // Half the teams ask for one name, half for the other; in the second round the names
         // overlap (a wildcard and a host under it), so still only one team may win.
+        let app = &app;
         let claims = teams.iter().enumerate().map(|(n, (token, project))| {
             let domain = domains[n % 2];
-            async move { claim(&app, token, project, &format!("r{round}"), &[domain]).await }
+            async move { claim(app, token, project, &format!("r{round}"), &[domain]).await }
         });
         let answers = join_all(claims).await;
         let won = answers.iter().filter(|a| a.errors.is_empty()).count();

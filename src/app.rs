@@ -203,6 +203,10 @@ pub struct ApiSettings {
     pub limits: zpanel_api::limits::Limits,
     /// Where `/metrics` is served (`None`: nowhere); never the API's own listener.
     pub metrics: Option<tokio::net::TcpListener>,
+    /// Where applications may be built from local repositories (`ZPANEL_GIT_LOCAL_ROOTS`).
+    pub git_local_roots: zpanel_domain::values::GitLocalRoots,
+    /// Reserved host names and validation budgets.
+    pub tenancy: zpanel_api::tenancy::Tenancy,
 }
 
 /// Starts the projections, the feed, the deployment log listener and the API on `listener`.
@@ -217,7 +221,6 @@ pub fn start(
     listener: tokio::net::TcpListener,
     settings: ApiSettings,
     container_logs: Option<Arc<dyn zpanel_api::logs::ContainerLogs>>,
-    git_local_roots: zpanel_domain::values::GitLocalRoots,
 ) -> anyhow::Result<App> {
     let runner = ProjectionRunner::new(pool.clone(), zpanel_projections::all());
     let names: Vec<String> = runner.names().into_iter().map(str::to_owned).collect();
@@ -237,7 +240,8 @@ pub fn start(
         logs: logs.clone(),
         container_logs,
         subscription_buffer: settings.subscription_buffer,
-        git_local_roots: Arc::new(git_local_roots),
+        git_local_roots: Arc::new(settings.git_local_roots),
+        tenancy: Arc::new(settings.tenancy),
     };
     let address = listener.local_addr()?;
     let metrics_address = settings.metrics.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;

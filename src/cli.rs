@@ -181,19 +181,14 @@ async fn serve(config: &Config, with_workers: bool, shutdown: impl Future<Output
         subscription_buffer: config.subscription_buffer,
         limits: config.api_limits(),
         metrics,
+        git_local_roots: config.git_local_roots(),
+        tenancy: config.tenancy()?,
     };
     let keyring = Arc::new(keyring);
     let places = config.deploy().places();
     let container_logs = crate::app::EngineLogs::new(db.pool.clone(), signal.clone(), &keyring, &places)?;
-    let mut app = crate::app::start(
-        db.pool.clone(),
-        signal.clone(),
-        keyring,
-        listener,
-        settings,
-        Some(container_logs),
-        config.git_local_roots(),
-    )?;
+    let mut app =
+        crate::app::start(db.pool.clone(), signal.clone(), keyring, listener, settings, Some(container_logs))?;
     if with_workers {
         let metrics = Arc::clone(&app.state.metrics);
         let keyring = Arc::clone(&app.state.keyring);

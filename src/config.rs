@@ -139,6 +139,12 @@ pub struct Config {
     #[arg(long, env = "ZPANEL_GIT_LOCAL_ROOTS", value_parser = local_roots, global = true)]
     pub git_local_roots: Option<LocalRoots>,
 
+    /// The host names the control plane (API, dashboard) is reached at, comma-separated: no
+    /// application may claim one, nor a wildcard covering one. IP addresses are left out
+    /// (applications' domains are names). Unset: none reserved.
+    #[arg(long, env = "ZPANEL_PUBLIC_HOST", value_delimiter = ',', global = true)]
+    pub public_host: Vec<String>,
+
     /// Image builds a worker runs at once.
     #[arg(long, env = "ZPANEL_DEPLOY_BUILDS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64), global = true)]
     pub deploy_builds: u64,
@@ -227,6 +233,23 @@ impl Config {
     #[must_use]
     pub fn git_local_roots(&self) -> zpanel_domain::values::GitLocalRoots {
         zpanel_domain::values::GitLocalRoots::new(self.git_local_roots.clone().unwrap_or_default().0)
+    }
+
+    /// The API's tenancy rules, with the control plane's host names reserved.
+    ///
+    /// # Errors
+    /// When `ZPANEL_PUBLIC_HOST` holds something that is neither a host name nor an IP address.
+    pub fn tenancy(&self) -> anyhow::Result<zpanel_api::tenancy::Tenancy> {
+        let mut reserved = Vec::new();
+        for host in self.public_host.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
+            if host.parse::<std::net::IpAddr>().is_ok() {
+                continue;
+            }
+            let name = zpanel_domain::values::DomainName::parse(host)
+                .map_err(|e| anyhow::anyhow!("ZPANEL_PUBLIC_HOST: {host:?} {}", e.rule))?;
+            reserved.push(name);
+        }
+        Ok(zpanel_api::tenancy::Tenancy::new(reserved))
     }
 
     /// The broker settings, when Kafka is configured.

@@ -102,6 +102,7 @@ impl ApiError {
             CommandError::Conflict { kind } => {
                 Self::Conflict(format!("the {kind} was changed concurrently; try again"))
             }
+            taken @ CommandError::DomainTaken { .. } => Self::Conflict(taken.to_string()),
             CommandError::Internal(e) => e.into(),
         }
     }

@@ -18,6 +18,8 @@
 //!   `LISTEN` per process; containers' logs, from a [`logs::ContainerLogs`] source.
 //! - [`error`]: the one error type, with stable `extensions.code`s.
 //! - [`limits`]: abuse limits — aliases, per-token rate, answer size, open subscriptions.
+//! - [`tenancy`]: the control plane's reserved host names, and each team's budget of server
+//!   validations.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -32,6 +34,7 @@ pub mod logs;
 pub mod metrics;
 pub mod schema;
 pub mod session;
+pub mod tenancy;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -76,6 +79,8 @@ pub struct ApiState {
     pub subscription_buffer: usize,
     /// Where applications may be built from local repositories (`ZPANEL_GIT_LOCAL_ROOTS`).
     pub git_local_roots: Arc<zpanel_domain::values::GitLocalRoots>,
+    /// The rules of a shared installation: reserved host names, validation budgets.
+    pub tenancy: Arc<tenancy::Tenancy>,
 }
 
 impl ApiState {

@@ -83,6 +83,7 @@ async fn env(container_logs: Option<Arc<dyn ContainerLogs>>) -> Env {
         container_logs,
         subscription_buffer: zpanel_api::hub::CAPACITY,
         git_local_roots: Arc::default(),
+        tenancy: Arc::default(),
     };
     let schema = zpanel_api::schema::build(state.clone(), Suggestions::On);
     Env { db, handler, runner, state, schema, caller, mine, theirs }

@@ -8,6 +8,7 @@ use crate::store::{Actor, Append, AppendError, EventStore, Metadata, NewEvent, R
 use uuid::Uuid;
 use zpanel_domain::aggregate::{Aggregate, DomainEvent};
 use zpanel_domain::ids::TeamId;
+use zpanel_domain::values::DomainName;
 
 /// How many times a command is re-decided after losing a race before giving up with `Conflict`.
 pub const MAX_ATTEMPTS: usize = 5;
@@ -101,6 +102,12 @@ pub enum CommandError<E> {
     Conflict {
         /// The aggregate kind.
         kind: &'static str,
+    },
+    /// A domain it would claim is another application's (or, of another team, overlaps one).
+    #[error("the domain {domain} is taken: it, or a name it overlaps, is routed to another application")]
+    DomainTaken {
+        /// The domain asked for.
+        domain: DomainName,
     },
     /// The store failed, or a stored event could not be read.
     #[error(transparent)]
@@ -203,16 +210,18 @@ impl<S: EventStore> CommandHandler<S> {
                     })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let claimed_before = state.claimed_domains();
+            let state = decided.iter().fold(state, |s, e| s.evolve(e));
             let append = Append {
                 stream_id: &stream_id,
                 kind: A::KIND,
                 team_id: ctx.team_id,
                 expected_version: version,
                 events: new_events,
+                domains: state.claimed_domains().filter(|after| claimed_before.as_ref() != Some(after)),
             };
             match self.store.append(append).await {
                 Ok(recorded) => {
-                    let state = decided.iter().fold(state, |s, e| s.evolve(e));
                     let version = recorded.last().map_or(version, |e| e.version);
                     return Ok(Outcome { stream_id, state, version, events: recorded, repeated: false });
                 }
@@ -229,6 +238,7 @@ impl<S: EventStore> CommandHandler<S> {
                         ))),
                     };
                 }
+                Err(AppendError::DomainTaken { domain }) => return Err(CommandError::DomainTaken { domain }),
                 Err(AppendError::Internal(e)) => return Err(CommandError::Internal(e)),
             }
         }

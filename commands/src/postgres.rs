@@ -11,7 +11,9 @@ use serde_json::value::RawValue;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use sqlx::{PgPool, Row};
+use std::collections::BTreeSet;
 use uuid::Uuid;
+use zpanel_domain::values::DomainName;
 
 /// The PostgreSQL event store.
 #[derive(Clone, Debug)]
@@ -142,6 +144,68 @@ fn is_unique_violation(error: &sqlx::Error, constraint: &str) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.constraint() == Some(constraint))
 }
 
+/// Makes `domains` the claims of the appending stream, in `tx`, or says which one is taken.
+///
+/// Each scope of the names asked for is locked first (in one order, so two appends never wait
+/// on each other): every name that could collide with one of them is in one of those scopes,
+/// so the check below sees every claim committed before, and no claim can be committed
+/// beside it until this transaction ends.
+async fn claim_domains(
+    tx: &mut sqlx::PgConnection,
+    append: &Append<'_>,
+    domains: &BTreeSet<DomainName>,
+) -> Result<(), AppendError> {
+    let scopes: BTreeSet<&str> = domains.iter().map(DomainName::scope).collect();
+    let scopes: Vec<&str> = scopes.into_iter().collect();
+    sqlx::query(
+        "select pg_advisory_xact_lock(k)
+           from (select hashtextextended('zpanel.domain:' || s, 0) as k from unnest($1::text[]) s order by 1) locks",
+    )
+    .bind(&scopes)
+    .fetch_all(&mut *tx)
+    .await
+    .context("locking domain scopes")?;
+    let held: Vec<(String, Uuid)> =
+        sqlx::query_as("select domain, team_id from domain_claims where scope = any($1) and stream_id <> $2")
+            .bind(&scopes)
+            .bind(append.stream_id)
+            .fetch_all(&mut *tx)
+            .await
+            .context("reading domain claims")?;
+    let team = *append.team_id.as_uuid();
+    for domain in domains {
+        let taken = held.iter().any(|(other, other_team)| {
+            DomainName::parse(other).is_ok_and(|other| {
+                // One name is one stream's; a wildcard and a host under it may be two
+                // applications' of one team (the host's route is tried first), never two teams'.
+                domain.overlaps(&other) && (domain.is_wildcard() == other.is_wildcard() || *other_team != team)
+            })
+        });
+        if taken {
+            return Err(AppendError::DomainTaken { domain: domain.clone() });
+        }
+    }
+    sqlx::query("delete from domain_claims where stream_id = $1")
+        .bind(append.stream_id)
+        .execute(&mut *tx)
+        .await
+        .context("releasing domain claims")?;
+    let names: Vec<&str> = domains.iter().map(DomainName::as_str).collect();
+    let name_scopes: Vec<&str> = domains.iter().map(DomainName::scope).collect();
+    sqlx::query(
+        "insert into domain_claims (domain, scope, stream_id, team_id)
+         select d, s, $3, $4 from unnest($1::text[], $2::text[]) as c(d, s)",
+    )
+    .bind(&names)
+    .bind(&name_scopes)
+    .bind(append.stream_id)
+    .bind(team)
+    .execute(&mut *tx)
+    .await
+    .context("claiming domains")?;
+    Ok(())
+}
+
 impl EventStore for PgEventStore {
     async fn append(&self, append: Append<'_>) -> Result<Vec<RecordedEvent>, AppendError> {
         let n = append.events.len();
@@ -179,7 +243,20 @@ impl EventStore for PgEventStore {
         } else {
             query.bind(&ids).bind(&types).bind(&versions).bind(&payloads).bind(&metadata)
         };
-        let rows = query.bind(append.kind).fetch_all(&self.pool).await;
+        let query = query.bind(append.kind);
+        let rows = match &append.domains {
+            None => query.fetch_all(&self.pool).await,
+            Some(domains) => {
+                let mut tx = self.pool.begin().await.context("starting an append that claims domains")?;
+                claim_domains(&mut tx, &append, domains).await?;
+                let rows = query.fetch_all(&mut *tx).await;
+                // Nothing appended (a lost race, a duplicate): the claims roll back with it.
+                if rows.as_ref().is_ok_and(|rows| !rows.is_empty()) {
+                    tx.commit().await.context("committing an append that claims domains")?;
+                }
+                rows
+            }
+        };
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) if is_unique_violation(&e, "events_event_id_key") => {

@@ -385,6 +385,7 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
     let mut sample =
         SampleTeam { team_id, project_id, applications: Vec::new(), deployments: Vec::new(), secrets: Vec::new() };
     let mut names = BTreeSet::new();
+    let zone = format!("t{}.shop.example.com", team_id.as_uuid().simple());
     for a in 0..shape.applications {
         let app_id = ApplicationId::new();
         let id = *app_id.as_uuid();
@@ -408,7 +409,8 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
                     },
                     port: valid(Port::try_from(8080u32))?,
                     health_check: HealthCheck::default(),
-                    domains: BTreeSet::from([valid(DomainName::parse(&format!("app-{a}.shop.example.com")))?]),
+                    // Domains are unique across the installation: each sample team has its own zone.
+                    domains: BTreeSet::from([valid(DomainName::parse(&format!("app-{a}.{zone}")))?]),
                     limits: valid(ResourceLimits::new(Some(256 << 20), Some(500)))?,
                     server_id: Some(server_id),
                     webhook_secret: keyring.seal(&Plaintext::new(format!("whsec-{}", Uuid::now_v7()))),
@@ -449,9 +451,7 @@ pub async fn team<S: Sink>(sink: &mut S, keyring: &Keyring, shape: Shape, label:
                     ..ApplicationPatch::default()
                 },
                 _ => ApplicationPatch {
-                    domains: Some(BTreeSet::from([valid(DomainName::parse(&format!(
-                        "v{u}.app-{a}.shop.example.com"
-                    )))?])),
+                    domains: Some(BTreeSet::from([valid(DomainName::parse(&format!("v{u}.app-{a}.{zone}")))?])),
                     ..ApplicationPatch::default()
                 },
             };

@@ -1,6 +1,10 @@
 //! SSH private keys at the boundary: parse one a user gives (OpenSSH format), or generate an
 //! Ed25519 key; derive the public half and its fingerprint. The private half leaves here only as
 //! [`Plaintext`], to be sealed at once.
+//!
+//! Opening a key is CPU work whose cost the key file chooses (its KDF's rounds): the rounds
+//! are capped ([`MAX_KDF_ROUNDS`]), and async callers use [`open`], which does the work on
+//! the blocking pool, never on a runtime thread.
 
 use crate::Plaintext;
 use ssh_key::rand_core::OsRng;
@@ -29,14 +33,25 @@ pub enum KeyError {
     /// The passphrase given does not open the key.
     #[error("does not open the key")]
     WrongPassphrase,
+    /// The key asks its KDF for more rounds than Zpanel will spend opening it.
+    #[error("asks for {rounds} bcrypt rounds to open; at most {MAX_KDF_ROUNDS} are accepted (ssh-keygen uses 16)")]
+    TooManyRounds {
+        /// The rounds the key asks for.
+        rounds: u32,
+    },
 }
+
+/// The most bcrypt-pbkdf rounds spent opening a key: ssh-keygen's default is 16, and a few
+/// hundred already take seconds of one core. Past this, a key file is a way to make the
+/// server work for minutes (2^32 rounds: for ever).
+pub const MAX_KDF_ROUNDS: u32 = 256;
 
 impl KeyError {
     /// The input field the error is about: `passphrase` or `privateKey`.
     #[must_use]
     pub const fn field(&self) -> &'static str {
         match self {
-            Self::Malformed => "privateKey",
+            Self::Malformed | Self::TooManyRounds { .. } => "privateKey",
             Self::PassphraseRequired | Self::WrongPassphrase => "passphrase",
         }
     }
@@ -54,9 +69,22 @@ pub fn parse(pem: &Plaintext, passphrase: Option<&Plaintext>) -> Result<KeyMater
     if !key.is_encrypted() {
         return material(&key);
     }
+    if let ssh_key::Kdf::Bcrypt { rounds, .. } = key.kdf()
+        && *rounds > MAX_KDF_ROUNDS
+    {
+        return Err(KeyError::TooManyRounds { rounds: *rounds });
+    }
     let passphrase = passphrase.ok_or(KeyError::PassphraseRequired)?;
     let opened = key.decrypt(passphrase.expose().as_bytes()).map_err(|_| KeyError::WrongPassphrase)?;
     material(&opened)
+}
+
+/// [`parse`] on the blocking pool, for async callers: opening a protected key runs its KDF.
+///
+/// # Errors
+/// As [`parse`].
+pub async fn open(pem: Plaintext, passphrase: Option<Plaintext>) -> Result<KeyMaterial, KeyError> {
+    tokio::task::spawn_blocking(move || parse(&pem, passphrase.as_ref())).await.unwrap_or(Err(KeyError::Malformed))
 }
 
 /// Generates an Ed25519 key.
@@ -94,6 +122,19 @@ mod tests {
         let err =
             parse(&Plaintext::new("-----BEGIN OPENSSH PRIVATE KEY-----\nsecretgarbage\n"), None).expect_err("refused");
         assert!(!err.to_string().contains("secretgarbage"));
+    }
+
+    #[test]
+    fn a_key_asking_for_too_many_kdf_rounds_is_refused_before_any_are_spent() {
+        let pem = crate::testing::protected_key_with_rounds(u32::MAX);
+        let started = std::time::Instant::now();
+        let refused = parse(&Plaintext::new(pem), Some(&Plaintext::new("correct horse"))).expect_err("refused");
+        assert!(matches!(refused, KeyError::TooManyRounds { rounds: u32::MAX }), "{refused}");
+        assert_eq!(refused.field(), "privateKey");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // At the cap it still opens.
+        let pem = crate::testing::protected_key_with_rounds(MAX_KDF_ROUNDS);
+        assert!(matches!(parse(&Plaintext::new(pem), None), Err(KeyError::PassphraseRequired)));
     }
 
     #[test]

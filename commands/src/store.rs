@@ -2,9 +2,11 @@
 //! implements (PostgreSQL now; KurrentDB later).
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use time::OffsetDateTime;
 use uuid::Uuid;
 use zpanel_domain::ids::TeamId;
+use zpanel_domain::values::DomainName;
 
 /// Who caused an event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,6 +310,13 @@ pub enum AppendError {
     /// An event id exists already: the same command was appended before.
     #[error("the command was already applied")]
     Duplicate,
+    /// A domain the stream would hold is held by another stream (or, for another team,
+    /// overlaps one it holds).
+    #[error("the domain {domain} is already taken")]
+    DomainTaken {
+        /// The domain asked for.
+        domain: DomainName,
+    },
     /// The store failed.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -326,6 +335,10 @@ pub struct Append<'a> {
     pub expected_version: i64,
     /// The events, in order. Must not be empty.
     pub events: Vec<NewEvent>,
+    /// The domains the stream holds once these events are appended, when that changes
+    /// ([`zpanel_domain::Aggregate::claimed_domains`]): the claims are checked and written in the
+    /// append's transaction, so of two streams racing for one name exactly one gets it.
+    pub domains: Option<BTreeSet<DomainName>>,
 }
 
 /// An append-only store of event streams.

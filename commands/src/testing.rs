@@ -80,3 +80,25 @@ impl TestDatabase {
         Ok(Self { pool, options, name, url })
     }
 }
+
+/// An Ed25519 key in OpenSSH form, protected by the passphrase `correct horse`, whose KDF asks
+/// for `rounds` bcrypt rounds: what an attacker uploads to pin a thread (with `u32::MAX`).
+///
+/// # Panics
+/// Only if the key cannot be generated or encoded.
+#[must_use]
+pub fn protected_key_with_rounds(rounds: u32) -> String {
+    use base64::Engine as _;
+    use ssh_key::rand_core::OsRng;
+    let key = ssh_key::PrivateKey::random(&mut OsRng, ssh_key::Algorithm::Ed25519).expect("a key");
+    let protected = key.encrypt(&mut OsRng, "correct horse").expect("encrypted");
+    let mut bytes = protected.to_bytes().expect("encoded").to_vec();
+    // openssh-key-v1: …, string "bcrypt", string kdfoptions { string salt, uint32 rounds }.
+    let kdf = bytes.windows(6).position(|w| w == b"bcrypt").expect("a bcrypt key") + 6;
+    let salt_len = u32::from_be_bytes(bytes[kdf + 4..kdf + 8].try_into().expect("4 bytes")) as usize;
+    let at = kdf + 8 + salt_len;
+    bytes[at..at + 4].copy_from_slice(&rounds.to_be_bytes());
+    let body = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let lines: Vec<&str> = body.as_bytes().chunks(70).map(|c| std::str::from_utf8(c).expect("base64")).collect();
+    format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{}\n-----END OPENSSH PRIVATE KEY-----\n", lines.join("\n"))
+}

@@ -64,6 +64,7 @@ async fn of_n_concurrent_writers_at_one_version_exactly_one_wins() {
                     team_id: team,
                     expected_version: 1,
                     events: vec![new_event(Uuid::now_v7(), 0)],
+                    domains: None,
                 })
                 .await
         }
@@ -91,6 +92,7 @@ async fn creating_a_stream_twice_concurrently_conflicts_for_all_but_one() {
                     team_id: team,
                     expected_version: 0,
                     events: vec![new_event(Uuid::now_v7(), 0)],
+                    domains: None,
                 })
                 .await
         }
@@ -277,4 +279,38 @@ async fn a_reader_is_told_when_committed_events_wait_behind_an_open_transaction(
         tokio::task::yield_now().await;
     };
     assert_eq!(released.events.len(), 1);
+}
+
+#[tokio::test]
+async fn of_streams_claiming_overlapping_domains_at_once_exactly_one_gets_them() {
+    use zpanel_domain::values::DomainName;
+    let (_db, store) = store().await;
+    let names = ["race.example.com", "*.example.com"];
+    let streams: Vec<(String, TeamId, &str)> =
+        (0..8).map(|n| (format!("application-{}", Uuid::now_v7()), TeamId::new(), names[n % 2])).collect();
+    let attempts = streams.iter().map(|(stream_id, team, name)| {
+        let store = store.clone();
+        async move {
+            store
+                .append(Append {
+                    stream_id,
+                    kind: "application",
+                    team_id: *team,
+                    expected_version: 0,
+                    events: vec![new_event(Uuid::now_v7(), 0)],
+                    domains: Some(BTreeSet::from([DomainName::parse(name).expect("a domain")])),
+                })
+                .await
+        }
+    });
+    let results = join_all(attempts).await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    let taken = results.iter().filter(|r| matches!(r, Err(AppendError::DomainTaken { .. }))).count();
+    assert_eq!((wins, taken), (1, 7), "{results:?}");
+    // The losers wrote nothing: no stream, no claim.
+    let claims: i64 =
+        sqlx::query_scalar("select count(*) from domain_claims").fetch_one(store.pool()).await.expect("count");
+    assert_eq!(claims, 1);
+    let streams: i64 = sqlx::query_scalar("select count(*) from streams").fetch_one(store.pool()).await.expect("count");
+    assert_eq!(streams, 1);
 }

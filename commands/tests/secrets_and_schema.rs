@@ -68,7 +68,7 @@ async fn an_event_stored_in_an_old_shape_is_upcast_on_read() {
         handler.load::<Application>(team.team_id, *app.as_uuid()).await.expect("loads the old shape");
     assert_eq!(version, 1);
     let domains: Vec<String> = state.state().expect("exists").domains.iter().map(ToString::to_string).collect();
-    assert_eq!(domains, ["app-0.shop.example.com"]);
+    assert_eq!(domains, [format!("app-0.t{}.shop.example.com", team.team_id.as_uuid().simple())]);
 
     // Another team still cannot see it.
     assert!(handler.load::<Application>(TeamId::new(), *app.as_uuid()).await.is_err());

@@ -1,7 +1,9 @@
 //! The vocabulary every aggregate speaks: commands are decided into events, events evolve state.
 
+use crate::values::DomainName;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 
 /// An event of one aggregate kind. Implemented for each aggregate's event enum, which is
@@ -164,6 +166,14 @@ pub trait Aggregate: Default + Clone + Debug + Serialize + DeserializeOwned + Se
     /// Applies one event. Total: every event applies to every state.
     #[must_use]
     fn evolve(self, event: &Self::Event) -> Self;
+
+    /// The domain names this state holds across the whole installation; `None` for kinds that
+    /// hold none. No two streams hold one name (nor, of two teams, overlapping names: see
+    /// [`DomainName::overlaps`]): a rule over many streams, which the store keeps by writing
+    /// each change of this set in the transaction of the append that makes it (ADR 0018).
+    fn claimed_domains(&self) -> Option<BTreeSet<DomainName>> {
+        None
+    }
 
     /// The state after the given events.
     #[must_use]

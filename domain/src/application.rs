@@ -712,6 +712,14 @@ impl Aggregate for Application {
             (state, _) => state,
         }
     }
+
+    /// An active application's domains; an archived one has released them.
+    fn claimed_domains(&self) -> Option<BTreeSet<DomainName>> {
+        Some(match self {
+            Self::Active(state) => state.domains.clone(),
+            Self::New | Self::Archived(_) => BTreeSet::new(),
+        })
+    }
 }
 
 fn create(command: &ApplicationCommand) -> Result<Vec<ApplicationEvent>, ApplicationError> {
@@ -1240,6 +1248,17 @@ pub(crate) mod tests {
         let events = active_application().decide(&ApplicationCommand::ArchiveApplication);
         assert_eq!(events, Ok(vec![ApplicationEvent::ApplicationArchived]));
         assert!(given(&archived()).is_archived());
+    }
+
+    #[test]
+    fn an_application_holds_its_domains_until_it_is_archived() {
+        assert_eq!(Application::New.claimed_domains(), Some(BTreeSet::new()));
+        let app = active_application();
+        assert_eq!(app.claimed_domains(), Some(BTreeSet::from([domain("web.example.com")])));
+        let moved = ApplicationPatch { domains: Some(BTreeSet::from([domain("*.example.org")])), ..Default::default() };
+        let updated = app.clone().evolve(&ApplicationEvent::ApplicationUpdated { patch: moved });
+        assert_eq!(updated.claimed_domains(), Some(BTreeSet::from([domain("*.example.org")])));
+        assert_eq!(given(&archived()).claimed_domains(), Some(BTreeSet::new()), "archiving releases them");
     }
 
     #[test]

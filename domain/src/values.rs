@@ -721,6 +721,63 @@ impl DomainName {
 }
 string_value!(DomainName);
 
+impl DomainName {
+    /// Whether it is a wildcard (`*.example.com`), which matches any one label in place of `*`
+    /// (as Caddy's host matcher and wildcard certificates do): `a.example.com`, not
+    /// `example.com` nor `b.a.example.com`.
+    #[must_use]
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+
+    /// The zone a claim on this name is decided in: the parent of an exact host
+    /// (`example.com` for `a.example.com`), the base of a wildcard (`example.com` for
+    /// `*.example.com`). Two names that overlap always share it, so claims are serialized per
+    /// scope and only names of one scope are compared.
+    #[must_use]
+    pub fn scope(&self) -> &str {
+        match self.0.strip_prefix("*.") {
+            Some(base) => base,
+            None => self.0.split_once('.').map_or(self.0.as_str(), |(_, parent)| parent),
+        }
+    }
+
+    /// Whether some host is matched by both: equal names, or a wildcard and a host one label
+    /// below its base.
+    #[must_use]
+    pub fn overlaps(&self, other: &Self) -> bool {
+        match (self.is_wildcard(), other.is_wildcard()) {
+            (false, false) | (true, true) => self == other,
+            (true, false) => other.scope() == self.scope(),
+            (false, true) => self.scope() == other.scope(),
+        }
+    }
+
+    /// Checks that an application may claim this name: not a wildcard at a public suffix
+    /// (`*.com`, `*.co.uk`, `*.github.io`: every registrant's names at once), and not
+    /// overlapping a host `reserved` for the control plane itself.
+    ///
+    /// # Errors
+    /// The rule it breaks.
+    pub fn check_claimable<'a>(&self, reserved: impl IntoIterator<Item = &'a Self>) -> Result<(), ValueError> {
+        if self.is_wildcard() && is_public_suffix(self.scope()) {
+            return reject(format!(
+                "{self} is a wildcard over a public suffix, which would take every name registered under it"
+            ));
+        }
+        if let Some(host) = reserved.into_iter().find(|host| self.overlaps(host)) {
+            return reject(format!("{self} would route {host}, which is reserved for the control plane"));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` is a public suffix by the public suffix list (its private section included),
+/// or by the list's default rule, under which an unknown top-level name is one.
+fn is_public_suffix(name: &str) -> bool {
+    psl::suffix(name.as_bytes()).is_some_and(|suffix| suffix.as_bytes() == name.as_bytes())
+}
+
 fn check_label(label: &str) -> Result<(), ValueError> {
     if label.is_empty() {
         return reject("must not have empty labels");
@@ -1338,6 +1395,36 @@ mod tests {
         assert!(DomainName::parse("app.localhost").is_ok());
         for bad in ["", "localhost", "-a.com", "a-.com", "a..com", "a_b.com", "1.2.3.4", "a.com/x", "a b.com"] {
             assert!(DomainName::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn a_wildcard_overlaps_the_hosts_one_label_below_it_and_nothing_else() {
+        let d = |s: &str| DomainName::parse(s).expect("valid domain");
+        let wildcard = d("*.example.com");
+        assert!(wildcard.overlaps(&d("a.example.com")) && d("a.example.com").overlaps(&wildcard));
+        assert!(wildcard.overlaps(&d("*.example.com")));
+        assert!(d("a.example.com").overlaps(&d("a.example.com")));
+        for apart in ["example.com", "b.a.example.com", "*.a.example.com", "a.example.org"] {
+            assert!(!d("a.example.com").overlaps(&d(apart)), "{apart}");
+            assert!(!wildcard.overlaps(&d(apart)), "{apart}");
+        }
+        assert!(!d("a.example.com").overlaps(&d("b.example.com")));
+        // Overlapping names share a scope: claims are compared within one.
+        assert_eq!(wildcard.scope(), d("a.example.com").scope());
+        assert_eq!(d("example.com").scope(), "com");
+    }
+
+    #[test]
+    fn a_wildcard_at_a_public_suffix_or_over_the_control_plane_cannot_be_claimed() {
+        let d = |s: &str| DomainName::parse(s).expect("valid domain");
+        let reserved = [d("zpanel.example.com")];
+        for refused in ["*.com", "*.co.uk", "*.github.io", "*.example", "*.example.com", "zpanel.example.com"] {
+            let claim = d(refused).check_claimable(&reserved);
+            assert!(claim.is_err(), "{refused} should be refused");
+        }
+        for fine in ["*.example.co.uk", "*.apps.example.com", "example.com", "a.example.com", "a.zpanel.example.com"] {
+            assert_eq!(d(fine).check_claimable(&reserved), Ok(()), "{fine}");
         }
     }
 

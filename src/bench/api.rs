@@ -69,9 +69,10 @@ async fn fixture(pool: &PgPool, applications: usize) -> anyhow::Result<Fixture> 
                 ..zpanel_api::limits::Limits::default()
             },
             metrics: None,
+            git_local_roots: zpanel_domain::values::GitLocalRoots::default(),
+            tenancy: zpanel_api::tenancy::Tenancy::default(),
         },
         None,
-        zpanel_domain::values::GitLocalRoots::default(),
     )?;
     let url = format!("http://{}", app.address);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

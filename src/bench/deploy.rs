@@ -176,9 +176,10 @@ impl Zpanel {
                 subscription_buffer: config.subscription_buffer,
                 limits: config.api_limits(),
                 metrics: None,
+                git_local_roots: git_local_roots.clone(),
+                tenancy: config.tenancy()?,
             },
             Some(logs),
-            git_local_roots.clone(),
         )?;
         let keyring = Arc::clone(&app.state.keyring);
         let mode = crate::app::WorkerMode {

@@ -5,9 +5,9 @@ use serde_json::{Value, json};
 use zpanel_tests::api::{App, receive, send};
 
 const CREATE_PROJECT: &str = "mutation($name: String!) { createProject(input: { name: $name }) { id name } }";
-const CREATE_APP: &str = "mutation($project: ID!, $name: String!) {
+const CREATE_APP: &str = "mutation($project: ID!, $name: String!, $domain: String!) {
     createApplication(input: { projectId: $project, name: $name, image: \"nginx:1.27\", port: 8080,
-                               domains: [\"web.example.com\"] }) { id name version status image port domains } }";
+                               domains: [$domain] }) { id name version status image port domains } }";
 const SET_VAR: &str = "mutation($app: ID!, $key: String!, $value: String!, $secret: Boolean) {
     setEnvironmentVariable(input: { applicationId: $app, key: $key, value: $value, secret: $secret }) {
         version env { key value secret } } }";
@@ -20,7 +20,10 @@ async fn project(app: &App, token: &str, name: &str) -> String {
 }
 
 async fn application(app: &App, token: &str, project: &str, name: &str) -> String {
-    let data = app.graphql(Some(token), CREATE_APP, json!({ "project": project, "name": name })).await.ok();
+    // Domains are unique across the installation: each application gets its own.
+    let domain = format!("{name}.example.com");
+    let data =
+        app.graphql(Some(token), CREATE_APP, json!({ "project": project, "name": name, "domain": domain })).await.ok();
     data["createApplication"]["id"].as_str().expect("application id").to_owned()
 }
 
@@ -45,7 +48,8 @@ async fn the_full_flow_from_project_to_time_travel_with_a_live_audit_stream() {
         .await;
 
     let project = project(&app, &root, "Shop").await;
-    let created = app.graphql(Some(&root), CREATE_APP, json!({ "project": project, "name": "web" })).await.ok();
+    let vars = json!({ "project": project, "name": "web", "domain": "web.example.com" });
+    let created = app.graphql(Some(&root), CREATE_APP, vars).await.ok();
     let web = created["createApplication"]["id"].as_str().expect("id").to_owned();
     assert_eq!(created["createApplication"]["version"], 1);
     assert_eq!(created["createApplication"]["status"], "ACTIVE");
@@ -288,6 +292,14 @@ async fn abilities_gate_each_kind_of_operation() {
     assert_eq!(app.graphql(Some(&deploy), SET_VAR, set.clone()).await.code(), "FORBIDDEN");
     app.graphql(Some(&write), SET_VAR, set).await.ok();
 
+    // Choosing the code or the server an application's secrets go to is reading them.
+    let sensitive = token(&app, &root, &["read", "read:sensitive", "write"]).await;
+    let source = "mutation($id: ID!) { updateApplication(input: { id: $id, image: \"nginx:1.28\" }) { image } }";
+    assert_eq!(app.graphql(Some(&write), source, json!({ "id": web })).await.code(), "FORBIDDEN");
+    assert_eq!(app.graphql(Some(&read), source, json!({ "id": web })).await.code(), "FORBIDDEN");
+    let moved = app.graphql(Some(&sensitive), source, json!({ "id": web })).await.ok();
+    assert_eq!(moved["updateApplication"]["image"], "nginx:1.28");
+
     let deploy_q = "mutation($id: ID!) { deployApplication(input: { applicationId: $id }) { id status } }";
     assert_eq!(app.graphql(Some(&write), deploy_q, json!({ "id": web })).await.code(), "FORBIDDEN");
     let queued = app.graphql(Some(&deploy), deploy_q, json!({ "id": web })).await.ok();
@@ -300,7 +312,7 @@ async fn abilities_gate_each_kind_of_operation() {
     );
     assert_eq!(app.graphql(Some(&read), "{ apiTokens { id } }", json!({})).await.code(), "FORBIDDEN");
     let tokens = app.graphql(Some(&root), "{ apiTokens { name abilities revoked } }", json!({})).await.ok();
-    assert_eq!(tokens["apiTokens"].as_array().map(Vec::len), Some(4));
+    assert_eq!(tokens["apiTokens"].as_array().map(Vec::len), Some(5));
     // No token at all: UNAUTHENTICATED.
     assert_eq!(app.graphql(None, "{ projects { id } }", json!({})).await.code(), "UNAUTHENTICATED");
     assert_eq!(app.graphql(Some("zp_nonsense"), "{ projects { id } }", json!({})).await.code(), "UNAUTHENTICATED");

@@ -147,11 +147,13 @@ async fn a_key_the_server_does_not_know_is_refused_with_a_reason_naming_it() {
     let (stranger, _) = env.key("stranger").await;
     let server_id = env.server("local", &stranger).await;
 
+    // Never validated: the reason covers every way a first login fails (what exactly failed
+    // would tell what listens at the address), and names the key and where it belongs.
     let server = env.validate(&server_id).await;
     assert_eq!(server["status"], "UNREACHABLE", "{server}");
     let error = last_error(&server);
-    assert!(error.contains("authentication as root failed"), "{error}");
-    assert!(error.contains("authorized_keys"), "{error}");
+    assert!(error.contains("could not log in as root"), "{error}");
+    assert!(error.contains("SHA256:") && error.contains("authorized_keys"), "{error}");
     assert_eq!(server["facts"], Value::Null, "{server}");
     assert_ne!(installed, stranger);
 }
@@ -184,6 +186,9 @@ async fn a_stopped_sshd_makes_the_server_unreachable_with_connection_refused_unt
     let (key_id, public_key) = env.key("ops key").await;
     env.sshd.authorize(&public_key);
     let server_id = env.server("local", &key_id).await;
+    // Once logged in to, the server is the team's: its failures are told in detail.
+    let first = env.validate(&server_id).await;
+    assert_eq!(first["status"], "REACHABLE", "{first}");
 
     env.sshd.stop();
     let server = env.validate(&server_id).await;

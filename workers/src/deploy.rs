@@ -24,7 +24,7 @@ use crate::runtime::{Handler, HandlerError};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use sqlx::PgPool;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,8 +32,10 @@ use time::OffsetDateTime;
 use tokio::sync::{Semaphore, watch};
 use uuid::Uuid;
 use zpanel_commands::{Actor, CommandContext, CommandError, CommandHandler, Keyring, PgEventStore, RecordedEvent};
+use zpanel_domain::application::ApplicationEvent;
 use zpanel_domain::deployment::{Deployment, DeploymentCommand, DeploymentError, DeploymentEvent, DeploymentStep};
 use zpanel_domain::ids::{ServerId, TeamId};
+use zpanel_domain::values::DomainName;
 
 /// How the deploy worker works.
 #[derive(Clone, Debug)]
@@ -205,6 +207,8 @@ const EVENT_TYPES: &[&str] = &[
     "ApplicationStopRequested",
     "ApplicationStartRequested",
     "ApplicationRestartRequested",
+    "ApplicationUpdated",
+    "ApplicationArchived",
 ];
 
 impl Deployer {
@@ -298,6 +302,11 @@ impl Deployer {
     /// # Errors
     /// When the database, the engine or Caddy cannot be reached.
     pub async fn sync_routes_once(&self) -> anyhow::Result<usize> {
+        self.sync_routes_of(None).await
+    }
+
+    /// [`Self::sync_routes_once`] for one application (`Some`), or for all.
+    async fn sync_routes_of(&self, only: Option<Uuid>) -> anyhow::Result<usize> {
         // The latest release of each application not being deployed right now (a deployment
         // switches the route itself, before its release becomes the latest).
         // With it, the places its earlier releases ran (`null` for this machine): an
@@ -309,9 +318,11 @@ impl Deployer {
                            where o.application_id = d.application_id and o.status = 'succeeded') as places
                from rm_deployments d
               where d.status = 'succeeded'
+                and ($1::uuid is null or d.application_id = $1)
                 and not exists (select 1 from deploy_queue q where q.application_id = d.application_id and q.started)
               order by d.application_id, d.finished_at desc",
         )
+        .bind(only)
         .fetch_all(&self.inner.pool)
         .await
         .context("reading the current releases")?;
@@ -332,6 +343,7 @@ impl Deployer {
             if release.domains.is_empty() {
                 continue;
             }
+            let domains = held_domains(&self.inner.pool, application_id, &release.domains).await?;
             // A server that cannot be reached now is repaired in a later round; the others are
             // not held up by it.
             let place = match self.place(team, release.server_id).await {
@@ -341,6 +353,15 @@ impl Deployer {
                     continue;
                 }
             };
+            if domains.is_empty() {
+                // Every domain was given up (changed, or the application archived): another
+                // application may hold them now, so nothing stays routed here.
+                if place.proxy.upstream(application_id).await?.is_some() {
+                    place.proxy.remove_route(application_id).await?;
+                    repaired += 1;
+                }
+                continue;
+            }
             // A release whose container is gone (replaced, removed) is not routed to.
             let Some(info) = place.engine.inspect(&container_name(deployment_id), release.port.get()).await? else {
                 continue;
@@ -349,10 +370,10 @@ impl Deployer {
                 continue;
             };
             let upstream = format!("127.0.0.1:{host_port}");
-            if place.proxy.upstream(application_id).await?.as_deref() == Some(upstream.as_str()) {
+            let wanted: (String, BTreeSet<String>) = (upstream.clone(), domains.iter().cloned().collect());
+            if place.proxy.routed(application_id).await?.as_ref() == Some(&wanted) {
                 continue;
             }
-            let domains: Vec<String> = release.domains.iter().map(|d| d.as_str().to_owned()).collect();
             place.proxy.route(application_id, &domains, &upstream).await?;
             repaired += 1;
         }
@@ -711,6 +732,24 @@ impl Deployer {
         Ok(())
     }
 
+    /// Takes domains an application gave up (by an update, or by being archived) off its
+    /// routes at once, rather than at the next route sync: they are free for any team to
+    /// claim from that moment.
+    async fn follow_domains(&self, event: &RecordedEvent) -> Result<(), HandlerError> {
+        let changes_domains = match event.decode::<ApplicationEvent>().map_err(|e| HandlerError::Permanent(e.into()))? {
+            ApplicationEvent::ApplicationUpdated { patch } => patch.domains.is_some(),
+            _ => true,
+        };
+        if !changes_domains {
+            return Ok(());
+        }
+        let application_id = zpanel_commands::store::aggregate_uuid(&event.stream_id)
+            .with_context(|| format!("{} is not an application stream", event.stream_id))
+            .map_err(HandlerError::Permanent)?;
+        self.sync_routes_of(Some(application_id)).await.map_err(HandlerError::Transient)?;
+        Ok(())
+    }
+
     async fn handle_event(&self, event: &RecordedEvent) -> anyhow::Result<()> {
         let deployment_id = deployment_id_of(event)?;
         match event.event_type.as_str() {
@@ -784,6 +823,25 @@ impl Deployer {
     }
 }
 
+/// The domains of a release that its application still holds (ADR 0018), in order: a release
+/// made before the application gave a domain up (queued then, or rolled back to) must not
+/// route it, since another application may hold it now.
+///
+/// # Errors
+/// When the database fails.
+pub(crate) async fn held_domains(
+    pool: &PgPool,
+    application_id: Uuid,
+    domains: &BTreeSet<DomainName>,
+) -> anyhow::Result<Vec<String>> {
+    let held: Vec<String> = sqlx::query_scalar("select domain from domain_claims where stream_id = $1")
+        .bind(format!("application-{application_id}"))
+        .fetch_all(pool)
+        .await
+        .context("reading the application's domain claims")?;
+    Ok(domains.iter().map(|d| d.as_str().to_owned()).filter(|d| held.contains(d)).collect())
+}
+
 /// An application's current release: its latest successful deployment, the container that
 /// runs it (`zpanel-<deployment>`), and the port the application listens on inside it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -851,6 +909,9 @@ impl Handler for Deployer {
 
     fn handle<'a>(&'a self, event: &'a RecordedEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
+            if matches!(event.event_type.as_str(), "ApplicationUpdated" | "ApplicationArchived") {
+                return self.follow_domains(event).await;
+            }
             if event.event_type.starts_with("Application") {
                 return self.control(event).await;
             }

@@ -1,7 +1,12 @@
 //! The reverse proxy: Caddy, configured through its admin API. Zpanel owns one HTTP server in
-//! Caddy's config (`zpanel`, listening on `ZPANEL_PROXY_LISTEN`) and one route per application
-//! in it (`@id` = `zpanel-app-<application id>`), matching the application's domains and
-//! proxying to the loopback port its current container publishes.
+//! Caddy's config (`zpanel`, listening on `ZPANEL_PROXY_LISTEN`) and up to two routes per
+//! application in it, proxying to the loopback port its current container publishes: one for
+//! its exact host names (`@id` = `zpanel-app-<application id>`), inserted at the head of the
+//! route list, and one for its wildcards (`zpanel-app-<application id>-wildcard`), appended at
+//! its end. Caddy tries routes in order, so every exact host is tried before every wildcard:
+//! with domains unique across the installation (ADR 0018), no two exact routes and no two
+//! wildcard routes match one host, and which application gets a request never depends on the
+//! order routes were added in.
 //!
 //! Switching a release is one `PATCH` of that route: Caddy swaps its config gracefully, so
 //! requests in flight finish on the old upstream and new ones go to the new one.
@@ -18,6 +23,7 @@ use crate::remote::Dial;
 use anyhow::Context as _;
 use hyper::Method;
 use serde_json::json;
+use std::collections::BTreeSet;
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -27,6 +33,15 @@ pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:2019";
 pub const DEFAULT_LISTEN: &str = ":80";
 /// The server's name in Caddy's config.
 const SERVER: &str = "zpanel";
+
+/// Where a new route goes in the server's route list.
+#[derive(Clone, Copy, Debug)]
+enum Position {
+    /// First: exact hosts, tried before any wildcard.
+    Head,
+    /// Last: wildcards, tried after every exact host.
+    Tail,
+}
 
 /// Where the kernel says whether a closing listener's queued connections move to its successor.
 const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
@@ -99,6 +114,15 @@ impl Proxy {
         format!("zpanel-app-{application_id}")
     }
 
+    fn wildcard_route_id(application_id: Uuid) -> String {
+        format!("zpanel-app-{application_id}-wildcard")
+    }
+
+    /// Both route ids of an application, exact first.
+    fn route_ids(application_id: Uuid) -> [String; 2] {
+        [Self::route_id(application_id), Self::wildcard_route_id(application_id)]
+    }
+
     /// Creates Zpanel's server in Caddy if it is missing (Caddy forgets its API-made config
     /// when restarted without `--resume`).
     ///
@@ -126,16 +150,28 @@ impl Proxy {
         anyhow::bail!("Caddy refused to create Zpanel's server ({status}): {}", text.trim())
     }
 
-    /// Routes `domains` to `upstream` (`127.0.0.1:port`), replacing the application's route.
+    /// Routes `domains` to `upstream` (`127.0.0.1:port`), replacing the application's routes:
+    /// its exact hosts at the head of the route list, its wildcards at the end.
     ///
     /// # Errors
     /// When Caddy cannot be reached or refuses.
     pub async fn route(&self, application_id: Uuid, domains: &[String], upstream: &str) -> anyhow::Result<()> {
         self.ensure_server().await?;
-        let id = Self::route_id(application_id);
+        let (wildcards, exact): (Vec<&String>, Vec<&String>) = domains.iter().partition(|d| d.starts_with("*."));
+        self.put_route(&Self::route_id(application_id), &exact, upstream, Position::Head).await?;
+        self.put_route(&Self::wildcard_route_id(application_id), &wildcards, upstream, Position::Tail).await
+    }
+
+    /// Makes route `id` match `hosts` and proxy to `upstream`: changed where it stands, or
+    /// added at `position`; removed when `hosts` is empty.
+    async fn put_route(&self, id: &str, hosts: &[&String], upstream: &str, position: Position) -> anyhow::Result<()> {
+        if hosts.is_empty() {
+            self.call(Method::DELETE, &format!("/id/{id}"), None).await.context("removing a route in Caddy")?;
+            return Ok(());
+        }
         let route = json!({
             "@id": id,
-            "match": [{ "host": domains }],
+            "match": [{ "host": hosts }],
             "handle": [{ "handler": "reverse_proxy", "upstreams": [{ "dial": upstream }] }],
             "terminal": true,
         });
@@ -146,10 +182,19 @@ impl Proxy {
         if patched.status.is_success() {
             return Ok(());
         }
-        let added = self
-            .call(Method::POST, &format!("/config/apps/http/servers/{SERVER}/routes"), Some(&route))
-            .await
-            .context("adding the route in Caddy")?;
+        let routes = format!("/config/apps/http/servers/{SERVER}/routes");
+        // PUT at an index inserts before it; POST on the list appends. An empty list has no
+        // index 0 (Caddy answers "out of bounds"), and appending to it is inserting at its head.
+        if let Position::Head = position {
+            let inserted = self
+                .call(Method::PUT, &format!("{routes}/0"), Some(&route))
+                .await
+                .context("adding the route in Caddy")?;
+            if inserted.status.is_success() {
+                return Ok(());
+            }
+        }
+        let added = self.call(Method::POST, &routes, Some(&route)).await.context("adding the route in Caddy")?;
         if added.status.is_success() {
             return Ok(());
         }
@@ -161,36 +206,57 @@ impl Proxy {
     /// # Errors
     /// When Caddy cannot be reached or refuses.
     pub async fn repoint(&self, application_id: Uuid, upstream: &str) -> anyhow::Result<bool> {
-        let id = Self::route_id(application_id);
-        let answer = self
-            .call(Method::PATCH, &format!("/id/{id}/handle/0/upstreams/0/dial"), Some(&json!(upstream)))
-            .await
-            .context("updating the route's upstream in Caddy")?;
-        Ok(answer.status.is_success())
+        let mut repointed = false;
+        for id in Self::route_ids(application_id) {
+            let answer = self
+                .call(Method::PATCH, &format!("/id/{id}/handle/0/upstreams/0/dial"), Some(&json!(upstream)))
+                .await
+                .context("updating the route's upstream in Caddy")?;
+            repointed |= answer.status.is_success();
+        }
+        Ok(repointed)
     }
 
-    /// The upstream the application's route points at, if it has one.
+    /// The upstream the application's routes point at, if it has any.
     ///
     /// # Errors
     /// When Caddy cannot be reached.
     pub async fn upstream(&self, application_id: Uuid) -> anyhow::Result<Option<String>> {
-        let id = Self::route_id(application_id);
-        let answer =
-            self.call(Method::GET, &format!("/id/{id}"), None).await.context("reading the route from Caddy")?;
-        if !answer.status.is_success() {
-            return Ok(None);
-        }
-        let route: serde_json::Value = serde_json::from_slice(&answer.body).context("reading the route from Caddy")?;
-        Ok(route.pointer("/handle/0/upstreams/0/dial").and_then(serde_json::Value::as_str).map(str::to_owned))
+        Ok(self.routed(application_id).await?.map(|(upstream, _)| upstream))
     }
 
-    /// Removes the application's route; a missing route is fine.
+    /// Where the application's routes point, and the hosts they match; `None` without routes.
+    ///
+    /// # Errors
+    /// When Caddy cannot be reached.
+    pub async fn routed(&self, application_id: Uuid) -> anyhow::Result<Option<(String, BTreeSet<String>)>> {
+        let mut found: Option<(String, BTreeSet<String>)> = None;
+        for id in Self::route_ids(application_id) {
+            let answer =
+                self.call(Method::GET, &format!("/id/{id}"), None).await.context("reading the route from Caddy")?;
+            if !answer.status.is_success() {
+                continue;
+            }
+            let route: serde_json::Value =
+                serde_json::from_slice(&answer.body).context("reading the route from Caddy")?;
+            let Some(upstream) = route.pointer("/handle/0/upstreams/0/dial").and_then(serde_json::Value::as_str) else {
+                continue;
+            };
+            let hosts = route.pointer("/match/0/host").and_then(serde_json::Value::as_array).into_iter().flatten();
+            let (_, all) = found.get_or_insert_with(|| (upstream.to_owned(), BTreeSet::new()));
+            all.extend(hosts.filter_map(serde_json::Value::as_str).map(str::to_owned));
+        }
+        Ok(found)
+    }
+
+    /// Removes the application's routes; missing ones are fine.
     ///
     /// # Errors
     /// When Caddy cannot be reached.
     pub async fn remove_route(&self, application_id: Uuid) -> anyhow::Result<()> {
-        let id = Self::route_id(application_id);
-        self.call(Method::DELETE, &format!("/id/{id}"), None).await.context("removing the route in Caddy")?;
+        for id in Self::route_ids(application_id) {
+            self.call(Method::DELETE, &format!("/id/{id}"), None).await.context("removing the route in Caddy")?;
+        }
         Ok(())
     }
 

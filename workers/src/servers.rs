@@ -51,7 +51,12 @@ pub(crate) async fn open_key(
         Ok(opened) => opened,
         Err(e) => return Ok(Err(format!("the private key could not be opened: {e}"))),
     };
-    Ok(crate::ssh::parse_private_key(opened.expose()).map_err(|e| e.to_string()))
+    // Parsing is CPU work whose cost the key chooses (its size): on the blocking pool, never
+    // on a runtime thread.
+    let parsed = tokio::task::spawn_blocking(move || crate::ssh::parse_private_key(opened.expose()))
+        .await
+        .context("parsing the private key")?;
+    Ok(parsed.map_err(|e| e.to_string()))
 }
 
 /// Where and as whom to log in to `server`, and to its jump host on the way (same key).
@@ -201,7 +206,10 @@ impl ServerValidator {
             return Ok(());
         };
         let result = match self.key_of(team, details).await? {
-            Ok(key) => self.look_around(details, key).await.map_err(|e| e.to_string()),
+            Ok(key) => {
+                let key_fingerprint = crate::ssh::fingerprint(key.public_key());
+                self.look_around(details, key).await.map_err(|e| as_told(&e, details, &key_fingerprint))
+            }
             Err(reason) => Err(reason),
         };
         let command = match result {
@@ -257,6 +265,24 @@ impl ServerValidator {
             Err(e) => Err(anyhow::anyhow!("reporting the validation of server {server_id}: {e}")),
         }
     }
+}
+
+/// What a failed validation says: everything, about a server the team has logged in to before
+/// (its host key is recorded); about any other address, only that Zpanel could not log in
+/// there. Otherwise `validateServer` would answer, for any host and port the workers reach,
+/// whether nothing listens there, something that is not SSH, or an SSH server.
+fn as_told(error: &SshError, server: &ServerDetails, key_fingerprint: &str) -> String {
+    if server.host_key_fingerprint.is_some() || !error.before_login() {
+        return error.to_string();
+    }
+    let (target, _) = targets(server);
+    format!(
+        "could not log in as {user} at {address} with the key {key_fingerprint}: check the host and the port, \
+         that sshd runs there, and that the key's public half is in ~{user}/.ssh/authorized_keys \
+         (once the server has been validated, failures say more)",
+        user = target.user,
+        address = target.address(),
+    )
 }
 
 /// The facts, each from a fixed command on a channel of its own, all on one connection.

@@ -133,6 +133,27 @@ pub enum SshError {
     },
 }
 
+impl SshError {
+    /// Whether it happened before Zpanel was logged in. Such an error tells what is at the
+    /// address — nothing, something that is not SSH, an SSH server that refuses the key — which
+    /// is a port scanner's answer, so it is told in detail only about a server the team has
+    /// logged in to before.
+    #[must_use]
+    pub fn before_login(&self) -> bool {
+        matches!(
+            self,
+            Self::UnknownHost { .. }
+                | Self::ConnectionRefused { .. }
+                | Self::Timeout { .. }
+                | Self::Unreachable { .. }
+                | Self::HostKeyChanged { .. }
+                | Self::AuthenticationFailed { .. }
+                | Self::Forward { .. }
+                | Self::Protocol { .. }
+        )
+    }
+}
+
 /// Where and as whom to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SshTarget {

@@ -9,7 +9,7 @@ use super::{caller, load, parse_id};
 use crate::ApiState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use async_graphql::{Context, ID, InputObject, Object};
+use async_graphql::{Context, ID, InputObject, MaybeUndefined, Object};
 use std::collections::BTreeSet;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -272,33 +272,93 @@ pub struct CreateApplicationInput {
     pub command_id: Option<ID>,
 }
 
-/// `updateApplication`: each field given is changed.
+/// `updateApplication`: each field given is changed, each left out is kept; give at least one.
+/// Every field of the application's configuration can be changed here except its environment
+/// variables (`setEnvironmentVariable`) and its project and environment (fixed at creation).
+///
+/// Fields that choose what runs and where — `gitUrl`, `gitRef`, `dockerfile`, `deployKeyId`,
+/// `clearDeployKey`, `image`, `serverId`, `clearServer` — also need `read:sensitive` (or
+/// `root`): the next deployment hands the application's secrets to the code and the server
+/// they name, so choosing them is reading the secrets.
 #[derive(Debug, InputObject)]
 pub struct UpdateApplicationInput {
     /// The application.
     pub id: ID,
-    /// A new name.
+    /// A new name, unique within the project.
     pub name: Option<String>,
-    /// A new repository.
+    /// A new repository (git applications). Needs `read:sensitive`.
     pub git_url: Option<String>,
-    /// A new ref.
+    /// A new branch, tag or commit to build (git applications). Needs `read:sensitive`.
     pub git_ref: Option<String>,
-    /// A new Dockerfile path.
+    /// A new Dockerfile path (git applications). Needs `read:sensitive`.
     pub dockerfile: Option<String>,
-    /// A new image.
+    /// A new SSH key of the team to clone with (git applications); `clearDeployKey` to clone
+    /// without one. Needs `read:sensitive`.
+    pub deploy_key_id: Option<ID>,
+    /// Clone without a deploy key (git applications). Needs `read:sensitive`.
+    pub clear_deploy_key: Option<bool>,
+    /// A new image (image applications). Needs `read:sensitive`.
     pub image: Option<String>,
-    /// A new port.
+    /// A new port the application listens on in its container.
     pub port: Option<i32>,
-    /// A new health check path.
+    /// A new health check path (shorthand for `healthCheck { path }`).
     pub health_check_path: Option<String>,
-    /// The new set of domains.
+    /// New health check settings; each field left out is kept.
+    pub health_check: Option<HealthCheckInput>,
+    /// The new set of domains (replacing the old one). Each is unique across the
+    /// installation: `CONFLICT` when another application holds it, or (of another team) a
+    /// name it overlaps.
     pub domains: Option<Vec<String>>,
-    /// A new server; `clearServer` to use the local engine.
+    /// A new memory limit in bytes (at least 6 MiB); `null` for none.
+    pub memory_bytes: MaybeUndefined<u64>,
+    /// A new CPU limit in thousandths of a CPU; `null` for none.
+    pub cpu_millis: MaybeUndefined<u32>,
+    /// A new server of the team; `clearServer` to use the local engine. Needs
+    /// `read:sensitive`.
     pub server_id: Option<ID>,
-    /// Use the local Docker Engine.
+    /// Use the local Docker Engine. Needs `read:sensitive`.
     pub clear_server: Option<bool>,
     /// For idempotent retries.
     pub command_id: Option<ID>,
+}
+
+/// How a new container is judged healthy; each field left out is kept.
+#[derive(Debug, InputObject)]
+pub struct HealthCheckInput {
+    /// HTTP path requested through the container's published port.
+    pub path: Option<String>,
+    /// Seconds between attempts (1–300).
+    pub interval_secs: Option<u32>,
+    /// Seconds one attempt may take (1–300, at most the interval).
+    pub timeout_secs: Option<u32>,
+    /// Failed attempts tolerated after the start period (1–100).
+    pub retries: Option<u32>,
+    /// Seconds after start during which failures don't count (0–3600).
+    pub start_period_secs: Option<u32>,
+}
+
+impl HealthCheckInput {
+    /// `current` with this input's fields, checked; `healthCheckPath` (the shorthand) is
+    /// `path_shorthand`.
+    fn apply(input: Option<&Self>, path_shorthand: Option<&str>, current: &HealthCheck) -> ApiResult<HealthCheck> {
+        let path = match (input.and_then(|i| i.path.as_deref()), path_shorthand) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid("healthCheckPath", "give either healthCheckPath or healthCheck.path"));
+            }
+            (Some(path), None) => field("healthCheck.path", path, HealthPath::parse)?,
+            (None, Some(path)) => field("healthCheckPath", path, HealthPath::parse)?,
+            (None, None) => current.path.clone(),
+        };
+        let pick = |given: Option<u32>, kept: u32| given.unwrap_or(kept);
+        HealthCheck::new(
+            path,
+            pick(input.and_then(|i| i.interval_secs), current.interval_secs),
+            pick(input.and_then(|i| i.timeout_secs), current.timeout_secs),
+            pick(input.and_then(|i| i.retries), current.retries),
+            pick(input.and_then(|i| i.start_period_secs), current.start_period_secs),
+        )
+        .map_err(|e| ApiError::invalid("healthCheck", e.rule))
+    }
 }
 
 /// `setEnvironmentVariable`.
@@ -449,8 +509,23 @@ pub struct CreateApiTokenInput {
     pub command_id: Option<ID>,
 }
 
-fn domains(name: &str, values: &[String]) -> ApiResult<BTreeSet<DomainName>> {
-    values.iter().map(|d| field(name, d, DomainName::parse)).collect()
+/// Domains an application may claim: valid names, no wildcard at a public suffix, none of the
+/// control plane's `reserved` hosts. (Whether another application holds one is decided when
+/// the claim is written: `CONFLICT`.)
+fn domains(name: &str, values: &[String], reserved: &[DomainName]) -> ApiResult<BTreeSet<DomainName>> {
+    values
+        .iter()
+        .map(|d| field(name, d, |d| DomainName::parse(d).and_then(|d| d.check_claimable(reserved).map(|()| d))))
+        .collect()
+}
+
+/// A nullable input field over `current`: left out keeps it, `null` clears it.
+fn maybe<T: Copy>(given: &MaybeUndefined<T>, current: Option<T>) -> Option<T> {
+    match given {
+        MaybeUndefined::Undefined => current,
+        MaybeUndefined::Null => None,
+        MaybeUndefined::Value(value) => Some(*value),
+    }
 }
 
 /// A server of the caller's team, or `INVALID_INPUT` naming `name`.
@@ -469,6 +544,13 @@ async fn team_key(state: &ApiState, caller: &Caller, name: &str, id: &ID) -> Api
         return Err(ApiError::invalid(name, "is not a private key of this team"));
     }
     Ok(PrivateKeyId::from_uuid(id))
+}
+
+/// Takes one validation from the caller's team's budget, or `RATE_LIMITED`.
+fn take_validation(state: &ApiState, caller: &Caller) -> ApiResult<()> {
+    state.tenancy.validation(*caller.team_id.as_uuid()).map_err(|wait| ApiError::RateLimited {
+        retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+    })
 }
 
 /// The application's project, from its read model.
@@ -617,7 +699,7 @@ impl Mutation {
             source,
             port: port("port", input.port.unwrap_or(80))?,
             health_check,
-            domains: domains("domains", input.domains.as_deref().unwrap_or_default())?,
+            domains: domains("domains", input.domains.as_deref().unwrap_or_default(), state.tenancy.reserved())?,
             limits,
             server_id,
             webhook_secret: state.keyring.seal(&Plaintext::new(random_secret())),
@@ -629,47 +711,86 @@ impl Mutation {
         reload_application(state, caller, outcome_id(&outcome)?).await
     }
 
-    /// Changes an application's configuration.
+    /// Changes an application's configuration: the fields given (see `UpdateApplicationInput`
+    /// for which ones, and which of them need `read:sensitive`). Takes effect at the next
+    /// deployment, except domains given up, which stop being routed to it at once.
     async fn update_application(&self, ctx: &Context<'_>, input: UpdateApplicationInput) -> ApiResult<Application> {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Write)?;
         let id = parse_id(&input.id, "application")?;
         let project = project_of(state, caller, id).await?;
+        let chooses_what_runs_where = input.git_url.is_some()
+            || input.git_ref.is_some()
+            || input.dockerfile.is_some()
+            || input.deploy_key_id.is_some()
+            || input.clear_deploy_key.is_some()
+            || input.image.is_some()
+            || input.server_id.is_some()
+            || input.clear_server.is_some();
+        if chooses_what_runs_where {
+            caller.require(Ability::ReadSensitive)?;
+        }
         let server_id = match (&input.server_id, input.clear_server.unwrap_or(false)) {
             (Some(_), true) => return Err(ApiError::invalid("clearServer", "give either serverId or clearServer")),
             (Some(sid), false) => Some(Some(team_server(state, caller, "serverId", sid).await?)),
             (None, true) => Some(None),
             (None, false) => None,
         };
-        let health_check = match &input.health_check_path {
-            Some(path) => {
-                let path = field("healthCheckPath", path, HealthPath::parse)?;
-                let (current, _) = state
-                    .handler
-                    .load::<AppAggregate>(caller.team_id, id)
-                    .await
-                    .map_err(|e| ApiError::from_command("application", e))?;
-                let current = current.state().ok_or(ApiError::NotFound("application"))?.health_check.clone();
-                Some(HealthCheck { path, ..current })
+        let deploy_key = match (&input.deploy_key_id, input.clear_deploy_key.unwrap_or(false)) {
+            (Some(_), true) => {
+                return Err(ApiError::invalid("clearDeployKey", "give either deployKeyId or clearDeployKey"));
             }
-            None => None,
+            (Some(key), false) => Some(Some(team_key(state, caller, "deployKeyId", key).await?)),
+            (None, true) => Some(None),
+            (None, false) => None,
         };
         let given_url = match input.git_url.as_deref() {
             Some(url) => Some(sealed_credentials(state, &git_url(state, "gitUrl", url)?)),
             None => None,
         };
+        let changes_health = input.health_check_path.is_some() || input.health_check.is_some();
+        let changes_limits = !input.memory_bytes.is_undefined() || !input.cpu_millis.is_undefined();
+        let (health_check, limits) = if changes_health || changes_limits {
+            let (current, _) = state
+                .handler
+                .load::<AppAggregate>(caller.team_id, id)
+                .await
+                .map_err(|e| ApiError::from_command("application", e))?;
+            let current = current.state().ok_or(ApiError::NotFound("application"))?;
+            let health_check = changes_health
+                .then(|| {
+                    HealthCheckInput::apply(
+                        input.health_check.as_ref(),
+                        input.health_check_path.as_deref(),
+                        &current.health_check,
+                    )
+                })
+                .transpose()?;
+            let limits = changes_limits
+                .then(|| {
+                    let memory = maybe(&input.memory_bytes, current.limits.memory_bytes);
+                    let cpu = maybe(&input.cpu_millis, current.limits.cpu_millis);
+                    ResourceLimits::new(memory, None).map_err(|e| ApiError::invalid("memoryBytes", e.rule))?;
+                    ResourceLimits::new(memory, cpu).map_err(|e| ApiError::invalid("cpuMillis", e.rule))
+                })
+                .transpose()?;
+            (health_check, limits)
+        } else {
+            (None, None)
+        };
+        let reserved = state.tenancy.reserved();
         let patch = ApplicationPatch {
             name: optional("name", input.name.as_deref(), Name::parse)?,
             git_url: given_url.as_ref().map(|(url, _)| url.clone()),
             git_credentials: given_url.and_then(|(_, credentials)| credentials),
             git_ref: optional("gitRef", input.git_ref.as_deref(), GitRef::parse)?,
             dockerfile: optional("dockerfile", input.dockerfile.as_deref(), RepoPath::parse)?,
-            deploy_key: None,
+            deploy_key,
             image: optional("image", input.image.as_deref(), ImageRef::parse_runnable)?,
             port: input.port.map(|p| port("port", p)).transpose()?,
             health_check,
-            domains: input.domains.as_deref().map(|d| domains("domains", d)).transpose()?,
-            limits: None,
+            domains: input.domains.as_deref().map(|d| domains("domains", d, reserved)).transpose()?,
+            limits,
             server_id,
         };
         if patch.is_empty() {
@@ -811,7 +932,7 @@ impl Mutation {
         let name = field("name", &input.name, Name::parse)?;
         let passphrase = input.passphrase.map(Plaintext::new);
         let material = match input.private_key {
-            Some(pem) => zpanel_commands::ssh_keys::parse(&Plaintext::new(pem), passphrase.as_ref()),
+            Some(pem) => zpanel_commands::ssh_keys::open(Plaintext::new(pem), passphrase).await,
             None => zpanel_commands::ssh_keys::generate_ed25519(),
         }
         .map_err(|e| ApiError::invalid(e.field(), e))?;
@@ -893,11 +1014,21 @@ impl Mutation {
 
     /// Changes a server's name or how it is reached. A new host, port or jump host forgets the
     /// host keys and facts recorded for the old one: validate the server again before deploying
-    /// to it.
+    /// to it. Changing how it is reached also needs `read:sensitive`: the applications on it
+    /// get their secrets wherever it points.
     async fn update_server(&self, ctx: &Context<'_>, input: UpdateServerInput) -> ApiResult<Server> {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Write)?;
         let id = parse_id(&input.id, "server")?;
+        let repoints = input.host.is_some()
+            || input.port.is_some()
+            || input.user.is_some()
+            || input.private_key_id.is_some()
+            || input.jump_host.is_some()
+            || input.clear_jump_host.is_some();
+        if repoints {
+            caller.require(Ability::ReadSensitive)?;
+        }
         let jump = match (&input.jump_host, input.clear_jump_host.unwrap_or(false)) {
             (Some(_), true) => return Err(ApiError::invalid("clearJumpHost", "give either jumpHost or clearJumpHost")),
             (Some(jump), false) => Some(Some(jump.parse()?)),
@@ -948,11 +1079,15 @@ impl Mutation {
         Ok(Server::from_details(details, before.version))
     }
 
-    /// Asks for a server to be connected to and checked.
+    /// Asks for a server to be connected to and checked. A team has a budget of validations
+    /// and checks (`RATE_LIMITED` when it is spent). Until the server has once been validated
+    /// (its host key is known), a failure says only that Zpanel could not log in there, not
+    /// why: the details would tell anyone what listens at any address the workers reach.
     async fn validate_server(&self, ctx: &Context<'_>, input: ValidateServerInput) -> ApiResult<Server> {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Write)?;
         let id = parse_id(&input.server_id, "server")?;
+        take_validation(state, caller)?;
         send::<ServerAggregate>(
             state,
             caller,
@@ -972,6 +1107,7 @@ impl Mutation {
         let (state, caller) = caller(ctx)?;
         caller.require(Ability::Write)?;
         let id = parse_id(&input.server_id, "server")?;
+        take_validation(state, caller)?;
         send::<ServerAggregate>(state, caller, input.command_id.as_ref(), "server", id, &ServerCommand::RequestCheck)
             .await?;
         found("server", load::server(state, caller, id).await?)

@@ -10,7 +10,7 @@
 //! and the route if it was switched — so the previous release keeps serving.
 
 use super::logs::{DeployLog, Stream};
-use super::{Deployer, Ending, Stop};
+use super::{Deployer, Ending, Stop, held_domains};
 use crate::docker::{
     BuildSpec, ContainerSpec, LABEL_APPLICATION, LABEL_DEPLOYMENT, LABEL_PROJECT, LABEL_TEAM, NetworkSpec, OutputLine,
 };
@@ -298,12 +298,15 @@ impl Pipeline {
         self.complete(DeploymentStep::HealthCheck).await?;
 
         self.begin(DeploymentStep::Route)?;
-        let domains: Vec<String> = release.domains.iter().map(|d| d.as_str().to_owned()).collect();
+        let application_id = *self.state.application_id.as_uuid();
+        let domains = held_domains(&self.deployer.inner.pool, application_id, &release.domains).await?;
+        for given_up in release.domains.iter().filter(|d| !domains.iter().any(|h| h == d.as_str())) {
+            self.log.system(format!("not routing {given_up}: the application no longer holds it"));
+        }
         if domains.is_empty() {
             self.log.system(format!("no domains to route; the release serves on 127.0.0.1:{host_port}"));
         } else {
             let proxy = place.proxy.clone();
-            let application_id = *self.state.application_id.as_uuid();
             let previous = proxy.upstream(application_id).await?;
             let upstream = format!("127.0.0.1:{host_port}");
             self.switched_from = Some(previous);
@@ -341,7 +344,8 @@ impl Pipeline {
         {
             let proxy = &place.proxy;
             let application_id = *self.state.application_id.as_uuid();
-            let domains: Vec<String> = self.state.release.domains.iter().map(|d| d.as_str().to_owned()).collect();
+            let held = held_domains(&self.deployer.inner.pool, application_id, &self.state.release.domains).await;
+            let domains = held.unwrap_or_default();
             let restored = match &previous {
                 Some(upstream) => proxy.route(application_id, &domains, upstream).await,
                 None => proxy.remove_route(application_id).await,

@@ -186,6 +186,14 @@ impl RateLimiter {
         Self { per_second: f64::from(per_second.max(1)), burst: f64::from(burst.max(1)), buckets: Mutex::default() }
     }
 
+    /// A limiter allowing one request per `every` per key, with bursts of `burst`: for budgets
+    /// slower than one a second (a team's server validations).
+    #[must_use]
+    pub fn one_every(every: Duration, burst: u32) -> Self {
+        let per_second = 1.0 / every.as_secs_f64().max(f64::EPSILON);
+        Self { per_second, burst: f64::from(burst.max(1)), buckets: Mutex::default() }
+    }
+
     /// Takes one request from `token`'s budget; `Err(wait)` when it is spent.
     ///
     /// # Errors

@@ -3,9 +3,7 @@
 //! validations — a validation connects to a host and port of the team's choosing, so it is a
 //! probe of the network the workers sit in, and is rationed.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use uuid::Uuid;
 use zpanel_domain::values::DomainName;
 
@@ -18,7 +16,7 @@ pub const VALIDATION_EVERY: Duration = Duration::from_secs(6);
 #[derive(Debug)]
 pub struct Tenancy {
     reserved: Vec<DomainName>,
-    validations: Budget,
+    validations: crate::limits::RateLimiter,
 }
 
 impl Default for Tenancy {
@@ -31,7 +29,7 @@ impl Tenancy {
     /// Rules reserving `reserved` (`ZPANEL_PUBLIC_HOST`) for the control plane.
     #[must_use]
     pub fn new(reserved: Vec<DomainName>) -> Self {
-        Self { reserved, validations: Budget::new(VALIDATION_BURST, VALIDATION_EVERY) }
+        Self { reserved, validations: crate::limits::RateLimiter::one_every(VALIDATION_EVERY, VALIDATION_BURST) }
     }
 
     /// The host names no application may claim.
@@ -46,39 +44,6 @@ impl Tenancy {
     /// How long until the next one would be accepted.
     pub fn validation(&self, team: Uuid) -> Result<(), Duration> {
         self.validations.take(team)
-    }
-}
-
-/// A token bucket per key: `burst` at once, one more every `every`.
-#[derive(Debug)]
-struct Budget {
-    burst: f64,
-    every: Duration,
-    buckets: Mutex<HashMap<Uuid, (f64, Instant)>>,
-}
-
-impl Budget {
-    fn new(burst: u32, every: Duration) -> Self {
-        Self { burst: f64::from(burst.max(1)), every, buckets: Mutex::default() }
-    }
-
-    fn take(&self, key: Uuid) -> Result<(), Duration> {
-        let now = Instant::now();
-        let refill = |at: Instant| now.duration_since(at).as_secs_f64() / self.every.as_secs_f64();
-        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() > 10_000 {
-            // Forget full buckets rather than grow without bound.
-            buckets.retain(|_, (level, at)| *level + refill(*at) < self.burst);
-        }
-        let (level, at) = buckets.entry(key).or_insert((self.burst, now));
-        *level = (*level + refill(*at)).min(self.burst);
-        *at = now;
-        if *level >= 1.0 {
-            *level -= 1.0;
-            Ok(())
-        } else {
-            Err(self.every.mul_f64(1.0 - *level))
-        }
     }
 }
 

@@ -763,7 +763,7 @@ async fn create_project(app: &zpanel_tests::api::App, token: &str, name: &str) {
 
 /// The events the relay of `app` reports acknowledged.
 async fn relayed(app: &zpanel_tests::api::App) -> u64 {
-    let (status, metrics) = app.get("/metrics").await;
+    let (status, metrics) = app.metrics().await;
     assert_eq!(status, 200, "GET /metrics");
     metrics
         .lines()

@@ -215,6 +215,11 @@ impl Engine {
             t: Some(tag.to_owned()),
             rm: true,
             forcerm: true,
+            // The classic builder's cache is the engine's, shared by every team: a step is
+            // reused when its parent and instruction match, whoever built it. A tenant could
+            // build `FROM base` + `RUN <your install step>` with a payload of its own and have
+            // another team's build pick up that layer. So no build reads the cache.
+            nocache: true,
             buildargs: Some(build_args),
             memory,
             memswap: memory,

@@ -150,6 +150,23 @@ impl App {
         (response.status().as_u16(), response.text().await.expect("body"))
     }
 
+    /// Polls a deployment with `query` (a `deployment(id: $id) { status … }` query) as `token`
+    /// until it has finished (succeeded, failed or was cancelled); its last answer.
+    ///
+    /// # Panics
+    /// When it does not finish within two minutes.
+    pub async fn finished_deployment(&self, token: &str, query: &str, deployment: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let d = self.graphql(Some(token), query, json!({ "id": deployment })).await.ok()["deployment"].clone();
+            if matches!(d["status"].as_str(), Some("SUCCEEDED" | "FAILED" | "CANCELLED")) {
+                return d;
+            }
+            assert!(std::time::Instant::now() < deadline, "deployment {deployment} did not finish: {d}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Its `/metrics`, from the operator's listener; returns status and body.
     ///
     /// # Panics

@@ -64,16 +64,7 @@ impl Env {
 
     /// Polls the deployment until it is finished.
     async fn finished(&self, deployment: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let data = self.gql(DEPLOYMENT, json!({ "id": deployment })).await;
-            let d = data["deployment"].clone();
-            if matches!(d["status"].as_str(), Some("SUCCEEDED" | "FAILED" | "CANCELLED")) {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "deployment {deployment} did not finish: {d}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.app.finished_deployment(&self.token, DEPLOYMENT, deployment).await
     }
 
     /// Sends GitHub's push webhook for `commit` on `main`, signed with the application's

@@ -4,7 +4,6 @@
 //! URL shown back to whoever can read the application.
 
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
 use zpanel_tests::TempDir;
 use zpanel_tests::api::{Answer, App};
 use zpanel_tests::deploy::{
@@ -57,16 +56,7 @@ impl Tenant {
 
     /// Polls the deployment until it is finished.
     async fn finished(&self, deployment: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let data = self.gql(DEPLOYMENT, json!({ "id": deployment })).await;
-            let d = data["deployment"].clone();
-            if matches!(d["status"].as_str(), Some("SUCCEEDED" | "FAILED" | "CANCELLED")) {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "deployment {deployment} did not finish: {d}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.app.finished_deployment(&self.token, DEPLOYMENT, deployment).await
     }
 
     /// Everything a reader of the team can see about `application` and `deployment`: the

@@ -97,15 +97,7 @@ impl Env {
     }
 
     async fn finished(&self, deployment: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let d = self.gql(DEPLOYMENT, json!({ "id": deployment })).await["deployment"].clone();
-            if matches!(d["status"].as_str(), Some("SUCCEEDED" | "FAILED" | "CANCELLED")) {
-                return d;
-            }
-            assert!(Instant::now() < deadline, "deployment {deployment} did not finish: {d}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.app.finished_deployment(&self.token, DEPLOYMENT, deployment).await
     }
 
     /// The deployment's log so far, one string per line.
